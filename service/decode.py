@@ -1,0 +1,307 @@
+"""Pixels to a grey image as a radiologist would see it: ONE module for the gate and for training.
+
+Training and serving must see identical pixels, otherwise a detector learns on one picture of a film and is asked
+about another. Every film, DICOM or PNG/JPEG, becomes a float32 array in [0, 1] where 0 is black and 1 is white *as
+displayed*. For DICOM that means, as separate pure steps (the order of the DICOM grayscale pipeline, PS3.4 N.2):
+
+1. ``stored_pixels``: decode the first frame (pydicom with the pylibjpeg plugins), colour converted to grey;
+2. ``modality_step``: Modality LUT Sequence or Rescale Slope/Intercept;
+3. ``voi_step``: VOI LUT Sequence or Window Center/Width (LINEAR, LINEAR_EXACT, SIGMOID), else a robust
+   percentile window, mapped to [0, 1];
+4. ``presentation_step``: MONOCHROME1 or Presentation LUT Shape INVERSE inverts, exactly once.
+
+Anything that cannot be turned into pixels raises :class:`DecodeError`; the gate turns that into the quarantine
+reason ``undecodable``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Percentiles used as the window of a film that carries no VOI at all (raw CR/DX data or a plain image).
+AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
+# Above this many pixels the auto window reads every n-th pixel: the percentiles barely move and decode stays fast.
+_AUTO_WINDOW_SAMPLES = 1 << 18
+
+
+class DecodeError(Exception):
+    """The input cannot be turned into a grey image; the message says why (it becomes the sidecar's error)."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A film ready for preprocessing: ``pixels`` is float32 HxW in [0, 1], white = dense as displayed."""
+
+    pixels: np.ndarray
+    kind: str  # "dicom" or "image"
+    steps: tuple[str, ...]  # what was applied, e.g. ("rescale", "window", "invert:MONOCHROME1")
+    transfer_syntax: str | None = None
+    photometric: str | None = None
+    frames: int = 1
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def read_dataset(source: str | os.PathLike[str] | bytes | BinaryIO, *, stop_before_pixels: bool = False) -> Dataset:
+    """Read a DICOM dataset, tolerating files without preamble or file meta (old ACR-NEMA style files).
+
+    A dataset without a Transfer Syntax UID gets the one it was actually read with, so its pixels can be decoded.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        source = io.BytesIO(bytes(source))
+    try:
+        ds = pydicom.dcmread(source, force=True, stop_before_pixels=stop_before_pixels)
+    except Exception as exc:  # pydicom raises many types for garbage input
+        raise DecodeError(f"not a readable DICOM dataset: {exc}") from exc
+    if len(ds) == 0:
+        raise DecodeError("not a DICOM dataset: no elements could be read")
+    meta = ds.file_meta
+    if "TransferSyntaxUID" not in meta:
+        if ds.original_encoding[1] is False:  # little endian flag of (is_implicit_VR, is_little_endian)
+            meta.TransferSyntaxUID = ExplicitVRBigEndian
+        elif ds.original_encoding[0]:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------- DICOM steps
+
+
+def stored_pixels(ds: Dataset) -> np.ndarray:
+    """Decode the first frame of ``ds`` to a 2-D array of stored values (grey) or luminance (colour images)."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise DecodeError("the dataset has no pixel data")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    try:
+        ds.pixel_array_options(index=0 if frames > 1 else None, decoding_plugin="pylibjpeg" if _has_pylibjpeg(ds) else "")
+        arr = ds.pixel_array
+    except Exception as exc:
+        ts = ds.file_meta.get("TransferSyntaxUID", "unknown")
+        raise DecodeError(f"pixel data cannot be decoded ({getattr(ts, 'name', ts)}): {exc}") from exc
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        arr = _luminance(arr)  # pydicom 3 already converted YBR to RGB (as_rgb=True)
+    elif photometric == "PALETTE COLOR":
+        arr = _luminance(apply_color_lut(arr, ds))
+    if arr.ndim != 2:
+        raise DecodeError(f"unexpected pixel array shape {arr.shape}")
+    if arr.shape[0] < 8 or arr.shape[1] < 8:
+        raise DecodeError(f"image too small to judge: {arr.shape[1]}x{arr.shape[0]}")
+    return arr
+
+
+def _has_pylibjpeg(ds: Dataset) -> bool:
+    """True when the pylibjpeg plugin can decode this transfer syntax (we prefer it: measured faster than gdcm)."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None or not ts.is_compressed:
+        return False
+    try:
+        return "pylibjpeg" in get_decoder(ts).available_plugins
+    except Exception:
+        return False
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    rgb = rgb.astype(np.float32)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def modality_step(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str | None]:
+    """Apply the Modality LUT Sequence or Rescale Slope/Intercept; returns float32 values and the step's name."""
+    if ds.get("ModalityLUTSequence"):
+        try:
+            return apply_modality_lut(arr, ds).astype(np.float32, copy=False), "modality-lut"
+        except Exception as exc:
+            raise DecodeError(f"Modality LUT Sequence cannot be applied: {exc}") from exc
+    out = arr.astype(np.float32, copy=False)
+    slope = _number(ds.get("RescaleSlope"), 1.0)
+    intercept = _number(ds.get("RescaleIntercept"), 0.0)
+    if slope != 1.0 or intercept != 0.0:
+        return out * np.float32(slope) + np.float32(intercept), "rescale"
+    return out, None
+
+
+def voi_step(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    """Map modality values to [0, 1] with the VOI LUT, the first window, or a robust auto window."""
+    if ds.get("VOILUTSequence"):
+        try:
+            item = ds.VOILUTSequence[0]
+            bits = int(item.LUTDescriptor[2])
+            lut_input = np.rint(arr).astype(np.int32) if arr.dtype.kind == "f" else arr
+            out = apply_voi_lut(lut_input, ds, index=0, prefer_lut=True).astype(np.float32)
+            return np.clip(out / np.float32(2**bits - 1), 0.0, 1.0), "voi-lut"
+        except Exception:
+            pass  # a broken LUT falls back to the window or the auto window
+    window = _first_window(ds)
+    if window is not None:
+        center, width = window
+        func = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() or "LINEAR"
+        return window_to_unit(arr, center, width, func), f"window:{func.lower()}"
+    lo, hi = auto_window(arr)
+    return _linear(arr, lo, hi), "auto-window"
+
+
+def presentation_step(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str | None]:
+    """Invert MONOCHROME1 or Presentation LUT Shape INVERSE, exactly once (a DX MONOCHROME1 carries both)."""
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    if photometric == "MONOCHROME1":
+        return 1.0 - arr, "invert:MONOCHROME1"
+    if shape == "INVERSE":
+        return 1.0 - arr, "invert:presentation-lut"
+    return arr, None
+
+
+def window_to_unit(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM windowing (PS3.3 C.11.2.1.2) straight to [0, 1] in float32."""
+    if function == "SIGMOID":
+        width = max(width, 1e-6)
+        return (1.0 / (1.0 + np.exp(-4.0 * (arr - np.float32(center)) / np.float32(width)))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        lo, hi = center - width / 2.0, center + width / 2.0
+    else:  # LINEAR, and unknown functions treated as LINEAR
+        width = max(width, 1.0)
+        lo, hi = center - 0.5 - (width - 1) / 2.0, center - 0.5 + (width - 1) / 2.0
+    return _linear(arr, lo, hi)
+
+
+def auto_window(arr: np.ndarray) -> tuple[float, float]:
+    """A robust window (0.5th to 99.5th percentile) for images that carry none."""
+    flat = arr.reshape(-1)
+    step = max(1, flat.size // _AUTO_WINDOW_SAMPLES)
+    lo, hi = np.percentile(flat[::step], AUTO_WINDOW_PERCENTILES)
+    if hi <= lo:
+        lo, hi = float(flat.min()), float(flat.max())
+    return float(lo), float(hi)
+
+
+def _linear(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.float32)
+    scale = np.float32(1.0 / (hi - lo))
+    out = (arr.astype(np.float32, copy=False) - np.float32(lo)) * scale
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _first_window(ds: Dataset) -> tuple[float, float] | None:
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center = _first_number(ds.WindowCenter)
+    width = _first_number(ds.WindowWidth)
+    if center is None or width is None or width <= 0:
+        return None
+    return center, width
+
+
+def _first_number(value: object) -> float | None:
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        value = value[0] if len(value) else None
+    return _number(value, None)
+
+
+def _number(value: object, default: float | None) -> float | None:  # type: ignore[return]
+    try:
+        return float(value) if value not in (None, "") else default  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+
+
+def decode_dataset(ds: Dataset) -> DecodedImage:
+    """The whole DICOM pipeline: stored pixels -> modality -> VOI -> presentation, to float32 [0, 1]."""
+    arr = stored_pixels(ds)
+    steps: list[str] = []
+    arr, step = modality_step(arr, ds)
+    if step:
+        steps.append(step)
+    arr, step = voi_step(arr, ds)
+    steps.append(step)
+    arr, step = presentation_step(arr, ds)
+    if step:
+        steps.append(step)
+    if not np.isfinite(arr).all():
+        raise DecodeError("pixel values are not finite after the grayscale pipeline")
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return DecodedImage(
+        pixels=np.ascontiguousarray(arr, dtype=np.float32),
+        kind="dicom",
+        steps=tuple(steps),
+        transfer_syntax=str(ts) if ts else None,
+        photometric=str(ds.get("PhotometricInterpretation", "")) or None,
+        frames=frames,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- plain images
+
+
+def decode_image_bytes(data: bytes) -> DecodedImage:
+    """PNG/JPEG/... bytes to float32 [0, 1] grey (8 or 16 bit, colour to luminance)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DecodeError("not a readable image file")
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[..., :3]
+        img = img[..., ::-1]  # BGR -> RGB
+        img = _luminance(img)
+    info_max = 65535.0 if img.dtype == np.uint16 else 255.0
+    if img.dtype.kind == "f":
+        lo, hi = float(img.min()), float(img.max())
+        pixels = _linear(img, lo, hi)
+    else:
+        pixels = img.astype(np.float32) / np.float32(info_max)
+    return DecodedImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), kind="image", steps=("scale",))
+
+
+def is_dicom_bytes(head: bytes) -> bool:
+    """True for a Part 10 file (DICM at 128) or a raw dataset that starts with a group 0x0008 element."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    return len(head) >= 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[2:4] < b"\x20\x00"
+
+
+def decode_file(path: str | os.PathLike[str]) -> DecodedImage:
+    """Decode a film from disk, DICOM or an ordinary image; the format is told by content, not by name."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DecodeError(f"cannot read {path.name}: {exc.strerror}") from exc
+    return decode_bytes(data, suffix=path.suffix.lower())
+
+
+def decode_bytes(data: bytes, suffix: str = "") -> DecodedImage:
+    if is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom"):
+        return decode_dataset(read_dataset(data))
+    if suffix in IMAGE_SUFFIXES or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
+        return decode_image_bytes(data)
+    # Unknown suffix and no magic: try DICOM (raw datasets), then images.
+    try:
+        return decode_dataset(read_dataset(data))
+    except DecodeError:
+        return decode_image_bytes(data)

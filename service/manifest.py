@@ -1,0 +1,244 @@
+"""The model manifest: what a shipped detector is, how to feed it and how to read its output.
+
+Each detector lives in its own folder ``models/<name>/`` with ``manifest.json``, the ONNX file and a model card. The
+gate loads every folder it finds (no code change to add a detector); training writes the manifest through
+:meth:`ModelManifest.to_dict`, so both sides agree on one schema. Turning raw outputs into a score is also defined
+here, once, so that the thresholds chosen in training mean the same thing in the gate.
+
+Two kinds of detector:
+
+- ``classifier``: the ONNX output is logits over ``labels``; the score is the softmax probability mass of
+  ``positive_labels`` (for orientation: rot90 + rot180 + rot270), the predicted class is the arg-max label.
+- ``score``: the ONNX output is one number per film (for example an out-of-distribution distance), higher is worse.
+
+A film is flagged with ``reason`` when its score is at least ``threshold``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.preprocess import PreprocessSpec
+
+MANIFEST_NAME = "manifest.json"
+DETECTOR_KINDS = ("classifier", "score")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, malformed, or does not match its model file."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What one detector says about one film."""
+
+    detector: str
+    reason: str
+    score: float
+    threshold: float
+    flagged: bool
+    predicted: str | None = None
+    probabilities: Mapping[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "detector": self.detector,
+            "reason": self.reason,
+            "score": round(self.score, 6),
+            "threshold": self.threshold,
+            "flagged": self.flagged,
+        }
+        if self.predicted is not None:
+            out["predicted"] = self.predicted
+        if self.probabilities is not None:
+            out["probabilities"] = {k: round(v, 6) for k, v in self.probabilities.items()}
+        return out
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    name: str
+    version: str
+    file: str
+    kind: str
+    reason: str
+    threshold: float
+    preprocessing: PreprocessSpec
+    labels: tuple[str, ...] = ()
+    positive_labels: tuple[str, ...] = ()
+    input_name: str = "image"
+    output_name: str = "output"
+    sha256: str = ""
+    description: str = ""
+    card: str = "MODEL_CARD.md"
+    created: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    training_data: Sequence[Mapping[str, Any]] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in DETECTOR_KINDS:
+            raise ManifestError(f"{self.name}: kind must be one of {DETECTOR_KINDS}, got {self.kind!r}")
+        if self.kind == "classifier":
+            if len(self.labels) < 2:
+                raise ManifestError(f"{self.name}: a classifier needs at least two labels")
+            missing = set(self.positive_labels) - set(self.labels)
+            if not self.positive_labels or missing:
+                raise ManifestError(
+                    f"{self.name}: positive_labels must be a non-empty subset of labels (unknown: {sorted(missing)})"
+                )
+        if not self.reason:
+            raise ManifestError(f"{self.name}: reason (the quarantine reason this detector raises) is required")
+
+    # ------------------------------------------------------------------------------------------ (de)serialising
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelManifest:
+        known = {
+            "name", "version", "file", "kind", "reason", "threshold", "preprocessing", "labels", "positive_labels",
+            "input_name", "output_name", "sha256", "description", "card", "created", "metrics", "training_data",
+            "extra",
+        }  # fmt: skip
+        unknown = set(data) - known
+        if unknown:
+            raise ManifestError(f"unknown manifest keys {sorted(unknown)}")
+        for key in ("name", "version", "file", "kind", "reason", "threshold", "preprocessing"):
+            if key not in data:
+                raise ManifestError(f"manifest key '{key}' is required")
+        try:
+            return cls(
+                name=str(data["name"]),
+                version=str(data["version"]),
+                file=str(data["file"]),
+                kind=str(data["kind"]),
+                reason=str(data["reason"]),
+                threshold=float(data["threshold"]),
+                preprocessing=PreprocessSpec.from_dict(data["preprocessing"]),
+                labels=tuple(data.get("labels", ())),
+                positive_labels=tuple(data.get("positive_labels", ())),
+                input_name=str(data.get("input_name", "image")),
+                output_name=str(data.get("output_name", "output")),
+                sha256=str(data.get("sha256", "")),
+                description=str(data.get("description", "")),
+                card=str(data.get("card", "MODEL_CARD.md")),
+                created=str(data.get("created", "")),
+                metrics=dict(data.get("metrics", {})),
+                training_data=list(data.get("training_data", [])),
+                extra=dict(data.get("extra", {})),
+            )
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ManifestError):
+                raise
+            raise ManifestError(str(exc)) from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "file": self.file,
+            "sha256": self.sha256,
+            "kind": self.kind,
+            "reason": self.reason,
+            "labels": list(self.labels),
+            "positive_labels": list(self.positive_labels),
+            "threshold": self.threshold,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "preprocessing": self.preprocessing.to_dict(),
+            "created": self.created,
+            "card": self.card,
+            "metrics": dict(self.metrics),
+            "training_data": list(self.training_data),
+            "extra": dict(self.extra),
+        }
+
+    # ------------------------------------------------------------------------------------------ scoring
+
+    def findings(self, outputs: np.ndarray, threshold: float | None = None) -> list[Finding]:
+        """Raw ONNX outputs for a batch -> one :class:`Finding` per film."""
+        limit = self.threshold if threshold is None else threshold
+        if self.kind == "score":
+            values = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)[:, 0]
+            return [Finding(self.name, self.reason, float(v), limit, bool(v >= limit)) for v in values]
+        probs = softmax(np.asarray(outputs, dtype=np.float64))
+        positive = [self.labels.index(label) for label in self.positive_labels]
+        result = []
+        for row in probs:
+            score = float(row[positive].sum())
+            result.append(
+                Finding(
+                    detector=self.name,
+                    reason=self.reason,
+                    score=score,
+                    threshold=limit,
+                    flagged=score >= limit,
+                    predicted=self.labels[int(row.argmax())],
+                    probabilities=dict(zip(self.labels, (float(p) for p in row), strict=True)),
+                )
+            )
+        return result
+
+    def scores(self, outputs: np.ndarray) -> np.ndarray:
+        """The score per film (what ``threshold`` is compared with), for evaluation and calibration."""
+        if self.kind == "score":
+            return np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)[:, 0]
+        probs = softmax(np.asarray(outputs, dtype=np.float64))
+        positive = [self.labels.index(label) for label in self.positive_labels]
+        return probs[:, positive].sum(axis=1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_manifest(folder: Path, verify: bool = True) -> ModelManifest:
+    """Read ``folder/manifest.json`` and (by default) check the ONNX file's sha256 against it."""
+    path = folder / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{path}: no manifest") from exc
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
+    try:
+        manifest = ModelManifest.from_dict(data)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
+    model_path = folder / manifest.file
+    if not model_path.is_file():
+        raise ManifestError(f"{path}: model file {manifest.file} is missing")
+    if verify and manifest.sha256 and sha256_file(model_path) != manifest.sha256:
+        raise ManifestError(f"{path}: sha256 of {manifest.file} does not match the manifest (file changed?)")
+    return manifest
+
+
+def discover(models_dir: Path) -> list[tuple[Path, ModelManifest]]:
+    """Every detector folder under ``models_dir`` (sorted by name), with its manifest."""
+    found = []
+    for manifest_path in sorted(Path(models_dir).glob(f"*/{MANIFEST_NAME}")):
+        found.append((manifest_path.parent, load_manifest(manifest_path.parent)))
+    return found
+
+
+def write_manifest(folder: Path, manifest: ModelManifest) -> Path:
+    path = folder / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
+    return path
