@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -91,7 +91,9 @@ def stored_pixels(ds: Dataset) -> np.ndarray:
     except (TypeError, ValueError):
         frames = 1
     try:
-        ds.pixel_array_options(index=0 if frames > 1 else None, decoding_plugin="pylibjpeg" if _has_pylibjpeg(ds) else "")
+        ds.pixel_array_options(
+            index=0 if frames > 1 else None, decoding_plugin="pylibjpeg" if _has_pylibjpeg(ds) else ""
+        )
         arr = ds.pixel_array
     except Exception as exc:
         ts = ds.file_meta.get("TransferSyntaxUID", "unknown")
@@ -130,7 +132,7 @@ def modality_step(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str | None]
     """Apply the Modality LUT Sequence or Rescale Slope/Intercept; returns float32 values and the step's name."""
     if ds.get("ModalityLUTSequence"):
         try:
-            return apply_modality_lut(arr, ds).astype(np.float32, copy=False), "modality-lut"
+            return lut_lookup(arr, ds.ModalityLUTSequence[0], _little_endian(ds)), "modality-lut"
         except Exception as exc:
             raise DecodeError(f"Modality LUT Sequence cannot be applied: {exc}") from exc
     out = arr.astype(np.float32, copy=False)
@@ -139,6 +141,31 @@ def modality_step(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str | None]
     if slope != 1.0 or intercept != 0.0:
         return out * np.float32(slope) + np.float32(intercept), "rescale"
     return out, None
+
+
+def lut_lookup(arr: np.ndarray, item: Dataset, little_endian: bool = True) -> np.ndarray:
+    """Apply a LUT item (LUTDescriptor + LUTData, PS3.3 C.11.1.1) to stored values, as float32.
+
+    Written here rather than with pydicom's helper because that one fails on descriptors of 9 to 15 bits (it asks
+    numpy for a ``uint12`` type), which real CR files carry.
+    """
+    entries, first_map, _bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    elem = item["LUTData"]
+    if isinstance(elem.value, bytes | bytearray):
+        lut = np.frombuffer(elem.value, dtype="<u2" if little_endian else ">u2")[:entries]
+    else:
+        lut = np.asarray(
+            elem.value if isinstance(elem.value, list | tuple | pydicom.multival.MultiValue) else [elem.value]
+        )
+    lut = lut.astype(np.float32)
+    index = np.clip(arr.astype(np.int64, copy=False) - first_map, 0, len(lut) - 1)
+    return lut[index]
+
+
+def _little_endian(ds: Dataset) -> bool:
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    return bool(ts.is_little_endian) if ts is not None else True
 
 
 def voi_step(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
@@ -260,8 +287,13 @@ def decode_dataset(ds: Dataset) -> DecodedImage:
 
 def decode_image_bytes(data: bytes) -> DecodedImage:
     """PNG/JPEG/... bytes to float32 [0, 1] grey (8 or 16 bit, colour to luminance)."""
+    if not data:
+        raise DecodeError("empty input")
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise DecodeError(f"not a readable image file: {exc}") from exc
     if img is None:
         raise DecodeError("not a readable image file")
     if img.ndim == 3:

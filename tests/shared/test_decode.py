@@ -1,0 +1,171 @@
+"""The grayscale pipeline on real DICOM files and on synthetic datasets whose right answer is known."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from service.decode import DecodeError, decode_bytes, decode_dataset, decode_file, read_dataset, window_to_unit
+
+
+def make_ds(pixels: np.ndarray, photometric: str = "MONOCHROME2", **elements) -> Dataset:
+    """A minimal valid grey dataset around ``pixels`` (uint16 or int16)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if pixels.dtype == np.int16 else 0
+    ds.PixelData = pixels.tobytes()
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def ramp(h: int = 64, w: int = 80) -> np.ndarray:
+    return np.tile(np.linspace(0, 4000, w, dtype=np.float64), (h, 1)).astype(np.uint16)
+
+
+def test_window_maps_center_to_half_and_clips():
+    arr = np.array([[0, 1000, 2000, 3000, 4000]], dtype=np.float32)
+    out = window_to_unit(arr, center=2000.5, width=2001)
+    assert out[0, 0] == 0.0 and out[0, -1] == 1.0
+    assert out[0, 2] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_monochrome1_is_inverted_exactly_once():
+    mono2 = decode_dataset(make_ds(ramp())).pixels
+    mono1 = decode_dataset(make_ds(ramp(), "MONOCHROME1")).pixels
+    assert np.allclose(mono1, 1.0 - mono2, atol=1e-6)
+    # A DX MONOCHROME1 film also says INVERSE in its Presentation LUT Shape: that is the same inversion, not a second.
+    both = decode_dataset(make_ds(ramp(), "MONOCHROME1", PresentationLUTShape="INVERSE")).pixels
+    assert np.allclose(both, mono1, atol=1e-6)
+    inverse2 = decode_dataset(make_ds(ramp(), "MONOCHROME2", PresentationLUTShape="INVERSE")).pixels
+    assert np.allclose(inverse2, mono1, atol=1e-6)
+
+
+def test_rescale_then_window_in_modality_units():
+    raw = ramp()
+    ds = make_ds(raw, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=3000, WindowWidth=2000)
+    out = decode_dataset(ds)
+    assert out.steps[:2] == ("rescale", "window:linear")
+    values = raw.astype(np.float32) * 2 - 1000
+    expected = np.clip((values - (3000 - 0.5 - 999.5)) / 1999, 0, 1)
+    assert np.allclose(out.pixels, expected, atol=1e-4)
+
+
+def test_modality_lut_sequence_is_applied():
+    raw = ramp().clip(0, 4095)
+    lut = Dataset()
+    lut.LUTDescriptor = [4096, 0, 12]
+    lut.ModalityLUTType = "US"
+    lut.LUTData = (4095 - np.arange(4096, dtype=np.uint16)).tobytes()  # a LUT that reverses the values
+    ds = make_ds(raw, ModalityLUTSequence=[lut])
+    ds.ModalityLUTSequence[0]["LUTData"].VR = "OW"
+    out = decode_dataset(ds)
+    assert out.steps[0] == "modality-lut"
+    plain = decode_dataset(make_ds(raw)).pixels
+    assert np.corrcoef(out.pixels.ravel(), plain.ravel())[0, 1] < -0.99
+
+
+def test_colour_secondary_capture_becomes_grey():
+    rgb = np.zeros((32, 40, 3), dtype=np.uint8)
+    rgb[..., 0] = 200
+    ds = make_ds(np.zeros((32, 40), np.uint16))
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelData = rgb.tobytes()
+    out = decode_dataset(ds)
+    assert out.pixels.shape == (32, 40)
+
+
+def test_multiframe_decodes_first_frame(data_dir):
+    out = decode_file(data_dir / "dicom" / "fo-dicom__HasFragmentSequence.dcm")
+    assert out.frames == 96 and out.pixels.ndim == 2
+
+
+def test_file_without_meta_is_read_with_force(data_dir):
+    out = decode_file(data_dir / "dicom" / "fo-dicom__CR-MONO1-10-chest.dcm")
+    assert out.pixels.shape == (440, 440)
+    assert "invert:MONOCHROME1" in out.steps
+
+
+def test_every_real_dicom_decodes_to_unit_range(data_dir):
+    files = sorted((data_dir / "dicom").glob("*.dcm"))
+    assert len(files) >= 17
+    for path in files:
+        out = decode_file(path)
+        assert out.pixels.dtype == np.float32 and out.pixels.ndim == 2, path.name
+        assert float(out.pixels.min()) >= 0.0 and float(out.pixels.max()) <= 1.0, path.name
+
+
+def test_real_monochrome1_chest_looks_like_a_normal_film(data_dir):
+    """After a correct decode the lungs (upper middle band, left and right) are darker than the mediastinum."""
+    for name in ("pydicom__RG1_J2KI.dcm", "fo-dicom__CR-MONO1-10-chest.dcm"):
+        px = decode_file(data_dir / "dicom" / name).pixels
+        h, w = px.shape
+        lungs = np.concatenate(
+            [px[h // 4 : h // 2, w // 6 : w // 3].ravel(), px[h // 4 : h // 2, 2 * w // 3 : 5 * w // 6].ravel()]
+        )
+        spine = px[h // 4 : h // 2, 9 * w // 20 : 11 * w // 20]
+        assert lungs.mean() < spine.mean(), name
+
+
+def test_fake_monochrome1_is_the_inverse_of_its_original(data_dir):
+    real = decode_file(data_dir / "dicom" / "mlmed__1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm").pixels
+    fake = decode_file(data_dir / "dicom" / "mlmed__Fake_MONOHR1.dcm").pixels
+    assert np.corrcoef(real.ravel(), fake.ravel())[0, 1] < -0.95
+
+
+def test_png_and_jpeg_decode(data_dir):
+    from service.datasets import select
+
+    for film in select(split="val", kind="frontal-chest")[:3]:
+        out = decode_file(film.path)
+        assert out.kind == "image" and out.pixels.ndim == 2 and out.pixels.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x00" * 10,
+        b"random bytes that are not an image",
+        bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)),
+    ],
+)
+def test_garbage_raises_decode_error(payload):
+    with pytest.raises(DecodeError):
+        decode_bytes(payload)
+
+
+def test_dataset_without_pixels_is_a_decode_error():
+    ds = make_ds(ramp())
+    del ds.PixelData
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    with pytest.raises(DecodeError, match="no pixel data"):
+        decode_dataset(read_dataset(buf.getvalue()))
+
+
+def test_truncated_pixel_data_is_a_decode_error(data_dir):
+    data = (data_dir / "dicom" / "pydicom__RG1_J2KI.dcm").read_bytes()
+    with pytest.raises(DecodeError):
+        decode_bytes(data[: len(data) // 2])
