@@ -1,0 +1,125 @@
+"""``filmgate``: serve, check-config, inspect, healthcheck."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import urllib.request
+from pathlib import Path
+
+from service.config import Config, ConfigError, load_config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level.upper() != "DEBUG":  # pynetdicom and pydicom log UIDs and values: keep them out unless debugging
+        logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        import pydicom.config
+
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+def _config(path: str | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"filmgate: invalid configuration: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    _setup_logging(cfg.logging.level)
+    from service.app import serve
+
+    return serve(cfg)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args.file)
+    dests = ", ".join(f"{d.name} ({type(d).__name__.replace('DestinationConfig', '').lower()})"
+                      for d in cfg.destinations)  # fmt: skip
+    print(f"{args.file}: OK (listener {cfg.listener.ae_title}:{cfg.listener.port}, destinations {dests})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    _setup_logging("WARNING")
+    from service.inspect import inspect_files
+
+    return inspect_files(cfg, [Path(f) for f in args.files], sys.stdout)
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    host = "127.0.0.1" if cfg.listener.host in ("0.0.0.0", "", "::") else cfg.listener.host
+    ok = True
+    ae = AE(ae_title="FILMGATE-HC")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = args.timeout
+    tls_args = None
+    if cfg.listener.tls.enabled:
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.listener.tls.ca_file or None)
+        ctx.check_hostname = False
+        if not cfg.listener.tls.ca_file:
+            ctx.verify_mode = ssl.CERT_NONE
+        if cfg.listener.tls.require_client_cert:
+            ctx.load_cert_chain(cfg.listener.tls.cert_file, cfg.listener.tls.key_file)
+        tls_args = (ctx, None)
+    assoc = ae.associate(host, cfg.listener.port, ae_title=cfg.listener.ae_title, tls_args=tls_args)
+    if assoc.is_established:
+        status = assoc.send_c_echo()
+        assoc.release()
+        echo = bool(status) and status.Status == 0
+    else:
+        echo = False
+    ok &= echo
+    http_ok = True
+    if cfg.http.enabled:
+        hhost = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "", "::") else cfg.http.host
+        try:
+            with urllib.request.urlopen(f"http://{hhost}:{cfg.http.port}/healthz", timeout=args.timeout) as rsp:
+                http_ok = rsp.status == 200
+        except OSError:
+            http_ok = False
+    ok &= http_ok
+    print(f"c-echo {'ok' if echo else 'FAILED'}, healthz {'ok' if http_ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="filmgate", description="DICOM quality gate for chest radiographs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the node (config: --config, $FILMGATE_CONFIG, or defaults)")
+    p.add_argument("--config", help="YAML configuration file")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", help="validate a configuration file without starting")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("inspect", help="decide on DICOM/PNG/JPEG files; one JSON line per file")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--config", help="YAML configuration file (models and policy)")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("healthcheck", help="C-ECHO the node and GET /healthz; exit 0 when both answer")
+    p.add_argument("--config", help="YAML configuration file")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_healthcheck)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,411 @@
+"""The gate's configuration: typed, frozen, validated once at start and passed explicitly.
+
+A hospital node must not start half-configured: every key is checked when the file is read, and an error names the
+key (``listener.port``) and what is wrong with it, so the operator can fix it without reading code. Defaults are the
+dataclass defaults below, so ``filmgate serve`` works with no file at all (AE ``FILMGATE`` on port 11112, metrics on
+9108, spool ``var/spool``, folders ``var/out/accept`` and ``var/out/quarantine``, models from ``models/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import string
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_CONFIG = "FILMGATE_CONFIG"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PROVIDERS = ("auto", "cpu", "cuda")
+LAYOUT_FIELDS = (
+    "outcome", "reason", "reasons", "calling_ae", "date", "Modality", "StudyInstanceUID", "SeriesInstanceUID",
+    "SOPInstanceUID", "SOPClassUID",
+)  # fmt: skip
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SenderRule:
+    """Who may send: a calling AE title (``*`` for any) from one of ``hosts`` (CIDR or address; empty = any host)."""
+
+    ae_title: str = "*"
+    hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """DICOM TLS on the listener (hospital IT often requires it between sites)."""
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str = "FILMGATE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 16
+    network_timeout: float = 60.0
+    allow_list: bool = True
+    allow: tuple[SenderRule, ...] = (SenderRule("*", ("127.0.0.0/8", "::1")),)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = "var/spool"
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """Pipeline sizing. Batching happens when several decoded films wait for inference."""
+
+    decode_threads: int = 2
+    deliver_threads: int = 1
+    max_batch: int = 8
+    batch_wait_ms: float = 2.0
+    queue_size: int = 8
+    poll_interval: float = 0.5
+    drain_timeout: float = 30.0
+    retry_delay: float = 5.0
+
+
+@dataclass(frozen=True)
+class DetectorsConfig:
+    models_dir: str = "models"
+    provider: str = "auto"
+    intra_op_threads: int = 1
+    disabled: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The decision rules. Thresholds default to each manifest's; set one here to override it."""
+
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    modality_rule: bool = True
+    modalities: tuple[str, ...] = ("CR", "DX")
+    pediatric_rule: bool = True
+    pediatric_age_years: float = 10.0
+
+
+@dataclass(frozen=True)
+class FolderDestinationConfig:
+    """Write the received file and a JSON sidecar under ``path`` following ``layout``."""
+
+    name: str
+    path: str
+    layout: str = "{StudyInstanceUID}/{SOPInstanceUID}.dcm"
+    sidecar: bool = True
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class DicomDestinationConfig:
+    """Forward the received bytes by C-STORE, with retries, exponential back-off and a dead-letter folder."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str = "FILMGATE"
+    retries: int = 8
+    backoff_initial: float = 1.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 300.0
+    timeout: float = 30.0
+    dead_letter: str = ""  # default: <spool>/dead-letter/<name>
+
+
+DESTINATION_TYPES: dict[str, type] = {"folder": FolderDestinationConfig, "dicom": DicomDestinationConfig}
+
+
+@dataclass(frozen=True)
+class RoutesConfig:
+    accept: tuple[str, ...] = ("accept",)
+    quarantine: tuple[str, ...] = ("quarantine",)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = 9108
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+def _default_destinations() -> tuple[Any, ...]:
+    return (
+        FolderDestinationConfig(name="accept", path="var/out/accept"),
+        FolderDestinationConfig(
+            name="quarantine", path="var/out/quarantine", layout="{reason}/{StudyInstanceUID}/{SOPInstanceUID}.dcm"
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    listener: ListenerConfig = field(default_factory=ListenerConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    detectors: DetectorsConfig = field(default_factory=DetectorsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    destinations: tuple[FolderDestinationConfig | DicomDestinationConfig, ...] = field(
+        default_factory=_default_destinations
+    )
+    routes: RoutesConfig = field(default_factory=RoutesConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = "<defaults>"
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate ``path`` (or ``$FILMGATE_CONFIG``; defaults when neither is given)."""
+    if path is None:
+        path = os.environ.get(ENV_CONFIG) or None
+    if path is None:
+        return validate(Config())
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    try:
+        return parse_config(data or {}, source=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def parse_config(data: Any, source: str = "<dict>") -> Config:
+    """A mapping (as read from YAML) -> validated :class:`Config`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("the top level must be a mapping of sections (listener, spool, ...)")
+    data = dict(data)
+    dests = data.pop("destinations", None)
+    cfg = _build(Config, data, "", skip={"destinations", "source"})
+    if dests is not None:
+        cfg = dataclasses.replace(cfg, destinations=_build_destinations(dests))
+    return validate(dataclasses.replace(cfg, source=source))
+
+
+def _build_destinations(data: Any) -> tuple[Any, ...]:
+    if not isinstance(data, Mapping):
+        raise ConfigError("destinations: must be a mapping of name -> {type: folder|dicom, ...}")
+    out = []
+    for name, spec in data.items():
+        key = f"destinations.{name}"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{key}: must be a mapping with a 'type' key")
+        spec = dict(spec)
+        kind = spec.pop("type", None)
+        if kind not in DESTINATION_TYPES:
+            raise ConfigError(f"{key}.type: must be one of {sorted(DESTINATION_TYPES)}, got {kind!r}")
+        if "name" in spec:
+            raise ConfigError(f"{key}.name: the name is the mapping key; remove 'name'")
+        out.append(_build(DESTINATION_TYPES[kind], {**spec, "name": str(name)}, key + ".", skip=set()))
+    return tuple(out)
+
+
+def _build(cls: type, data: Any, prefix: str, skip: set[str] | None = None) -> Any:
+    section = prefix.rstrip(".") or "configuration"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{section}: must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in (skip or set())}
+    unknown = set(data) - set(fields)
+    if unknown:
+        bad = sorted(str(k) for k in unknown)[0]
+        raise ConfigError(f"{prefix}{bad}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str | Mapping) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or origin is typing.get_origin(Mapping[str, float]):
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        return types.MappingProxyType({str(k): _coerce(v_tp, v, f"{key}.{k}") for k, v in value.items()})
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a programming error
+
+
+# ------------------------------------------------------------------------------------------------- checks
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field and range checks; returns ``cfg`` unchanged when it is valid."""
+    lst = cfg.listener
+    _check_ae(lst.ae_title, "listener.ae_title")
+    _check_port(lst.port, "listener.port")
+    _positive(lst.max_associations, "listener.max_associations")
+    _positive(lst.network_timeout, "listener.network_timeout")
+    for i, rule in enumerate(lst.allow):
+        if rule.ae_title != "*":
+            _check_ae(rule.ae_title, f"listener.allow[{i}].ae_title")
+        for j, host in enumerate(rule.hosts):
+            _check_host(host, f"listener.allow[{i}].hosts[{j}]")
+    if lst.allow_list and not lst.allow:
+        raise ConfigError("listener.allow: the allow-list is on but empty, so nobody could send; add a rule "
+                          "or set listener.allow_list: false")  # fmt: skip
+    if lst.tls.enabled:
+        for name in ("cert_file", "key_file"):
+            value = getattr(lst.tls, name)
+            if not value:
+                raise ConfigError(f"listener.tls.{name}: required when listener.tls.enabled is true")
+            if not Path(value).is_file():
+                raise ConfigError(f"listener.tls.{name}: file {value!r} does not exist")
+        if lst.tls.require_client_cert and not lst.tls.ca_file:
+            raise ConfigError("listener.tls.ca_file: required when listener.tls.require_client_cert is true")
+        if lst.tls.ca_file and not Path(lst.tls.ca_file).is_file():
+            raise ConfigError(f"listener.tls.ca_file: file {lst.tls.ca_file!r} does not exist")
+    if not cfg.spool.path:
+        raise ConfigError("spool.path: must not be empty")
+    w = cfg.workers
+    for name in ("decode_threads", "deliver_threads", "max_batch", "queue_size"):
+        _positive(getattr(w, name), f"workers.{name}")
+    for name in ("batch_wait_ms", "drain_timeout"):
+        if getattr(w, name) < 0:
+            raise ConfigError(f"workers.{name}: must be >= 0")
+    for name in ("poll_interval", "retry_delay"):
+        _positive(getattr(w, name), f"workers.{name}")
+    if cfg.detectors.provider not in PROVIDERS:
+        raise ConfigError(f"detectors.provider: must be one of {PROVIDERS}, got {cfg.detectors.provider!r}")
+    if cfg.detectors.intra_op_threads < 0:
+        raise ConfigError("detectors.intra_op_threads: must be >= 0 (0 lets onnxruntime choose)")
+    for name, value in cfg.policy.thresholds.items():
+        if not 0.0 <= value <= 1e9:
+            raise ConfigError(f"policy.thresholds.{name}: must be a non-negative number, got {value}")
+    if cfg.policy.pediatric_age_years <= 0:
+        raise ConfigError("policy.pediatric_age_years: must be > 0")
+    if cfg.policy.modality_rule and not cfg.policy.modalities:
+        raise ConfigError("policy.modalities: empty while policy.modality_rule is true; nothing could be accepted")
+    names = set()
+    for dest in cfg.destinations:
+        key = f"destinations.{dest.name}"
+        if dest.name in names:
+            raise ConfigError(f"{key}: defined twice")
+        names.add(dest.name)
+        if isinstance(dest, FolderDestinationConfig):
+            _check_layout(dest.layout, key + ".layout")
+            if not dest.path:
+                raise ConfigError(f"{key}.path: must not be empty")
+        else:
+            _check_ae(dest.ae_title, key + ".ae_title")
+            _check_ae(dest.calling_ae, key + ".calling_ae")
+            _check_port(dest.port, key + ".port")
+            if not dest.host:
+                raise ConfigError(f"{key}.host: must not be empty")
+            if dest.retries < 0:
+                raise ConfigError(f"{key}.retries: must be >= 0")
+            _positive(dest.backoff_initial, key + ".backoff_initial")
+            _positive(dest.timeout, key + ".timeout")
+            if dest.backoff_factor < 1:
+                raise ConfigError(f"{key}.backoff_factor: must be >= 1")
+            if dest.backoff_max < dest.backoff_initial:
+                raise ConfigError(f"{key}.backoff_max: must be >= backoff_initial")
+    for route in ("accept", "quarantine"):
+        targets = getattr(cfg.routes, route)
+        if not targets:
+            raise ConfigError(f"routes.{route}: needs at least one destination, or instances would vanish")
+        for t in targets:
+            if t not in names:
+                raise ConfigError(f"routes.{route}: unknown destination {t!r}; defined: {sorted(names)}")
+    if cfg.http.enabled:
+        _check_port(cfg.http.port, "http.port")
+    if cfg.logging.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"logging.level: must be one of {LOG_LEVELS}, got {cfg.logging.level!r}")
+    return cfg
+
+
+def _check_ae(value: str, key: str) -> None:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ConfigError(f"{key}: an AE title is 1-16 printable characters without backslash, got {value!r}")
+
+
+def _check_port(value: int, key: str) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{key}: must be a TCP port 0-65535, got {value}")
+
+
+def _positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+def _check_host(value: str, key: str) -> None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        if not re.match(r"^[A-Za-z0-9.-]+$", value):
+            raise ConfigError(f"{key}: must be an IP address, a CIDR network or a host name, got {value!r}") from None
+
+
+def _check_layout(layout: str, key: str) -> None:
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(layout) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"{key}: bad template ({exc})") from exc
+    for n in names:
+        if n not in LAYOUT_FIELDS:
+            raise ConfigError(f"{key}: unknown field {{{n}}}; allowed: {', '.join(LAYOUT_FIELDS)}")
+    if layout.startswith("/") or ".." in Path(layout).parts:
+        raise ConfigError(f"{key}: must be a relative path inside the destination folder")

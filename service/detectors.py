@@ -1,0 +1,140 @@
+"""The detectors: every model folder under ``models/`` is loaded once, run in batches, and read via its manifest.
+
+A new detector (flip, view, pediatric, atypical) needs no code here: its manifest says how to preprocess, how to
+score and which quarantine reason it raises. Films are preprocessed once per distinct preprocessing spec, so models
+that share one (most do) share the work. onnxruntime-gpu silently falls back to CPU, so the provider really in use
+is read back from the session, logged and exported as ``filmgate_model_info``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service import metrics
+from service.config import DetectorsConfig
+from service.manifest import Finding, ModelManifest, discover
+from service.preprocess import PreprocessSpec, preprocess
+
+log = logging.getLogger("filmgate.detectors")
+
+
+@dataclass
+class OnnxDetector:
+    """One ONNX model and its manifest."""
+
+    manifest: ModelManifest
+    folder: Path
+    session: object
+    provider: str
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def run(self, batch: np.ndarray) -> list[Finding]:
+        m = self.manifest
+        outputs = self.session.run([m.output_name], {m.input_name: batch})[0]  # type: ignore[attr-defined]
+        return m.findings(outputs)
+
+
+def _providers(choice: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if choice == "cpu" or "CUDAExecutionProvider" not in available:
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _onnx_factory(folder: Path, manifest: ModelManifest, cfg: DetectorsConfig) -> OnnxDetector:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if cfg.intra_op_threads:
+        opts.intra_op_num_threads = cfg.intra_op_threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    ort.set_default_logger_severity(4)  # a missing CUDA library is reported below as the provider really used
+    session = ort.InferenceSession(str(folder / manifest.file), sess_options=opts, providers=_providers(cfg.provider))
+    used = session.get_providers()[0]
+    if cfg.provider == "cuda" and used != "CUDAExecutionProvider":
+        raise RuntimeError(f"detectors.provider is cuda but {manifest.name} runs on {used} (no usable GPU)")
+    return OnnxDetector(manifest=manifest, folder=folder, session=session, provider=used)
+
+
+# The detector registry: how a model file is run, by file suffix. ONNX is the only runtime today.
+DETECTOR_FACTORIES: dict[str, Callable[[Path, ModelManifest, DetectorsConfig], OnnxDetector]] = {
+    ".onnx": _onnx_factory,
+}
+
+
+class DetectorSet:
+    """All loaded detectors; preprocesses and runs them on batches of decoded films."""
+
+    def __init__(self, detectors: Sequence[OnnxDetector]) -> None:
+        self.detectors = list(detectors)
+        self.specs: list[PreprocessSpec] = list(dict.fromkeys(d.manifest.preprocessing for d in self.detectors))
+        self._models_of_spec = {
+            s: [d.name for d in self.detectors if d.manifest.preprocessing == s] for s in self.specs
+        }
+
+    @classmethod
+    def load(cls, cfg: DetectorsConfig) -> DetectorSet:
+        models_dir = Path(cfg.models_dir)
+        if not models_dir.is_dir():
+            log.warning("models folder %s does not exist: no detectors loaded", models_dir)
+            return cls([])
+        loaded = []
+        for folder, manifest in discover(models_dir):
+            if manifest.name in cfg.disabled:
+                log.info("detector %s disabled by detectors.disabled", manifest.name)
+                continue
+            factory = DETECTOR_FACTORIES.get(Path(manifest.file).suffix.lower())
+            if factory is None:
+                raise RuntimeError(f"{folder}: no runtime for model file {manifest.file}")
+            det = factory(folder, manifest, cfg)
+            log.info(
+                "detector %s version %s (reason %s) loaded on %s",
+                manifest.name, manifest.version, manifest.reason, det.provider,
+            )  # fmt: skip
+            metrics.MODEL_INFO.labels(model=manifest.name, version=manifest.version, provider=det.provider).set(1)
+            loaded.append(det)
+        if not loaded:
+            log.warning("no detectors found under %s: only metadata rules will be applied", models_dir)
+        return cls(loaded)
+
+    def describe(self) -> list[dict[str, str]]:
+        return [{"name": d.name, "version": d.manifest.version, "provider": d.provider} for d in self.detectors]
+
+    def prepare(self, pixels: np.ndarray) -> dict[PreprocessSpec, np.ndarray]:
+        """One decoded film -> its input tensor for every distinct spec (timed per model)."""
+        out = {}
+        for spec in self.specs:
+            t0 = time.perf_counter()
+            out[spec] = preprocess(pixels, spec)
+            elapsed = time.perf_counter() - t0
+            for name in self._models_of_spec[spec]:
+                metrics.PREPROCESS_SECONDS.labels(model=name).observe(elapsed)
+        return out
+
+    def run(self, inputs: Sequence[dict[PreprocessSpec, np.ndarray]]) -> list[list[Finding]]:
+        """Run every detector on a batch of prepared films; returns the findings per film."""
+        results: list[list[Finding]] = [[] for _ in inputs]
+        if not inputs:
+            return results
+        for det in self.detectors:
+            batch = np.stack([item[det.manifest.preprocessing] for item in inputs]).astype(np.float32, copy=False)
+            t0 = time.perf_counter()
+            findings = det.run(batch)
+            per_film = (time.perf_counter() - t0) / len(inputs)
+            hist = metrics.INFERENCE_SECONDS.labels(model=det.name)
+            for i, f in enumerate(findings):
+                hist.observe(per_film)
+                results[i].append(f)
+        return results

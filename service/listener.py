@@ -1,0 +1,245 @@
+"""The DICOM listener: C-ECHO, and C-STORE for every storage SOP class, that only *persists*.
+
+The C-STORE handler checks that the dataset can be parsed (header only, no pixel decoding on the network thread),
+writes the bytes as received to the spool durably, and only then answers 0x0000. A write failure answers 0xA700 (out
+of resources), an unparseable dataset 0xC210 (cannot understand), so the sender keeps its copy and can retry.
+
+Senders are checked against an allow-list at association time (calling AE title and host); a refused sender gets an
+A-ASSOCIATE-RJ (calling AE title not recognised) and a log line saying why.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import time
+import zlib
+from io import BytesIO
+from typing import Any
+
+from pydicom.filereader import read_dataset
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from service import metrics
+from service.config import ListenerConfig, SenderRule
+from service.spool import Spool
+
+log = logging.getLogger("filmgate.listener")
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
+]  # fmt: skip
+_REFUSE = ["\x00refused\x00"]  # an AE title nobody can have: makes pynetdicom send A-ASSOCIATE-RJ
+
+
+def _stop_at_pixels(tag: Any, vr: Any, length: int) -> bool:
+    return tag >= 0x7FE00000
+
+
+def check_dataset(raw: bytes, transfer_syntax: UID) -> str:
+    """Parse the header of a received dataset; returns its SOP Instance UID or raises ValueError."""
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
+    ds = read_dataset(BytesIO(raw), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
+                      stop_when=_stop_at_pixels)  # fmt: skip
+    uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    if not uid or not str(ds.get("SOPClassUID", "") or "").strip():
+        raise ValueError("no SOP Class/Instance UID in the dataset")
+    return uid
+
+
+def sender_allowed(rules: tuple[SenderRule, ...], calling_ae: str, host: str) -> bool:
+    """True when one rule matches both the calling AE title and the peer's host."""
+    calling_ae = calling_ae.strip()
+    for rule in rules:
+        if rule.ae_title != "*" and rule.ae_title.strip() != calling_ae:
+            continue
+        if not rule.hosts or any(_host_matches(h, host) for h in rule.hosts):
+            return True
+    return False
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return pattern == host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    try:
+        return addr in ipaddress.ip_network(pattern, strict=False)
+    except ValueError:  # a host name in the rule: resolve it
+        try:
+            return str(addr) in {i[4][0] for i in socket.getaddrinfo(pattern, None)}
+        except OSError:
+            return False
+
+
+class _GateAE(AE):
+    """An AE whose calling-AE requirement depends on the peer being negotiated (AE title *and* host)."""
+
+    rules: tuple[SenderRule, ...] = ()
+    enforce: bool = True
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        assoc = threading.current_thread()
+        if not self.enforce or not isinstance(assoc, Association) or not assoc.is_acceptor:
+            return []
+        if sender_allowed(self.rules, assoc.requestor.ae_title, assoc.requestor.address):
+            return []
+        return _REFUSE
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, values: list[str]) -> None:  # pragma: no cover - not used
+        self._require_calling_aet = values
+
+
+class Listener:
+    """The network side of the node; its only job is to get instances durably into the spool."""
+
+    def __init__(self, cfg: ListenerConfig, spool: Spool, store_times: dict[str, float] | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.store_times = store_times if store_times is not None else {}
+        ae = _GateAE(ae_title=cfg.ae_title)
+        ae.rules = cfg.allow
+        ae.enforce = cfg.allow_list
+        ae.maximum_pdu_size = 0
+        ae.maximum_associations = cfg.max_associations
+        ae.network_timeout = cfg.network_timeout
+        ae.acse_timeout = min(cfg.network_timeout, 30.0)
+        ae.dimse_timeout = cfg.network_timeout
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        self.ae = ae
+        self.server: Any = None
+
+    def start(self) -> None:
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self.server = self.ae.start_server(
+            (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context()
+        )
+        log.info(
+            "listening as %s on %s:%d%s (sender allow-list %s)",
+            self.cfg.ae_title, self.cfg.host, self.port, " with TLS" if self.cfg.tls.enabled else "",
+            "on" if self.cfg.allow_list else "OFF",
+        )  # fmt: skip
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1] if self.server else self.cfg.port
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.cfg.tls
+        if not tls.enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.ca_file:
+            ctx.load_verify_locations(cafile=tls.ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file else (
+            ssl.CERT_NONE)  # fmt: skip
+        return ctx
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; associations in progress may finish."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def active(self) -> int:
+        return sum(1 for a in self.ae.active_associations if a.is_acceptor)
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.active():
+            for assoc in self.ae.active_associations:
+                assoc.abort()  # unacknowledged instances stay with the sender
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------------------ handlers
+
+    def _on_accepted(self, event: Any) -> None:
+        ae = metrics.ae_label(event.assoc.requestor.ae_title)
+        metrics.ASSOCIATIONS.labels(calling_ae=ae, result="accepted").inc()
+
+    def _on_rejected(self, event: Any) -> None:
+        req = event.assoc.requestor
+        ae = metrics.ae_label(req.ae_title)
+        metrics.ASSOCIATIONS.labels(calling_ae=ae, result="rejected").inc()
+        if self.cfg.allow_list and not sender_allowed(self.cfg.allow, req.ae_title, req.address):
+            log.warning(
+                "refused association from AE %r at %s: not in the sender allow-list (listener.allow)",
+                req.ae_title.strip(), req.address,
+            )  # fmt: skip
+        else:
+            log.warning("refused association from AE %r at %s (too many associations?)", req.ae_title, req.address)
+
+    def _on_store(self, event: Any) -> int:
+        t0 = time.perf_counter()
+        calling = metrics.ae_label(event.assoc.requestor.ae_title)
+        try:
+            raw = event.encoded_dataset(include_meta=False)
+            uid = check_dataset(raw, event.context.transfer_syntax[0] if isinstance(
+                event.context.transfer_syntax, list) else event.context.transfer_syntax)  # fmt: skip
+        except Exception as exc:
+            metrics.STORE_FAILURES.labels(status="0xC210").inc()
+            log.warning("C-STORE from %s refused with 0xC210: the dataset cannot be parsed (%s)", calling, exc)
+            return 0xC210
+        try:
+            meta = event.file_meta
+            meta.SourceApplicationEntityTitle = event.assoc.requestor.ae_title.strip() or "UNKNOWN"
+            from pydicom.filewriter import write_file_meta_info
+
+            buf = BytesIO()
+            buf.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(buf, meta, enforce_standard=True)
+            path = self.spool.persist((buf.getvalue(), raw), uid)
+        except Exception as exc:
+            metrics.STORE_FAILURES.labels(status="0xA700").inc()
+            log.error("C-STORE from %s answered 0xA700: could not persist the instance (%s)", calling, exc)
+            return 0xA700
+        elapsed = time.perf_counter() - t0
+        self.store_times[path.name] = elapsed
+        if len(self.store_times) > 10000:  # only a hint for sidecars; never let it grow without bound
+            self.store_times.clear()
+        metrics.STORE_SECONDS.observe(elapsed)
+        metrics.INSTANCES_RECEIVED.labels(calling_ae=calling).inc()
+        metrics.BYTES_RECEIVED.labels(calling_ae=calling).inc(len(raw))
+        return 0x0000

@@ -1,0 +1,325 @@
+"""The workers: claim spooled instances, decode, detect (batched), decide, deliver.
+
+Stages run in their own threads, connected by small bounded queues, so the network thread only ever persists and a
+slow stage applies back-pressure instead of filling memory::
+
+    claimer -> decode threads -> inference thread (batches what is waiting) -> delivery threads
+
+An instance leaves the spool (``claimed/`` is cleared) only after every destination of its route has it. A delivery
+failure hands the instance back to ``incoming/`` after ``workers.retry_delay``; nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service import metrics
+from service.config import Config
+from service.decode import DecodeError, decode_dataset, read_dataset
+from service.destinations import Delivery, Destination
+from service.detectors import DetectorSet
+from service.manifest import Finding
+from service.policy import Decision, Metadata, decide
+from service.spool import Spool, received_at
+
+log = logging.getLogger("filmgate.pipeline")
+_STOP = object()
+
+
+@dataclass
+class Item:
+    """One instance travelling through the pipeline."""
+
+    path: Path
+    received: float
+    calling_ae: str = "unknown"
+    fields: dict[str, str] = field(default_factory=dict)
+    metadata: Metadata | None = None
+    inputs: dict[Any, np.ndarray] | None = None
+    findings: list[Finding] = field(default_factory=list)
+    decision: Decision | None = None
+    transfer_syntax: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, spool: Spool, detectors: DetectorSet, destinations: dict[str, Destination],
+                 store_times: dict[str, float] | None = None) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.spool = spool
+        self.detectors = detectors
+        self.destinations = destinations
+        self.store_times = store_times if store_times is not None else {}
+        w = cfg.workers
+        self._decode_q: queue.Queue = queue.Queue(maxsize=w.queue_size)
+        self._infer_q: queue.Queue = queue.Queue(maxsize=max(w.queue_size, w.max_batch))
+        self._deliver_q: queue.Queue = queue.Queue(maxsize=w.queue_size)
+        self._claiming = threading.Event()
+        self._abort = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self.models = detectors.describe()
+
+    # ------------------------------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        self._claiming.set()
+        w = self.cfg.workers
+        self._spawn("claimer", self._claim_loop)
+        for i in range(w.decode_threads):
+            self._spawn(f"decode-{i}", self._decode_loop)
+        self._spawn("inference", self._infer_loop)
+        for i in range(w.deliver_threads):
+            self._spawn(f"deliver-{i}", self._deliver_loop)
+
+    def _spawn(self, name: str, target: Any) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, timeout: float) -> bool:
+        """Stop claiming, finish what is in flight within ``timeout``, hand the rest back. True when drained."""
+        self._claiming.clear()
+        self.spool.arrived.set()
+        deadline = time.monotonic() + timeout
+        claimer = self._threads[0] if self._threads else None
+        if claimer:
+            claimer.join(max(0.0, deadline - time.monotonic()))
+        # Stop markers flow behind the work: every stage finishes its queue, then passes the marker on.
+        for _ in range(self.cfg.workers.decode_threads):
+            self._put(self._decode_q, _STOP, deadline)
+        for t in self._threads[1:]:
+            t.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(t.is_alive() for t in self._threads)
+        if not drained:
+            self._abort.set()
+            log.warning("drain timeout: handing unfinished instances back to the spool")
+        handed = self.spool.release_all()
+        if handed:
+            log.info("%d claimed instances handed back to incoming/", handed)
+        return drained
+
+    @staticmethod
+    def _put(q: queue.Queue, obj: Any, deadline: float) -> None:
+        with contextlib.suppress(queue.Full):
+            q.put(obj, timeout=max(0.01, deadline - time.monotonic()))
+
+    def idle(self) -> bool:
+        return self._busy == 0 and not self.spool.pending()
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def _claim_loop(self) -> None:
+        poll = self.cfg.workers.poll_interval
+        while self._claiming.is_set():
+            self.spool.arrived.clear()
+            took = False
+            for path in self.spool.pending():
+                if not self._claiming.is_set():
+                    break
+                claimed = self.spool.claim(path)
+                if claimed is None:
+                    continue
+                took = True
+                with self._busy_lock:
+                    self._busy += 1
+                item = Item(path=claimed, received=received_at(claimed.name))
+                while True:
+                    try:
+                        self._decode_q.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        if not self._claiming.is_set():
+                            self.spool.release(claimed)
+                            self._done()
+                            break
+            self._update_depth()
+            if not took:
+                self.spool.arrived.wait(poll)
+
+    def _update_depth(self) -> None:
+        with contextlib.suppress(OSError):
+            for state, n in self.spool.depth().items():
+                metrics.SPOOL_DEPTH.labels(state=state).set(n)
+
+    def _done(self) -> None:
+        with self._busy_lock:
+            self._busy -= 1
+
+    def _decode_loop(self) -> None:
+        while True:
+            item = self._decode_q.get()
+            if item is _STOP:
+                self._infer_q.put(_STOP)
+                return
+            if self._abort.is_set():
+                continue
+            try:
+                self._decode(item)
+            except Exception as exc:  # never lose an instance to a bug: quarantine it as undecodable
+                log.exception("unexpected error while decoding")
+                item.metadata = Metadata(decode_error=f"internal error: {exc}")
+                item.inputs = None
+            self._infer_q.put(item)
+
+    def _decode(self, item: Item) -> None:
+        t0 = time.perf_counter()
+        data = item.path.read_bytes()
+        ts_label = "unknown"
+        try:
+            ds = read_dataset(data)
+        except DecodeError as exc:
+            item.metadata = Metadata(decode_error=str(exc))
+            item.timings["decode"] = time.perf_counter() - t0
+            metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(item.timings["decode"])
+            return
+        meta = ds.file_meta
+        item.calling_ae = str(meta.get("SourceApplicationEntityTitle", "") or "unknown").strip() or "unknown"
+        ts = meta.get("TransferSyntaxUID")
+        ts_label = getattr(ts, "name", None) or str(ts or "unknown")
+        item.transfer_syntax = str(ts or "")
+        item.fields = {
+            "StudyInstanceUID": str(ds.get("StudyInstanceUID", "") or ""),
+            "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
+            "SOPInstanceUID": str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")),
+            "SOPClassUID": str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")),
+            "Modality": str(ds.get("Modality", "") or ""),
+        }
+        error = None
+        pixels = None
+        try:
+            pixels = decode_dataset(ds).pixels
+        except DecodeError as exc:
+            error = str(exc)
+        except Exception as exc:  # a decoder crashing on hostile input is still just undecodable
+            error = f"{type(exc).__name__}: {exc}"
+        item.metadata = Metadata.from_dataset(ds, decode_error=error)
+        item.timings["decode"] = time.perf_counter() - t0
+        metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(item.timings["decode"])
+        del ds, data
+        if pixels is not None:
+            t1 = time.perf_counter()
+            item.inputs = self.detectors.prepare(pixels)
+            item.timings["preprocess"] = time.perf_counter() - t1
+
+    def _infer_loop(self) -> None:
+        w = self.cfg.workers
+        stops = 0
+        while stops < w.decode_threads:
+            first = self._infer_q.get()
+            if first is _STOP:
+                stops += 1
+                continue
+            batch = [first]
+            deadline = time.monotonic() + w.batch_wait_ms / 1000.0
+            while len(batch) < w.max_batch:
+                try:
+                    nxt = self._infer_q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stops += 1
+                    if stops >= w.decode_threads:
+                        break
+                    continue
+                batch.append(nxt)
+            self._infer(batch)
+            for item in batch:
+                self._deliver_q.put(item)
+        for _ in range(w.deliver_threads):
+            self._deliver_q.put(_STOP)
+
+    def _infer(self, batch: list[Item]) -> None:
+        ready = [it for it in batch if it.inputs is not None]
+        if ready:
+            t0 = time.perf_counter()
+            try:
+                results = self.detectors.run([it.inputs for it in ready])  # type: ignore[misc]
+            except Exception as exc:
+                log.exception("inference failed")
+                results = [[] for _ in ready]
+                for it in ready:
+                    it.metadata = Metadata(decode_error=f"inference failed: {exc}")
+            per = (time.perf_counter() - t0) / len(ready)
+            for it, findings in zip(ready, results, strict=True):
+                it.findings = findings
+                it.inputs = None
+                it.timings["inference"] = per
+                it.timings["batch"] = len(ready)
+        for it in batch:
+            it.decision = decide(it.findings, it.metadata, self.cfg.policy)
+
+    def _deliver_loop(self) -> None:
+        while True:
+            item = self._deliver_q.get()
+            if item is _STOP:
+                return
+            if self._abort.is_set():
+                continue
+            try:
+                self._deliver(item)
+            finally:
+                self._done()
+            self._update_depth()
+
+    def _deliver(self, item: Item) -> None:
+        d = item.decision
+        assert d is not None
+        route = self.cfg.routes.accept if d.accepted else self.cfg.routes.quarantine
+        fields = {
+            **item.fields,
+            "outcome": d.outcome,
+            "reason": d.reasons[0] if d.reasons else "accepted",
+            "reasons": "+".join(d.reasons) or "accepted",
+            "calling_ae": item.calling_ae,
+            "date": time.strftime("%Y%m%d", time.gmtime(item.received)),
+        }
+        store = self.store_times.pop(item.path.name, None)
+        timings = {**({"store": store} if store is not None else {}), **item.timings}
+        record = {
+            "sop_instance_uid": item.fields.get("SOPInstanceUID", ""),
+            "sop_class_uid": item.fields.get("SOPClassUID", ""),
+            "study_instance_uid": item.fields.get("StudyInstanceUID", ""),
+            "modality": item.fields.get("Modality", ""),
+            "transfer_syntax": item.transfer_syntax,
+            "calling_ae": item.calling_ae,
+            **d.to_dict(),
+            "models": self.models,
+            "received_at": _iso(item.received),
+            "decided_at": _iso(time.time()),
+            "timings_ms": {k: round(v * 1000, 3) if k != "batch" else v for k, v in timings.items()},
+        }
+        try:
+            for name in route:
+                self.destinations[name].deliver(Delivery(path=item.path, fields=fields, record=record))
+        except Exception as exc:
+            log.error("delivery of an instance to %s failed (%s); it will be retried", route, exc)
+            time.sleep(min(self.cfg.workers.retry_delay, 1.0))
+            self._retry_later(item.path)
+            return
+        self.spool.finish(item.path)
+        metrics.DECISIONS.labels(outcome=d.outcome, calling_ae=item.calling_ae).inc()
+        for reason in d.reasons:
+            metrics.QUARANTINE_REASONS.labels(reason=reason, calling_ae=item.calling_ae).inc()
+        metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - item.received))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s -> %s %s", item.fields.get("SOPInstanceUID"), d.outcome, list(d.reasons))
+
+    def _retry_later(self, path: Path) -> None:
+        timer = threading.Timer(self.cfg.workers.retry_delay, self.spool.release, args=(path,))
+        timer.daemon = True
+        timer.start()
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

@@ -1,0 +1,148 @@
+"""The decision: detector findings and DICOM metadata -> accept, or quarantine with reasons. A pure function.
+
+Kept free of I/O and state so it can be tested exhaustively and reasoned about by the people who configure it.
+Reason names are stable strings users filter on; a detector contributes its manifest's ``reason`` (so later
+detectors plug in through their manifests alone), metadata rules contribute ``modality`` and ``pediatric``, and a
+film that cannot be decoded gets ``undecodable``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.config import PolicyConfig
+from service.manifest import Finding
+
+REASONS = ("rotated", "inverted", "flipped", "not-frontal-chest", "pediatric", "atypical", "undecodable", "modality")
+ACCEPT = "accept"
+QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What the rules need to know about a film (None where the film carries no DICOM header, e.g. a PNG)."""
+
+    modality: str | None = None
+    patient_age: str | None = None  # DICOM AS, e.g. "007Y"
+    birth_date: str | None = None  # DA, YYYYMMDD
+    study_date: str | None = None  # DA; falls back to series/acquisition/content date when absent
+    decode_error: str | None = None
+    is_dicom: bool = True
+
+    @classmethod
+    def from_dataset(cls, ds: Any, decode_error: str | None = None) -> Metadata:
+        def get(name: str) -> str | None:
+            try:
+                value = ds.get(name)
+            except Exception:
+                return None
+            text = str(value).strip() if value not in (None, "") else ""
+            return text or None
+
+        study = get("StudyDate") or get("SeriesDate") or get("AcquisitionDate") or get("ContentDate")
+        return cls(
+            modality=(get("Modality") or "").upper() or None,
+            patient_age=get("PatientAge"),
+            birth_date=get("PatientBirthDate"),
+            study_date=study,
+            decode_error=decode_error,
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str  # accept | quarantine
+    reasons: tuple[str, ...]
+    scores: Mapping[str, float]
+    findings: tuple[Finding, ...] = ()
+    age_years: float | None = None
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome == ACCEPT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.outcome,
+            "reasons": list(self.reasons),
+            "scores": {k: round(v, 6) for k, v in self.scores.items()},
+            "findings": [f.to_dict() for f in self.findings],
+            **({"age_years": round(self.age_years, 2)} if self.age_years is not None else {}),
+            **({"notes": dict(self.notes)} if self.notes else {}),
+        }
+
+
+def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: PolicyConfig) -> Decision:
+    """Apply thresholds (config overrides manifest) and metadata rules; reasons keep a stable order."""
+    reasons: list[str] = []
+    notes: dict[str, str] = {}
+    judged: list[Finding] = []
+    for f in findings:
+        threshold = policy.thresholds.get(f.detector, f.threshold)
+        flagged = f.score >= threshold
+        judged.append(Finding(f.detector, f.reason, f.score, threshold, flagged, f.predicted, f.probabilities))
+        if flagged:
+            reasons.append(f.reason)
+    age = None
+    if metadata is not None:
+        if metadata.decode_error:
+            reasons.append("undecodable")
+            notes["error"] = metadata.decode_error
+        if policy.modality_rule and metadata.is_dicom and metadata.modality not in policy.modalities:
+            reasons.append("modality")
+        age = age_in_years(metadata)
+        if policy.pediatric_rule and age is not None and age < policy.pediatric_age_years:
+            reasons.append("pediatric")
+    ordered = tuple(dict.fromkeys(sorted(reasons, key=_reason_rank)))
+    return Decision(
+        outcome=QUARANTINE if ordered else ACCEPT,
+        reasons=ordered,
+        scores={f.detector: f.score for f in judged},
+        findings=tuple(judged),
+        age_years=age,
+        notes=notes,
+    )
+
+
+def _reason_rank(reason: str) -> tuple[int, str]:
+    return (REASONS.index(reason) if reason in REASONS else len(REASONS), reason)
+
+
+_AGE_RE = re.compile(r"^(\d{1,3})\s*([DWMY])$")
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def parse_age(value: str | None) -> float | None:
+    """DICOM Age String (``nnnD|W|M|Y``) -> years; None when absent or malformed."""
+    if not value:
+        return None
+    m = _AGE_RE.match(value.strip().upper())
+    if not m:
+        return None
+    return int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2)]
+
+
+def parse_date(value: str | None) -> dt.date | None:
+    if not value:
+        return None
+    text = value.strip().replace(".", "")[:8]
+    try:
+        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
+
+
+def age_in_years(metadata: Metadata) -> float | None:
+    """Age from PatientAge, else from PatientBirthDate and the study date."""
+    age = parse_age(metadata.patient_age)
+    if age is not None:
+        return age
+    born, seen = parse_date(metadata.birth_date), parse_date(metadata.study_date)
+    if born is None or seen is None or seen < born:
+        return None
+    return (seen - born).days / 365.25
