@@ -1,0 +1,127 @@
+"""The model card (``models/<name>/MODEL_CARD.md``), written from the config, manifest and evaluation report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.manifest import ModelManifest
+from training.config import Config
+from training.evaluate import _num, _pct
+
+
+def model_card(
+    config: Config, manifest: ModelManifest, report: dict[str, Any], blob: dict[str, Any], parity: dict[str, Any]
+) -> str:
+    val = report["val"]
+    p = val["pooled"]
+    aug = config.augment
+    lines = [
+        f"# Model card: `{manifest.name}` {manifest.version}",
+        "",
+        manifest.description,
+        "",
+        "## Use",
+        "",
+        f"- Kind `{manifest.kind}`; labels {', '.join(f'`{x}`' for x in manifest.labels)}; score = softmax mass of "
+        f"{', '.join(f'`{x}`' for x in manifest.positive_labels)}; the gate quarantines with reason "
+        f"`{manifest.reason}` when score >= **{manifest.threshold:.6g}**.",
+        f"- Input `image` float32 (N, 1, {config.preprocessing.size}, {config.preprocessing.size}), dynamic batch: "
+        f"the film decoded by `service.decode` (grey [0, 1] as displayed), then `service.preprocess` with "
+        f"`{config.preprocessing.to_dict()}`. Output `output`: logits.",
+        "- Intended for frontal chest radiographs (that is what it was trained on). On other films its output means "
+        "little: the view detector is responsible for keeping those out.",
+        "",
+        "## Model",
+        "",
+        f"FilmNet (training/model.py): strided 3x3 conv stages with one residual block each, widths "
+        f"{list(config.model.widths)}, global average pooling, linear head; {blob['parameters']:,} parameters, "
+        f"trained from scratch (no pretrained weights). ONNX opset 17; torch vs onnxruntime max |logit diff| "
+        f"{parity['max_abs_diff']:.2g} on {parity['inputs']} inputs from real val films.",
+        "",
+        f"**Input size {config.preprocessing.size} px, letterboxed, z-scored.** Rotation and inversion are global "
+        "properties of a film (where the shoulders, diaphragm, mediastinum are; whether bone is white): they need "
+        "no fine detail, and 128 px keeps the whole film in view at a quarter of the cost of 256 px, which is what "
+        "lets every detector run on every film on one CPU core. Letterboxing keeps the aspect ratio (real "
+        "information) but aspect is augmented so it is never the only cue; z-scoring per film removes exposure and "
+        "window differences between hospitals.",
+        "",
+        "**One model per problem** (as the seed recommends): each detector is ~2-3 ms per film on one core "
+        "(bench/detector_latency), so a shared backbone would save little time, while separate models can be "
+        "retrained, thresholded and replaced independently, and a mistake in one task cannot leak into another.",
+        "",
+        "## Training",
+        "",
+        f"- Films: `frontal-chest` films of the `train` split of ../shared/data (never `val`); "
+        f"{config.data.calibration_fraction:.0%} of train patients held out to choose the threshold.",
+        "- Labels made synthetically from each film by the label transform applied to the decoded [0, 1] film, "
+        "between the film augmentations (which turn with it) and the display augmentations (which every class "
+        "gets alike).",
+        f"- Augmentation: crop/zoom (p {aug.p_crop}, >= {aug.crop_min_side:.0%} of each side), aspect stretch "
+        f"(p {aug.p_aspect}, up to x{aug.aspect_max}), tilt (p {aug.p_tilt}, +-{aug.tilt_degrees:g} deg), "
+        f"collimation (p {aug.p_collimation}), borders (p {aug.p_border}), burned-in markers and text turned with "
+        f"the film (p {aug.p_text_film}) and upright overlays (p {aug.p_text_overlay}), window (p {aug.p_window}), "
+        f"gamma (p {aug.p_gamma}, up to {aug.gamma_max}), contrast (p {aug.p_contrast}), blur (p {aug.p_blur}), "
+        f"noise (p {aug.p_noise}, sigma up to {aug.noise_max}), padding (p {aug.p_pad}).",
+        f"- Sources balanced: a source of n films is sampled in proportion to n^{config.data.source_balance} "
+        "(the pediatric 224-px `kermany` copies would otherwise be ~80% of all samples).",
+        f"- {blob['steps']} steps of batch {config.train.batch_size}, AdamW lr {config.train.lr} (warm-up, cosine), "
+        f"seed {config.train.seed}; {blob['train_seconds'] / 60:.1f} min on {blob['device']} with "
+        f"{blob['threads']} threads (cache build {blob.get('cache_seconds', 0):.0f} s).",
+        "",
+        "| source | train films | calibration films | licence |",
+        "| --- | --- | --- | --- |",
+    ]
+    for d in manifest.training_data:
+        lines.append(f"| {d['source']} | {d['films']} | {d['calibration_films']} | {d['licence']} |")
+    lines += [
+        "",
+        "## Evaluation (val split, every film in every variant, through decode + preprocess + this ONNX file)",
+        "",
+        f"Threshold {manifest.threshold:.6g}: {report['threshold_rule']}.",
+        "",
+        "| | accuracy | AUC | recall | unaltered flagged |",
+        "| --- | --- | --- | --- | --- |",
+        f"| pooled ({report['val_films']} films) | {_pct(p['accuracy'])} | {_num(p['auc'])} | {_pct(p['recall'])} | "
+        f"{_pct(p['fpr_unaltered'])} ({p['flagged_unaltered']}/{p['unaltered']}) |",
+        f"| source mean | {_pct(val['source_mean']['accuracy'])} | {_num(val['source_mean']['auc'])} | "
+        f"{_pct(val['source_mean']['recall'])} | {_pct(val['source_mean']['fpr_unaltered'])} |",
+    ]
+    for s, m in val["per_source"].items():
+        lines.append(
+            f"| {s} ({m['films']} films) | {_pct(m['accuracy'])} | {_num(m['auc'])} | {_pct(m['recall'])} | "
+            f"{_pct(m['fpr_unaltered'])} ({m['flagged_unaltered']}/{m['unaltered']}) |"
+        )
+    lines += [
+        "",
+        "Worst source (of those with at least 5 val films): "
+        + "; ".join(
+            f"{k} {v['source']} ({_num(v['value']) if k == 'auc' else _pct(v['value'])})"
+            for k, v in val["worst_source"].items()
+        )
+        + ".",
+        "",
+        "Real films with a known outcome:",
+        "",
+    ]
+    for ch in report["checks"]:
+        lines.append(
+            f"- `{ch['path']}` ({ch['why']}): expected {'flagged' if ch['expected_flagged'] else 'not flagged'}, "
+            f"score {_num(ch.get('score'), 4)}, {'ok' if ch.get('ok') else '**FAILED**'}"
+        )
+    lines += [
+        "",
+        "Full report: [evaluation.md](evaluation.md) (confusion matrix, per-variant figures, mistakes, every real "
+        "DICOM file), machine-readable in evaluation.json.",
+        "",
+        "## Limitations",
+        "",
+        "- Rotated and inverted films are synthetic: no film here is really rotated or inverted. Real ones can "
+        "differ (e.g. a film rotated and then re-windowed by another system).",
+        "- Sources with few val films (openi, radiopaedia-trauma) give coarse per-source numbers; films from "
+        "hospitals not in ../shared/data are the real test of generalisation.",
+        "- The val films are mostly pediatric (kermany); adult sources have 21-89 val films each, so a per-source "
+        "false-positive rate below ~1% cannot be demonstrated for them individually.",
+        "",
+        "Reproduce: `python -m training all --config training/configs/" + f"{manifest.name}.yaml`.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,120 @@
+"""``python -m training``: build the cache, fit, export, evaluate and ship detectors from a YAML config.
+
+python -m training tasks                          # the registered tasks
+python -m training fit --config orientation       # train (resumes from runs/<task>/checkpoint.pt)
+python -m training export --config orientation    # ONNX + parity check -> runs/<task>/model.onnx
+python -m training evaluate --config orientation  # threshold + val report (on the ONNX file)
+python -m training ship --config orientation      # -> models/<task>/ (model, manifest, card, report)
+python -m training all --config orientation       # all of the above
+--set train.steps=100 overrides any key (the value is read as YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+import yaml
+
+from training.config import Config, ConfigError, load_config
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.steps=100")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_fit(config: Config, args: argparse.Namespace) -> None:
+    from training.train import fit
+
+    fit(config, resume=not args.restart)
+
+
+def cmd_export(config: Config, args: argparse.Namespace) -> None:
+    from training.export import export
+
+    print(f"exported {export(config)}")
+
+
+def cmd_evaluate(config: Config, args: argparse.Namespace) -> None:
+    from service.manifest import sha256_file
+    from training.evaluate import evaluate, onnx_runner, write_report
+
+    onnx_path = config.run_path / "model.onnx"
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{onnx_path}: run `python -m training export` first (evaluation runs the ONNX file)")
+    report = evaluate(config, onnx_runner(onnx_path, config.train.threads), {"sha256": sha256_file(onnx_path)})
+    js, md = write_report(report, config.run_path)
+    p = report["val"]["pooled"]
+    print(
+        f"{config.task}: threshold {report['threshold']:.6g}; val accuracy {p['accuracy']:.5f} AUC {p['auc']:.6f} "
+        f"recall {p['recall']:.5f} unaltered flagged {p['flagged_unaltered']}/{p['unaltered']}; "
+        f"worst source {json.dumps(report['val']['worst_source'])}; checks ok: {report['checks_ok']}"
+    )
+    print(f"report: {md} and {js}")
+
+
+def cmd_ship(config: Config, args: argparse.Namespace) -> None:
+    from training.export import ship
+
+    print(f"shipped {ship(config)}")
+
+
+def cmd_all(config: Config, args: argparse.Namespace) -> None:
+    for step in (cmd_fit, cmd_export, cmd_evaluate, cmd_ship):
+        step(config, args)
+
+
+def cmd_cache(config: Config, args: argparse.Namespace) -> None:
+    from training.data import split_train, training_pool
+    from training.tasks import get_task
+
+    task = get_task(config.task)
+    train, _ = split_train(config, task)
+    pool = training_pool(config, task, train)
+    print(f"cache ready: {len(pool.films)} films {pool.sources()}")
+
+
+COMMANDS = {
+    "cache": cmd_cache,
+    "fit": cmd_fit,
+    "export": cmd_export,
+    "evaluate": cmd_evaluate,
+    "ship": cmd_ship,
+    "all": cmd_all,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("tasks", help="list the registered tasks")
+    for name in COMMANDS:
+        p = sub.add_parser(name)
+        p.add_argument("--config", required=True, help="YAML file, or a name under training/configs/")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        if name in ("fit", "all"):
+            p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "tasks":
+        from training.tasks import registered
+
+        for name, task in registered().items():
+            print(f"{name}: {task.kind}, labels {list(task.labels)}, reason {task.reason}")
+        return 0
+    try:
+        config = load_config(args.config, _overrides(args.set))
+        COMMANDS[args.command](config, args)
+    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

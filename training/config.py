@@ -1,0 +1,247 @@
+"""The typed, frozen configuration of one training run, read from YAML (``training/configs/<task>.yaml``).
+
+One file fully describes a detector: which task, how films are preprocessed (the same :class:`PreprocessSpec` the
+gate reads from the manifest), the augmentation, the network, the optimiser schedule and how the threshold is
+calibrated. Errors name the offending key and what is allowed, so a typo fails before a 20-minute run starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.preprocess import PreprocessSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """The YAML does not describe a valid run; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which films, how they are cached and sampled."""
+
+    cache_dir: str = "cache"  # relative to the repository root (git-ignored)
+    cache_long_side: int = 192  # films are cached with their long side reduced to this (never enlarged)
+    source_balance: float = 0.5  # a source's share of samples grows as n**source_balance (1 = as is, 0 = equal)
+    calibration_fraction: float = 0.1  # of train patients held out to choose the threshold (never trained on)
+    max_train_films: int | None = None  # cap (for smoke tests); None = all
+    max_val_films: int | None = None
+    workers: int = 2  # processes that decode films when the cache is built
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Realism augmentations: what real films vary in. Probabilities per sample; ranges symmetric where it fits."""
+
+    p_tilt: float = 0.6
+    tilt_degrees: float = 15.0
+    p_crop: float = 0.6
+    crop_min_side: float = 0.75  # a crop keeps at least this fraction of each side
+    p_aspect: float = 0.5
+    aspect_max: float = 1.35  # stretch one axis by up to this factor
+    p_border: float = 0.25
+    border_max: float = 0.12  # of the side
+    p_collimation: float = 0.2
+    p_text_film: float = 0.4  # markers burned into the film (they turn with it)
+    p_text_overlay: float = 0.3  # text added after the label transform (stays upright, like a viewer overlay)
+    p_gamma: float = 0.6
+    gamma_max: float = 1.8  # gamma in [1/gamma_max, gamma_max]
+    p_window: float = 0.5
+    window_clip_max: float = 0.2  # fraction of the range cut at either end
+    p_contrast: float = 0.3
+    p_noise: float = 0.5
+    noise_max: float = 0.04
+    p_blur: float = 0.2
+    p_pad: float = 0.2  # letterbox-like padding added by other software (black or white)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The small CNN (see :mod:`training.model`)."""
+
+    widths: tuple[int, ...] = (16, 32, 64, 128, 192)
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    seed: int = 0
+    threads: int = 2  # torch CPU threads (the build machine has 2 shared cores)
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    checkpoint_every: int = 250
+    log_every: int = 50
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Check:
+    """A real film whose outcome is known (e.g. a MONOCHROME1 chest film that must not be called inverted)."""
+
+    path: str  # relative to the data root
+    flagged: bool
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    target_fpr: float = 0.001  # unaltered films flagged, on the calibration films
+    min_threshold: float = 0.5
+    parity_films: int = 32  # real val films checked torch vs onnxruntime at export
+    parity_tolerance: float = 1e-3  # max abs difference of logits
+    checks: tuple[Check, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    task: str
+    version: str = "0.1.0"
+    preprocessing: PreprocessSpec = field(default_factory=PreprocessSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    run_dir: str = ""  # default runs/<task>
+    models_dir: str = "models"
+
+    @property
+    def run_path(self) -> Path:
+        return _repo_path(self.run_dir or f"runs/{self.task}")
+
+    @property
+    def cache_path(self) -> Path:
+        return _repo_path(self.data.cache_dir)
+
+    @property
+    def models_path(self) -> Path:
+        return _repo_path(self.models_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["preprocessing"] = self.preprocessing.to_dict()
+        return out
+
+
+def _repo_path(value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if tp is PreprocessSpec:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping with size, resize, normalize")
+        try:
+            return PreprocessSpec.from_dict(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key}: {exc}") from exc
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key(s) {sorted(where + k for k in unknown)}; allowed under {prefix or 'the top level'}: "
+            f"{sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(hints[name], value, key)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"missing required key(s) {sorted(missing)} under {prefix or 'the top level'}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    config = _build(Config, data, "")
+    from training.tasks import get_task  # late import: tasks import heavy modules
+
+    get_task(config.task)  # unknown task names fail here, naming the registered ones
+    return config
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML config; ``overrides`` maps dotted keys (``train.steps``) to values, e.g. from ``--set``."""
+    path = Path(path)
+    if not path.is_file():
+        candidate = REPO_ROOT / "training" / "configs" / f"{path.name.removesuffix('.yaml')}.yaml"
+        if not candidate.is_file():
+            raise ConfigError(f"config file {path} not found (nor {candidate})")
+        path = candidate
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {part} is not a mapping")
+        node[leaf] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,124 @@
+"""Films for a task: the training pool (cached, source-balanced) and the exact serving path for evaluation.
+
+Training reads reduced films from :mod:`training.cache` and builds each input with the gate's own
+:func:`service.preprocess.preprocess`. Evaluation does not use the cache at all: it decodes every film with
+:func:`service.decode.decode_file`, applies the task's variant, and preprocesses, exactly as the gate would see it.
+
+Sampling balances sources: a source with ``n`` films gets a share proportional to ``n ** source_balance``, so the
+4,600 pediatric 224-px ``kermany`` copies do not drown the few hundred adult films of each other hospital.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.datasets import LabelledFilm, labels
+from service.decode import DecodeError, decode_file
+from service.preprocess import PreprocessSpec, preprocess
+from training.cache import FilmCache, build_cache
+from training.config import Config
+from training.tasks import Example, Task, in_holdout
+
+
+@dataclass
+class TrainingPool:
+    films: list[LabelledFilm]
+    cache: FilmCache
+    cache_index: np.ndarray  # film i -> cache row
+    weights: np.ndarray  # sampling probability per film (sums to 1)
+
+    def sources(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(f.source for f in self.films).items()))
+
+
+def _stable_order(films: Sequence[LabelledFilm]) -> list[LabelledFilm]:
+    return sorted(films, key=lambda f: hashlib.sha1(f.rel.encode()).hexdigest())
+
+
+def cap(films: Sequence[LabelledFilm], limit: int | None) -> list[LabelledFilm]:
+    """At most ``limit`` films, taken round-robin over sources in a fixed order (so small caps still mix sources)."""
+    if limit is None or len(films) <= limit:
+        return list(films)
+    by_source: dict[str, list[LabelledFilm]] = collections.defaultdict(list)
+    for f in _stable_order(films):
+        by_source[f.source].append(f)
+    out: list[LabelledFilm] = []
+    queues = [by_source[s] for s in sorted(by_source)]
+    while len(out) < limit:
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
+
+
+def source_weights(films: Sequence[LabelledFilm], balance: float) -> np.ndarray:
+    counts = collections.Counter(f.source for f in films)
+    w = np.array([counts[f.source] ** balance / counts[f.source] for f in films], dtype=np.float64)
+    return w / w.sum()
+
+
+def split_train(config: Config, task: Task) -> tuple[list[LabelledFilm], list[LabelledFilm]]:
+    """The task's train-split films, as (trained on, held out for calibration)."""
+    films = task.films(labels(), "train")
+    frac = config.data.calibration_fraction
+    train = [f for f in films if not in_holdout(f, frac)]
+    calib = [f for f in films if in_holdout(f, frac)]
+    limit = config.data.max_train_films
+    return cap(train, limit), cap(calib, None if limit is None else max(8, limit // 4))
+
+
+def val_films(config: Config, task: Task) -> list[LabelledFilm]:
+    return cap(task.films(labels(), "val"), config.data.max_val_films)
+
+
+def training_pool(config: Config, task: Task, films: Sequence[LabelledFilm], progress: bool = False) -> TrainingPool:
+    cache = build_cache(films, config.data.cache_long_side, config.cache_path, config.data.workers, progress)
+    where = cache.index()
+    kept = [f for f in films if f.rel in where]
+    idx = np.array([where[f.rel] for f in kept], dtype=np.int64)
+    weights = task.sample_weights(kept, source_weights(kept, config.data.source_balance))
+    return TrainingPool(kept, cache, idx, weights)
+
+
+def make_batch(
+    pool: TrainingPool, task: Task, config: Config, rng: np.random.Generator, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of augmented, labelled, preprocessed examples: (B, 1, S, S) float32 and (B,) int64."""
+    spec = config.preprocessing
+    picks = rng.choice(len(pool.films), size=batch_size, p=pool.weights)
+    x = np.empty((batch_size, 1, spec.size, spec.size), dtype=np.float32)
+    y = np.empty(batch_size, dtype=np.int64)
+    for j, i in enumerate(picks):
+        film = pool.films[i]
+        ex = task.train_example(pool.cache.image(int(pool.cache_index[i])), film, rng, config.augment)
+        x[j] = preprocess(ex.pixels, spec)
+        y[j] = ex.label
+    return x, y
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    film: LabelledFilm
+    variant: str
+    label: int
+    input: np.ndarray  # (1, S, S)
+
+
+def eval_items(
+    films: Sequence[LabelledFilm], task: Task, spec: PreprocessSpec
+) -> Iterator[EvalItem | tuple[LabelledFilm, str]]:
+    """Every variant of every film through the serving path; undecodable films are yielded as (film, error)."""
+    for film in films:
+        try:
+            pixels = decode_file(film.path).pixels
+        except DecodeError as exc:
+            yield film, str(exc)
+            continue
+        examples: list[Example] = task.eval_examples(pixels, film)
+        for ex in examples:
+            yield EvalItem(film, ex.variant, ex.label, preprocess(ex.pixels, spec))

@@ -1,0 +1,189 @@
+"""ONNX export with a parity check, and shipping a detector folder (model, manifest, card, evaluation) to models/.
+
+The ONNX file is what the gate runs, so it is checked before it is written: the onnx checker, then torch and
+onnxruntime on real val films in every variant (through decode + preprocess), max absolute difference of the
+logits printed and bounded by ``evaluate.parity_tolerance``. Evaluation then runs on this very file, and
+:func:`ship` refuses a file whose sha256 differs from the one evaluated.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.datasets import labels as all_labels
+from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
+from training.config import Config
+from training.data import eval_items, split_train, val_films
+from training.evaluate import onnx_runner, torch_runner
+from training.tasks import get_task
+from training.train import load_trained
+
+OPSET = 17
+
+
+def export_onnx(model: Any, size: int, path: Path) -> None:
+    import torch
+
+    model.eval()
+    dummy = torch.zeros(1, 1, size, size, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(out),
+            input_names=["image"],
+            output_names=["output"],
+            dynamic_axes={"image": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,  # the TorchScript exporter needs no onnxscript; the graph is plain convs
+        )
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(out)))
+        shutil.copyfile(out, path)
+
+
+def parity(config: Config, model: Any, onnx_path: Path) -> dict[str, Any]:
+    """torch vs onnxruntime on real val films (every variant), batch of several and batch of one."""
+    task = get_task(config.task)
+    films = val_films(config, task)[: config.evaluate.parity_films]
+    items = [i for i in eval_items(films, task, config.preprocessing) if not isinstance(i, tuple)]
+    if not items:
+        raise RuntimeError("parity check: no val film could be decoded")
+    x = np.stack([i.input for i in items])
+    a = torch_runner(model)(x)
+    b = onnx_runner(onnx_path)(x)
+    single = onnx_runner(onnx_path)(x[:1])
+    diff = float(np.abs(a - b).max())
+    diff_single = float(np.abs(a[:1] - single).max())
+    agree = float((a.argmax(1) == b.argmax(1)).mean()) if task.kind == "classifier" else None
+    result = {
+        "films": len(films),
+        "inputs": int(len(x)),
+        "max_abs_diff": max(diff, diff_single),
+        "tolerance": config.evaluate.parity_tolerance,
+        "argmax_agreement": agree,
+    }
+    print(f"parity torch vs onnxruntime on {len(x)} inputs from {len(films)} real val films: "
+          f"max |diff| = {result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g})")  # fmt: skip
+    if not result["max_abs_diff"] <= config.evaluate.parity_tolerance:
+        raise RuntimeError(f"ONNX parity failed: max abs diff {result['max_abs_diff']:.3g} > tolerance")
+    return result
+
+
+def export(config: Config) -> Path:
+    """run_dir/model.pt -> run_dir/model.onnx (checked) and run_dir/parity.json."""
+    model, _ = load_trained(config.run_path)
+    tmp = config.run_path / "model.onnx.tmp"
+    export_onnx(model, config.preprocessing.size, tmp)
+    result = parity(config, model, tmp)
+    final = config.run_path / "model.onnx"
+    os.replace(tmp, final)
+    result["sha256"] = sha256_file(final)
+    (config.run_path / "parity.json").write_text(json.dumps(result, indent=2) + "\n")
+    return final
+
+
+def _training_data(config: Config) -> list[dict[str, Any]]:
+    task = get_task(config.task)
+    train, calib = split_train(config, task)
+    counts = collections.Counter(f.source for f in train)
+    cal_counts = collections.Counter(f.source for f in calib)
+    licences: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for row in all_labels():
+        licences[row.source][row.licence] += 1
+    return [
+        {
+            "source": s,
+            "films": counts[s],
+            "calibration_films": cal_counts.get(s, 0),
+            "licence": licences[s].most_common(1)[0][0] if licences[s] else "",
+        }
+        for s in sorted(set(counts) | set(cal_counts))
+    ]
+
+
+def ship(config: Config) -> Path:
+    """Copy the evaluated ONNX model to models/<task>/ with manifest, model card and evaluation report."""
+    from training.card import model_card
+
+    task = get_task(config.task)
+    run = config.run_path
+    onnx_path = run / "model.onnx"
+    report_path = run / "evaluation.json"
+    if not onnx_path.is_file() or not report_path.is_file():
+        raise FileNotFoundError(f"{run}: needs model.onnx and evaluation.json; run export and evaluate first")
+    report = json.loads(report_path.read_text())
+    digest = sha256_file(onnx_path)
+    if report["model"].get("sha256") != digest:
+        raise RuntimeError("evaluation.json was made with another model.onnx; run evaluate again")
+    parity_result = json.loads((run / "parity.json").read_text())
+    _, blob = load_trained(run)
+    val = report["val"]
+    pooled = val["pooled"]
+    metrics = {
+        "val_films": report["val_films"],
+        "accuracy": pooled["accuracy"],
+        "auc": pooled["auc"],
+        "precision": pooled["precision"],
+        "recall": pooled["recall"],
+        "fpr_unaltered": pooled["fpr_unaltered"],
+        "source_mean": val["source_mean"],
+        "worst_source": val["worst_source"],
+        "per_source": {
+            s: {k: m[k] for k in ("films", "accuracy", "auc", "recall", "fpr_unaltered")}
+            for s, m in val["per_source"].items()
+        },
+        "checks_ok": report["checks_ok"],
+        "evaluation": "evaluation.md",
+    }
+    training_data = _training_data(config)
+    manifest = ModelManifest(
+        name=task.name,
+        version=config.version,
+        file="model.onnx",
+        kind=task.kind,
+        reason=task.reason,
+        threshold=float(report["threshold"]),
+        preprocessing=config.preprocessing,
+        labels=task.labels,
+        positive_labels=task.positive_labels,
+        sha256=digest,
+        description=task.description,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        metrics=metrics,
+        training_data=training_data,
+        extra={
+            "threshold_rule": report["threshold_rule"],
+            "target_fpr": config.evaluate.target_fpr,
+            "architecture": f"FilmNet widths {list(config.model.widths)}",
+            "parameters": blob["parameters"],
+            "train_steps": blob["steps"],
+            "train_seconds": blob["train_seconds"],
+            "train_device": blob["device"],
+            "train_threads": blob["threads"],
+            "parity_max_abs_diff": parity_result["max_abs_diff"],
+            "opset": OPSET,
+            "config": config.to_dict(),
+        },
+    )
+    folder = config.models_path / task.name
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, folder / "model.onnx")
+    shutil.copyfile(report_path, folder / "evaluation.json")
+    shutil.copyfile(run / "evaluation.md", folder / "evaluation.md")
+    write_manifest(folder, manifest)
+    (folder / "MODEL_CARD.md").write_text(model_card(config, manifest, report, blob, parity_result))
+    load_manifest(folder)  # what the gate will do: schema and sha256
+    return folder

@@ -1,0 +1,75 @@
+"""Evaluation numbers like the seed paper (AUC, accuracy, precision, recall) plus the false-positive rate on
+unaltered films, in plain numpy so that the gate's test environment needs nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half); None when a class is absent."""
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate([[0], boundaries])
+    ends = np.concatenate([boundaries, [len(scores)]])
+    for s, e in zip(starts, ends, strict=True):
+        ranks[order[s:e]] = (s + e + 1) / 2.0
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def choose_threshold(negative_scores: np.ndarray, target_fpr: float, floor: float) -> float:
+    """The smallest threshold (>= ``floor``) that flags at most ``target_fpr`` of these unaltered films."""
+    neg = np.sort(np.asarray(negative_scores, dtype=np.float64))[::-1]
+    if len(neg) == 0:
+        return floor
+    allowed = int(np.floor(target_fpr * len(neg)))
+    if allowed >= len(neg):
+        return floor
+    above = neg[allowed]  # the highest score that must not be flagged
+    return float(max(floor, np.nextafter(above, np.inf)))
+
+
+def summarise(
+    labels: np.ndarray,
+    predicted: np.ndarray | None,
+    scores: np.ndarray,
+    positive: np.ndarray,
+    threshold: float,
+    n_classes: int,
+) -> dict[str, Any]:
+    """All the numbers for one group of examples (pooled, or one source)."""
+    flagged = scores >= threshold
+    tp = int((flagged & positive).sum())
+    fp = int((flagged & ~positive).sum())
+    fn = int((~flagged & positive).sum())
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    out: dict[str, Any] = {
+        "examples": int(len(labels)),
+        "auc": roc_auc(positive, scores),
+        "detection_accuracy": float((flagged == positive).mean()) if len(labels) else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / n_pos if n_pos else None,
+        "fpr_unaltered": fp / n_neg if n_neg else None,
+        "flagged_unaltered": fp,
+        "unaltered": n_neg,
+        "missed": fn,
+    }
+    if predicted is not None:
+        out["accuracy"] = float((predicted == labels).mean()) if len(labels) else None
+        cm = np.zeros((n_classes, n_classes), dtype=int)
+        np.add.at(cm, (labels, predicted), 1)
+        out["confusion"] = cm.tolist()
+    else:
+        out["accuracy"] = out["detection_accuracy"]
+    return out

@@ -1,0 +1,260 @@
+"""The task registry: what a detector learns, from which films, and how its labels are made.
+
+A task is everything that differs between detectors; the training loop, evaluation and export are shared. Two
+families exist:
+
+- :class:`SyntheticTask` (self-supervised): labels are made by transforming good films (rotate, invert, mirror).
+  The transform runs on the decoded [0, 1] film *between* the film augmentations (which turn with the film) and the
+  display augmentations (which every class gets alike), so the label is the only thing that tells classes apart.
+  Evaluation shows each val film in every variant; variant 0 is the film as it came (the "unaltered" film).
+- :class:`LabelledTask`: labels come from ``labels.csv`` (kind, pediatric, ...) through ``label_of``; films are
+  augmented but not transformed; evaluation shows each film once, as it came.
+
+Both give ``classifier`` detectors (logits over ``labels``; score = softmax mass of ``positive_labels``, the same rule
+as :meth:`service.manifest.ModelManifest.scores`). A ``score`` detector (one number per film, e.g. an
+out-of-distribution distance) subclasses :class:`Task` with ``kind = "score"``, ``num_outputs = 1`` and its own
+:meth:`Task.loss`. Register a new task with :func:`register`; the YAML config names it by ``task:``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.datasets import LabelledFilm
+from training.augment import display_augment, film_augment
+from training.config import AugmentConfig
+
+
+@dataclass(frozen=True)
+class Example:
+    """One model input before preprocessing: pixels in [0, 1], the class index and what variant it is."""
+
+    variant: str
+    pixels: np.ndarray
+    label: int
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    labels: tuple[str, ...]
+    positive_labels: tuple[str, ...]
+    reason: str
+    description: str
+    film_kinds: tuple[str, ...] = ("frontal-chest",)
+    film_filter: Callable[[LabelledFilm], bool] | None = None
+    kind: str = "classifier"
+
+    # ------------------------------------------------------------------ which films
+    def films(self, rows: Sequence[LabelledFilm], split: str) -> list[LabelledFilm]:
+        """The films of ``split`` this task trains or evaluates on."""
+        return [
+            r
+            for r in rows
+            if r.split == split
+            and r.kind in self.film_kinds
+            and (self.film_filter is None or self.film_filter(r))
+            and self.label_of(r) is not None
+        ]
+
+    def label_of(self, film: LabelledFilm) -> int | None:
+        """The film's own class (None = not usable); synthetic tasks use every film."""
+        return 0
+
+    def sample_weights(self, films: Sequence[LabelledFilm], weights: np.ndarray) -> np.ndarray:
+        """Hook: reweight the source-balanced sampling probabilities (per film, summing to 1).
+
+        By default, a task with a ``class_share()`` method (``{label: share}``) gets each label's films that share of
+        the samples, source balance kept within a label; override for anything else.
+        """
+        share_fn = getattr(self, "class_share", None)
+        if share_fn is None:
+            return weights
+        share = dict(share_fn())
+        names = np.array([self.labels[self.label_of(f)] for f in films], dtype=object)
+        present = {n: v for n, v in share.items() if (names == n).any()}
+        total = sum(present.values())
+        out = np.zeros(len(films), dtype=np.float64)
+        for n, v in present.items():
+            m = names == n
+            out[m] = weights[m] / weights[m].sum() * (v / total)
+        return out / out.sum() if out.sum() > 0 else weights
+
+    # ------------------------------------------------------------------ examples
+    def train_example(
+        self, pixels: np.ndarray, film: LabelledFilm, rng: np.random.Generator, aug: AugmentConfig
+    ) -> Example:
+        raise NotImplementedError
+
+    def eval_examples(self, pixels: np.ndarray, film: LabelledFilm) -> list[Example]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ model head and scoring
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels) if self.kind == "classifier" else 1
+
+    @property
+    def positive_index(self) -> list[int]:
+        return [self.labels.index(p) for p in self.positive_labels]
+
+    def is_positive(self, label: int) -> bool:
+        return self.labels[label] in self.positive_labels
+
+    def loss(self, outputs: Any, labels: Any) -> Any:
+        """Training loss on a batch (torch tensors); cross-entropy for classifiers."""
+        import torch.nn.functional as F  # noqa: N812
+
+        return F.cross_entropy(outputs, labels)
+
+    def scores(self, outputs: np.ndarray) -> np.ndarray:
+        """Raw outputs -> the score thresholds compare with (same rule as the gate's manifest)."""
+        outputs = np.asarray(outputs, dtype=np.float64)
+        if self.kind == "score":
+            return outputs.reshape(len(outputs), -1)[:, 0]
+        z = outputs - outputs.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        return p[:, self.positive_index].sum(axis=1)
+
+
+@dataclass(frozen=True)
+class SyntheticTask(Task):
+    """Labels made by transforming good films; ``transforms[i]`` makes class ``labels[i]`` (index 0: identity)."""
+
+    transforms: tuple[Callable[[np.ndarray], np.ndarray], ...] = ()
+
+    def train_example(
+        self, pixels: np.ndarray, film: LabelledFilm, rng: np.random.Generator, aug: AugmentConfig
+    ) -> Example:
+        label = int(rng.integers(len(self.labels)))
+        img = film_augment(pixels, rng, aug)
+        img = np.ascontiguousarray(self.transforms[label](img))
+        img = display_augment(img, rng, aug)
+        return Example(self.labels[label], img, label)
+
+    def eval_examples(self, pixels: np.ndarray, film: LabelledFilm) -> list[Example]:
+        return [
+            Example(name, np.ascontiguousarray(fn(pixels)), i)
+            for i, (name, fn) in enumerate(zip(self.labels, self.transforms, strict=True))
+        ]
+
+
+@dataclass(frozen=True)
+class LabelledTask(Task):
+    """Labels read from the film's row by ``label_fn`` (returns a label name, or None to leave the film out)."""
+
+    label_fn: Callable[[LabelledFilm], str | None] = field(default=lambda film: None)
+
+    def label_of(self, film: LabelledFilm) -> int | None:
+        name = self.label_fn(film)
+        return None if name is None else self.labels.index(name)
+
+    def train_example(
+        self, pixels: np.ndarray, film: LabelledFilm, rng: np.random.Generator, aug: AugmentConfig
+    ) -> Example:
+        label = self.label_of(film)
+        assert label is not None
+        img = display_augment(film_augment(pixels, rng, aug), rng, aug)
+        return Example(self.labels[label], img, label)
+
+    def eval_examples(self, pixels: np.ndarray, film: LabelledFilm) -> list[Example]:
+        label = self.label_of(film)
+        assert label is not None
+        return [Example("as-is", pixels, label)]
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    if task.kind not in ("classifier", "score"):
+        raise ValueError(f"task {task.name}: kind must be classifier or score")
+    if task.kind == "classifier" and not set(task.positive_labels) <= set(task.labels):
+        raise ValueError(f"task {task.name}: positive_labels must be among labels")
+    TASKS[task.name] = task
+    return task
+
+
+def _load_plugins() -> None:
+    """Import ``training.detectors`` (the issue-4 detectors register themselves there) when it exists."""
+    try:
+        importlib.import_module("training.detectors")
+    except ModuleNotFoundError as exc:
+        if exc.name != "training.detectors":
+            raise
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        _load_plugins()
+    if name not in TASKS:
+        from training.config import ConfigError
+
+        raise ConfigError(f"task: unknown task {name!r}; registered: {sorted(TASKS)} (see training/tasks.py)")
+    return TASKS[name]
+
+
+def in_holdout(film: LabelledFilm, fraction: float, salt: str = "calibration") -> bool:
+    """Deterministic patient-grouped holdout of the train split (for threshold calibration, never trained on)."""
+    key = film.patient or film.rel
+    h = int.from_bytes(hashlib.sha1(f"{salt}:{film.source}:{key}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def _rot(k: int) -> Callable[[np.ndarray], np.ndarray]:
+    def fn(img: np.ndarray) -> np.ndarray:
+        return np.rot90(img, k) if k else img
+
+    fn.__name__ = f"rot{90 * k}"
+    return fn
+
+
+def _invert(img: np.ndarray) -> np.ndarray:
+    return 1.0 - img
+
+
+def _identity(img: np.ndarray) -> np.ndarray:
+    return img
+
+
+register(
+    SyntheticTask(
+        name="orientation",
+        labels=("upright", "rot90", "rot180", "rot270"),
+        positive_labels=("rot90", "rot180", "rot270"),
+        reason="rotated",
+        description=(
+            "Is the frontal chest film displayed upright? rotN = the upright film turned N degrees counter-clockwise "
+            "(numpy.rot90(k=N/90)); turn it back N degrees clockwise to correct it."
+        ),
+        transforms=(_identity, _rot(1), _rot(2), _rot(3)),
+    )
+)
+
+register(
+    SyntheticTask(
+        name="inversion",
+        labels=("normal", "inverted"),
+        positive_labels=("inverted",),
+        reason="inverted",
+        description=(
+            "Is the film displayed with inverted grey levels (bone and mediastinum dark, lungs bright), e.g. a "
+            "MONOCHROME1/MONOCHROME2 header that does not match the pixels?"
+        ),
+        transforms=(_identity, _invert),
+    )
+)
+
+
+def registered() -> Mapping[str, Task]:
+    _load_plugins()
+    return dict(TASKS)
