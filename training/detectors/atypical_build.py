@@ -1,0 +1,367 @@
+"""Build, calibrate, evaluate and ship the ``atypical`` score detector from a trained ``view`` run.
+
+``python -m training atypical [--config atypical]`` (or :func:`run`):
+
+1. load ``runs/view/model.pt`` (the backbone; train ``view`` first);
+2. embed the train split's frontal chest films that were not held out (decoded and preprocessed exactly as the gate
+   does, ``unit`` input) and fit a source-balanced Gaussian (:func:`training.detectors.atypical.fit_gaussian`);
+3. threshold = the source-balanced quantile of the held-out train frontal films that flags ``evaluate.target_fpr`` of
+   them (val never chooses it);
+4. export to ONNX (opset 17, dynamic batch), check torch vs onnxruntime on real val films;
+5. evaluate on the whole val split with that very ONNX file: frontal films flagged per source, other kinds caught,
+   synthetic wrong films (:mod:`training.detectors.corrupt`) caught, the real DICOM files, the most atypical val
+   films; write ``evaluation.{json,md}`` and ship ``models/atypical/`` (manifest, model, card, evaluation).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.datasets import LabelledFilm, labels, select
+from service.decode import DecodeError, decode_file
+from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
+from service.preprocess import PreprocessSpec, preprocess
+from training.config import Config, load_config
+from training.detectors.atypical import Atypicality, fit_gaussian
+from training.detectors.corrupt import CORRUPTIONS
+from training.evaluate import onnx_runner, write_report
+from training.export import OPSET, export_onnx
+from training.tasks import get_task, in_holdout
+from training.train import load_trained
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def inputs(films: Sequence[LabelledFilm], spec: PreprocessSpec, transform: Transform | None = None) -> np.ndarray:
+    """Films through the serving path (decode -> optional transform -> preprocess), (N, 1, S, S)."""
+    out = []
+    for film in films:
+        try:
+            px = decode_file(film.path).pixels
+        except DecodeError:
+            continue
+        out.append(preprocess(transform(px) if transform else px, spec))
+    return np.stack(out) if out else np.zeros((0, 1, spec.size, spec.size), np.float32)
+
+
+def _embed(net: Atypicality, x: np.ndarray, batch: int = 128) -> np.ndarray:
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            outs.append(net.embed(torch.from_numpy(x[i : i + batch])).numpy())
+    return np.concatenate(outs)
+
+
+def source_weights(films: Sequence[LabelledFilm], balance: float) -> np.ndarray:
+    counts = collections.Counter(f.source for f in films)
+    w = np.array([counts[f.source] ** balance / counts[f.source] for f in films], dtype=np.float64)
+    return w / w.sum()
+
+
+def weighted_gaussian(emb: np.ndarray, weights: np.ndarray, shrink: float = 0.1) -> tuple[np.ndarray, ...]:
+    """:func:`fit_gaussian` with per-film weights (by resampling rows in proportion: simple and exact enough)."""
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(emb), size=max(4 * len(emb), 20000), p=weights)
+    return fit_gaussian(emb[idx], shrink)
+
+
+def weighted_quantile_threshold(scores: np.ndarray, weights: np.ndarray, target: float) -> float:
+    """Smallest threshold whose weighted share of ``scores`` at or above it is at most ``target``."""
+    order = np.argsort(scores)[::-1]
+    s, w = scores[order], weights[order] / weights.sum()
+    above = np.cumsum(w)
+    k = int(np.searchsorted(above, target, side="right"))  # the k highest may be flagged
+    if k >= len(s):
+        return float(s[-1])
+    return float(np.nextafter(s[k], np.inf))
+
+
+def build(config: Config) -> dict[str, Any]:
+    torch.set_num_threads(config.train.threads)
+    task = get_task(config.task)
+    backbone_cfg = load_config(getattr(task, "backbone_task", "view"))
+    view, blob = load_trained(backbone_cfg.run_path)
+    run = config.run_path
+    run.mkdir(parents=True, exist_ok=True)
+    spec = config.preprocessing
+    frac = config.data.calibration_fraction
+    films = task.films(labels(), "train")
+    fit_films = [f for f in films if not in_holdout(f, frac)]
+    cal_films = [f for f in films if in_holdout(f, frac)]
+    if backbone_cfg.data.calibration_fraction != frac:
+        raise ValueError("data.calibration_fraction must equal the view run's, so calibration films were never seen")
+    t0 = time.perf_counter()
+    probe = Atypicality(view, np.zeros(1), np.ones(1), np.eye(1))
+    emb = _embed(probe, inputs(fit_films, spec))
+    mean, scale, whiten = weighted_gaussian(emb, source_weights(fit_films, config.data.source_balance))
+    net = Atypicality(view, mean, scale, whiten).eval()
+    with torch.inference_mode():
+        cal_scores = net(torch.from_numpy(inputs(cal_films, spec))).numpy()[:, 0]
+    cal_w = source_weights(cal_films, config.data.source_balance)
+    threshold = weighted_quantile_threshold(cal_scores, cal_w, config.evaluate.target_fpr)
+    onnx_tmp = run / "model.onnx.tmp"
+    export_onnx(net, spec.size, onnx_tmp)
+    # parity: torch vs onnxruntime, and the rebuilt z-score input vs the gate's own z-score preprocessing
+    val_frontal = [f for f in task.films(labels(), "val")][::40][: config.evaluate.parity_films]
+    x = inputs(val_frontal, spec)
+    with torch.inference_mode():
+        a = net(torch.from_numpy(x)).numpy()
+    b = onnx_runner(onnx_tmp)(x)
+    diff = float(np.abs(a - b).max())
+    z_spec = PreprocessSpec(spec.size, spec.resize, "zscore")
+    xz = inputs(val_frontal, z_spec)
+    with torch.inference_mode():
+        ref = view.embed(torch.from_numpy(xz)).numpy()
+        mine = net.embed(torch.from_numpy(x)).numpy()[:, 128 : 128 + ref.shape[1]]
+    zdiff = float(np.abs(ref - mine).max() / (np.abs(ref).max() + 1e-9))
+    print(f"parity torch vs onnxruntime on {len(x)} real val films: max |diff| = {diff:.3g}; "
+          f"rebuilt z-score vs gate z-score, relative max |diff| of features = {zdiff:.3g}")  # fmt: skip
+    if diff > config.evaluate.parity_tolerance * max(1.0, float(np.abs(a).max())):
+        raise RuntimeError(f"ONNX parity failed: {diff:.3g}")
+    os.replace(onnx_tmp, run / "model.onnx")
+    info = {
+        "threshold": threshold,
+        "threshold_rule": (
+            f"source-balanced {1 - config.evaluate.target_fpr:.1%} quantile of {len(cal_films)} held-out train "
+            "frontal films (never trained on by view, never used to fit the Gaussian)"
+        ),
+        "calibration_flagged": float((cal_scores >= threshold).mean()),
+        "fit_films": dict(sorted(collections.Counter(f.source for f in fit_films).items())),
+        "calibration_films": dict(sorted(collections.Counter(f.source for f in cal_films).items())),
+        "embedding_dims": int(emb.shape[1]),
+        "parity_max_abs_diff": diff,
+        "zscore_rebuild_rel_diff": zdiff,
+        "backbone": {"run": str(backbone_cfg.run_path), "task": blob["task"], "parameters": blob["parameters"]},
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "sha256": sha256_file(run / "model.onnx"),
+    }
+    (run / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None) -> dict[str, Any]:
+    """The whole val split through the exported ONNX file."""
+    run = config.run_path
+    score = onnx_runner(run / "model.onnx")
+    spec = config.preprocessing
+    threshold = info["threshold"]
+    val = [f for f in labels() if f.split == "val"]
+    by_kind: dict[str, Any] = {}
+    frontal_per_source: dict[str, Any] = {}
+    ranked: list[tuple[float, str, str, str]] = []
+    for kind in ("frontal-chest", "lateral-chest", "other-radiograph", "not-radiograph"):
+        films = [f for f in val if f.kind == kind]
+        x = inputs(films, spec)
+        s = score(x)[:, 0] if len(x) else np.zeros(0)
+        by_kind[kind] = {
+            "films": len(s),
+            "flagged": int((s >= threshold).sum()),
+            "rate": float((s >= threshold).mean()),
+        }
+        if kind == "frontal-chest":
+            for src in sorted({f.source for f in films}):
+                m = np.array([f.source == src for f in films])
+                frontal_per_source[src] = {
+                    "films": int(m.sum()),
+                    "flagged": int((s[m] >= threshold).sum()),
+                    "rate": float((s[m] >= threshold).mean()),
+                    "median_score": float(np.median(s[m])),
+                }
+        ranked += [(float(v), f.rel, f.source, kind) for v, f in zip(s, films, strict=True)]
+    ranked.sort(reverse=True)
+    # synthetic wrong films, made from val adult frontal films (every 3rd, for time)
+    adults = [f for f in val if f.kind == "frontal-chest" and f.pediatric != "yes"][::3]
+    synthetic = {}
+    for name, fn in CORRUPTIONS.items():
+        s = score(inputs(adults, spec, fn))[:, 0]
+        synthetic[name] = {
+            "films": len(s),
+            "caught": int((s >= threshold).sum()),
+            "rate": float((s >= threshold).mean()),
+        }
+    dicom = []
+    for film in select(kind="dicom"):
+        try:
+            x = preprocess(decode_file(film.path).pixels, spec)[None]
+        except DecodeError as exc:
+            dicom.append({"path": film.rel, "error": str(exc)[:100]})
+            continue
+        v = float(score(x)[0, 0])
+        dicom.append({"path": film.rel, "body_part": film.body_part, "score": round(v, 4), "flagged": v >= threshold})
+    frontal_top = [r for r in ranked if r[3] == "frontal-chest"][:15]
+    report = {
+        "detector": "atypical",
+        "version": config.version,
+        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "threshold": threshold,
+        "threshold_rule": info["threshold_rule"],
+        "val": {"by_kind": by_kind, "frontal_per_source": frontal_per_source},
+        "synthetic": synthetic,
+        "dicom": dicom,
+        "most_atypical_frontal": [{"film": r[1], "source": r[2], "score": round(r[0], 4)} for r in frontal_top],
+        "model": {"sha256": sha256_file(run / "model.onnx")},
+        "build": info,
+    }
+    if sheet_dir is not None:
+        _contact_sheets(sheet_dir, spec, adults[:6], [r[1] for r in frontal_top[:12]])
+    return report
+
+
+def _contact_sheets(folder: Path, spec: PreprocessSpec, adults: Sequence[LabelledFilm], top: Sequence[str]) -> None:
+    """Images for people (git-ignored run folder): synthetic examples and the most atypical val frontal films."""
+    import cv2
+
+    from service.datasets import data_root
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for film in adults:
+        px = decode_file(film.path).pixels
+        tiles = [preprocess(px, PreprocessSpec(96, spec.resize, "unit"))[0]]
+        tiles += [preprocess(fn(px), PreprocessSpec(96, spec.resize, "unit"))[0] for fn in CORRUPTIONS.values()]
+        rows.append(np.hstack(tiles))
+    cv2.imwrite(str(folder / "atypical-synthetic.png"), (np.vstack(rows) * 255).astype(np.uint8))
+    tiles = [
+        preprocess(decode_file(data_root() / rel).pixels, PreprocessSpec(96, spec.resize, "unit"))[0] for rel in top
+    ]
+    if tiles:
+        cv2.imwrite(str(folder / "atypical-top-val-frontal.png"), (np.hstack(tiles) * 255).astype(np.uint8))
+
+
+def report_markdown(r: dict[str, Any]) -> str:
+    pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+    lines = [
+        f"# Evaluation: `atypical` {r['version']}",
+        "",
+        f"Created {r['created']}. Threshold **{r['threshold']:.4f}** ({r['threshold_rule']}).",
+        "Score: Mahalanobis distance per dimension of (view features at two depths + 5 display statistics) to the "
+        "train frontal chest films. Every number below is from the exported ONNX file on val films.",
+        "",
+        "## Val films flagged, by kind",
+        "",
+        "| kind | films | flagged | rate |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k, m in r["val"]["by_kind"].items():
+        lines.append(f"| {k} | {m['films']} | {m['flagged']} | {pct(m['rate'])} |")
+    lines += [
+        "",
+        "## Val frontal chest films flagged, per source",
+        "",
+        "| source | films | flagged | rate | median score |",
+    ]
+    lines.append("| --- | --- | --- | --- | --- |")
+    for s, m in r["val"]["frontal_per_source"].items():
+        lines.append(f"| {s} | {m['films']} | {m['flagged']} | {pct(m['rate'])} | {m['median_score']:.3f} |")
+    lines += [
+        "",
+        "## What it catches: synthetic wrong films made from val adult frontal films",
+        "",
+        "(see `training/detectors/corrupt.py`; contact sheet in the run folder, not committed)",
+        "",
+        "| made | films | caught | rate |",
+        "| --- | --- | --- | --- |",
+    ]
+    for k, m in r["synthetic"].items():
+        lines.append(f"| {k} | {m['films']} | {m['caught']} | {pct(m['rate'])} |")
+    lines += ["", "## Real DICOM files", "", "| file | body part | score | flagged |", "| --- | --- | --- | --- |"]
+    for d in r["dicom"]:
+        lines.append(
+            f"| {d['path']} | {d.get('body_part', '')} | {d.get('score', d.get('error'))} | {d.get('flagged')} |"
+        )
+    lines += [
+        "",
+        "## The most atypical val frontal chest films",
+        "",
+        "| film | source | score |",
+        "| --- | --- | --- |",
+    ]
+    for m in r["most_atypical_frontal"]:
+        lines.append(f"| {m['film']} | {m['source']} | {m['score']:.3f} |")
+    b = r["build"]
+    lines += [
+        "",
+        "## Build",
+        "",
+        f"Fitted on {sum(b['fit_films'].values())} train frontal films {b['fit_films']}; calibrated on "
+        f"{sum(b['calibration_films'].values())} held-out train frontal films (flagged there: "
+        f"{pct(b['calibration_flagged'])}). Embedding {b['embedding_dims']} dimensions. ONNX parity max |diff| "
+        f"{b['parity_max_abs_diff']:.3g}; rebuilt z-score vs the gate's z-score (relative feature diff) "
+        f"{b['zscore_rebuild_rel_diff']:.3g}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def ship(config: Config, report: dict[str, Any]) -> Path:
+    task = get_task(config.task)
+    run = config.run_path
+    folder = config.models_path / task.name
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = sha256_file(run / "model.onnx")
+    if report["model"]["sha256"] != digest:
+        raise RuntimeError("the evaluation was made with another model.onnx")
+    info = report["build"]
+    backbone_sources = json.loads((Path(info["backbone"]["run"]) / "config.json").read_text())
+    licences: dict[str, str] = {}
+    for row in labels():
+        licences.setdefault(row.source, row.licence)
+    training_data = [
+        {"source": s, "films": n, "calibration_films": info["calibration_films"].get(s, 0), "licence": licences[s]}
+        for s, n in info["fit_films"].items()
+    ]
+    manifest = ModelManifest(
+        name=task.name,
+        version=config.version,
+        file="model.onnx",
+        kind="score",
+        reason=task.reason,
+        threshold=float(report["threshold"]),
+        preprocessing=config.preprocessing,
+        sha256=digest,
+        description=task.description,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        metrics={
+            "val_frontal_flagged": report["val"]["by_kind"]["frontal-chest"]["rate"],
+            "val_by_kind": {k: v["rate"] for k, v in report["val"]["by_kind"].items()},
+            "val_frontal_per_source": {k: v["rate"] for k, v in report["val"]["frontal_per_source"].items()},
+            "synthetic_caught": {k: v["rate"] for k, v in report["synthetic"].items()},
+            "evaluation": "evaluation.md",
+        },
+        training_data=training_data,
+        extra={
+            "threshold_rule": report["threshold_rule"],
+            "target_fpr": config.evaluate.target_fpr,
+            "backbone": "view " + str(backbone_sources.get("version", "")),
+            "parity_max_abs_diff": info["parity_max_abs_diff"],
+            "opset": OPSET,
+            "config": config.to_dict(),
+        },
+    )
+    shutil.copyfile(run / "model.onnx", folder / "model.onnx")
+    write_report(report, folder)  # evaluation.json (generic writer) ...
+    (folder / "evaluation.md").write_text(report_markdown(report))  # ... and this detector's own Markdown
+    write_manifest(folder, manifest)
+    from training.detectors.cards import atypical_card
+
+    (folder / "MODEL_CARD.md").write_text(atypical_card(config, manifest, report))
+    load_manifest(folder)
+    return folder
+
+
+def run(config: Config) -> Path:
+    info = build(config)
+    report = evaluate(config, info, sheet_dir=config.run_path / "sheets")
+    write_report(report, config.run_path)
+    (config.run_path / "evaluation.md").write_text(report_markdown(report))
+    return ship(config, report)

@@ -1,0 +1,75 @@
+"""``pediatric``: is the film of a child (< 18 years)? The image model behind the gate's metadata age rule.
+
+Labels come from ``labels.csv`` (``pediatric`` yes/no; ``hannover`` is an adult collection without ages). Almost all
+children's chest films come from one hospital (Guangzhou, ``kermany`` and ``kermany-fullres``), and ``kermany`` is a
+224 px square copy, so a model could learn the hospital or the resolution. Guards:
+
+- every film is preprocessed the same way (the manifest's spec, as in the gate);
+- :func:`training.detectors.degrade.low_resolution_copy` turns films of *both* classes into 160-256 px JPEG copies,
+  so that resolution carries no label;
+- the ``spine`` collection has children *and* adults from one source, so "which hospital" cannot explain it;
+- evaluation is per source, plus adult val films reduced to a 224 px square copy (must stay adult).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.datasets import LabelledFilm
+from training.augment import display_augment, film_augment
+from training.config import AugmentConfig
+from training.detectors.degrade import low_resolution_copy
+from training.tasks import Example, LabelledTask, register
+
+ADULT_SOURCES = ("hannover",)  # adult collections whose rows carry no age
+CLASS_SHARE = {"adult": 0.5, "child": 0.5}
+
+
+def _age_class(film: LabelledFilm) -> str | None:
+    if film.pediatric == "yes":
+        return "child"
+    if film.pediatric == "no" or film.source in ADULT_SOURCES:
+        return "adult"
+    return None
+
+
+@dataclass(frozen=True)
+class PediatricTask(LabelledTask):
+    p_mirror: float = 0.5
+    p_low_res: float = 0.35
+
+    def class_share(self) -> dict[str, float]:
+        return dict(CLASS_SHARE)
+
+    def train_example(
+        self, pixels: np.ndarray, film: LabelledFilm, rng: np.random.Generator, aug: AugmentConfig
+    ) -> Example:
+        label = self.label_of(film)
+        assert label is not None
+        img = pixels
+        if rng.random() < self.p_mirror:
+            img = np.ascontiguousarray(img[:, ::-1])
+        if rng.random() < self.p_low_res:
+            img = low_resolution_copy(img, rng)
+        img = display_augment(film_augment(img, rng, aug), rng, aug)
+        return Example(self.labels[label], img, label)
+
+
+TASK = register(
+    PediatricTask(
+        name="pediatric",
+        labels=("adult", "child"),
+        positive_labels=("child",),
+        reason="pediatric",
+        description=(
+            "Is the film of a child (under 18)? Used by the gate for films whose age is missing or implausible; the "
+            "metadata rule (PatientAge, or birth and study dates) stays the first line."
+        ),
+        film_kinds=("frontal-chest", "other-radiograph"),
+        # other-radiograph only for the spine collection: children and adults from one source (anti-shortcut)
+        film_filter=lambda f: f.kind == "frontal-chest" or f.source == "spine",
+        label_fn=_age_class,
+    )
+)
