@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ def export_onnx(model: Any, size: int, path: Path) -> None:
 
     model.eval()
     dummy = torch.zeros(1, 1, size, size, dtype=torch.float32)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is deprecated, still correct
         out = Path(tmp) / "model.onnx"
         torch.onnx.export(
             model,

@@ -1,0 +1,162 @@
+"""The training package on real films: a tiny fit exports, passes parity, loads in onnxruntime and ships a folder the
+gate can load; runs are reproducible; configs fail loudly; metrics and label transforms are right."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from service.datasets import select
+from service.decode import decode_file
+from service.manifest import load_manifest
+from service.preprocess import preprocess
+from training.config import AugmentConfig, ConfigError, config_from_dict, load_config
+from training.evaluate import evaluate, onnx_runner, write_report
+from training.export import export, ship
+from training.metrics import choose_threshold, roc_auc
+from training.tasks import get_task
+from training.train import fit, load_trained
+
+
+def tiny_config(tmp_path, task="orientation", seed=0, run="run"):
+    return config_from_dict(
+        {
+            "task": task,
+            "preprocessing": {"size": 64, "resize": "letterbox", "normalize": "zscore"},
+            "data": {"cache_dir": str(tmp_path / "cache"), "max_train_films": 12, "max_val_films": 3, "workers": 1},
+            "model": {"widths": [8, 16, 32], "dropout": 0.0},
+            "train": {
+                "steps": 4,
+                "batch_size": 8,
+                "warmup_steps": 1,
+                "checkpoint_every": 2,
+                "progress": False,
+                "seed": seed,
+            },  # fmt: skip
+            "evaluate": {
+                "parity_films": 3,
+                "checks": [{"path": "dicom/pydicom__RG1_J2KI.dcm", "flagged": False, "why": "MONOCHROME1 chest"}],
+            },
+            "run_dir": str(tmp_path / run),
+            "models_dir": str(tmp_path / "models"),
+        }
+    )
+
+
+def test_tiny_fit_exports_loads_in_onnxruntime_and_ships(tmp_path, data_dir):
+    config = tiny_config(tmp_path)
+    fit(config)
+    onnx_path = export(config)
+    parity = json.loads((config.run_path / "parity.json").read_text())
+    assert parity["inputs"] == 12  # 3 real val films x 4 variants
+    assert parity["max_abs_diff"] <= 1e-3
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["output"]
+    for n in (1, 5):  # dynamic batch
+        out = session.run(["output"], {"image": np.zeros((n, 1, 64, 64), np.float32)})[0]
+        assert out.shape == (n, 4)
+
+    from service.manifest import sha256_file
+
+    report = evaluate(config, onnx_runner(onnx_path), {"sha256": sha256_file(onnx_path)})
+    assert report["val_films"] == 3
+    assert set(report["val"]["per_source"]) <= {f.source for f in select(split="val", kind="frontal-chest")}
+    assert 0.5 <= report["threshold"] <= 1.0
+    write_report(report, config.run_path)
+    folder = ship(config)
+    manifest = load_manifest(folder)  # the gate's loader: schema + sha256
+    assert manifest.name == "orientation" and manifest.reason == "rotated"
+    assert manifest.labels == ("upright", "rot90", "rot180", "rot270")
+    assert manifest.preprocessing.size == 64
+    assert manifest.threshold == report["threshold"]
+    assert {d["source"] for d in manifest.training_data} and all(d["licence"] for d in manifest.training_data)
+    assert (folder / "MODEL_CARD.md").read_text().startswith("# Model card: `orientation`")
+    assert (folder / "evaluation.md").is_file() and (folder / "evaluation.json").is_file()
+
+
+def test_export_parity_on_real_films_batch_and_single(tmp_path, data_dir):
+    """torch and onnxruntime agree on real decoded films, one at a time and batched."""
+    config = tiny_config(tmp_path, task="inversion")
+    fit(config)
+    onnx_path = export(config)
+    model, _ = load_trained(config.run_path)
+    films = select(split="val", kind="frontal-chest")[::97][:6]
+    x = np.stack([preprocess(decode_file(f.path).pixels, config.preprocessing) for f in films])
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    batched = session.run(["output"], {"image": x})[0]
+    single = np.concatenate([session.run(["output"], {"image": x[i : i + 1]})[0] for i in range(len(x))])
+    assert np.abs(batched - expected).max() < 1e-4
+    assert np.abs(single - expected).max() < 1e-4
+
+
+def test_fit_is_reproducible(tmp_path, data_dir):
+    a, b = fit(tiny_config(tmp_path, run="a")), fit(tiny_config(tmp_path, run="b"))
+    sa, sb = torch.load(a, weights_only=False)["state_dict"], torch.load(b, weights_only=False)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = fit(tiny_config(tmp_path, run="c", seed=1))
+    sc = torch.load(c, weights_only=False)["state_dict"]
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        config_from_dict({"task": "orientation", "train": {"stepz": 3}})
+    with pytest.raises(ConfigError, match=r"train\.steps must be an integer"):
+        config_from_dict({"task": "orientation", "train": {"steps": "many"}})
+    with pytest.raises(ConfigError, match="registered"):
+        config_from_dict({"task": "no-such-task"})
+    with pytest.raises(ConfigError, match="preprocessing"):
+        config_from_dict({"task": "orientation", "preprocessing": {"size": 128, "resize": "crop"}})
+    for name in ("orientation", "inversion"):
+        assert load_config(name).task == name  # the shipped configs parse
+
+
+def test_auc_and_threshold():
+    rng = np.random.default_rng(0)
+    pos = rng.random(40) > 0.5
+    scores = np.round(rng.random(40), 1)  # ties
+    pairs = [(s1, s0) for s1, p1 in zip(scores, pos) for s0, p0 in zip(scores, pos) if p1 and not p0]
+    brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs])
+    assert roc_auc(pos, scores) == pytest.approx(brute)
+    neg = np.array([0.1, 0.2, 0.9, 0.95])
+    assert choose_threshold(neg, 0.0, 0.5) > 0.95  # nothing may be flagged
+    assert 0.9 < choose_threshold(neg, 0.25, 0.5) <= 0.95  # one of four may be flagged
+    assert choose_threshold(np.array([0.1, 0.2]), 0.0, 0.5) == 0.5  # never below the floor
+
+
+def test_synthetic_labels_are_the_transform_and_nothing_else():
+    """With augmentation off, a training example is exactly the label's transform of the film."""
+    img = np.linspace(0, 1, 30 * 20, dtype=np.float32).reshape(30, 20)
+    off = AugmentConfig(**{f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
+    orientation, inversion = get_task("orientation"), get_task("inversion")
+    for seed in range(8):
+        ex = orientation.train_example(img, None, np.random.default_rng(seed), off)
+        assert np.array_equal(ex.pixels, np.rot90(img, ex.label))
+        ex = inversion.train_example(img, None, np.random.default_rng(seed), off)
+        assert np.allclose(ex.pixels, 1.0 - img if ex.label else img)
+    variants = orientation.eval_examples(img, None)
+    assert [v.variant for v in variants] == ["upright", "rot90", "rot180", "rot270"]
+    assert [v.pixels.shape for v in variants] == [(30, 20), (20, 30), (30, 20), (20, 30)]
+    seen = {orientation.train_example(img, None, np.random.default_rng(s), off).label for s in range(40)}
+    assert seen == {0, 1, 2, 3}
+
+
+def test_augmentations_keep_films_valid():
+    from training.augment import display_augment, film_augment
+
+    img = decode_file(select(split="train", kind="frontal-chest", source="hannover")[0].path).pixels
+    always = AugmentConfig(**{f: 1.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
+    for seed, cfg in itertools.product(range(5), (always, AugmentConfig())):
+        rng = np.random.default_rng(seed)
+        out = display_augment(film_augment(img, rng, cfg), rng, cfg)
+        assert out.dtype == np.float32 and out.ndim == 2 and min(out.shape) >= 8
+        assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
