@@ -124,7 +124,12 @@ def test_auc_and_threshold():
     rng = np.random.default_rng(0)
     pos = rng.random(40) > 0.5
     scores = np.round(rng.random(40), 1)  # ties
-    pairs = [(s1, s0) for s1, p1 in zip(scores, pos) for s0, p0 in zip(scores, pos) if p1 and not p0]
+    pairs = [
+        (s1, s0)
+        for s1, p1 in zip(scores, pos, strict=True)
+        for s0, p0 in zip(scores, pos, strict=True)
+        if p1 and not p0
+    ]
     brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs])
     assert roc_auc(pos, scores) == pytest.approx(brute)
     neg = np.array([0.1, 0.2, 0.9, 0.95])
