@@ -33,9 +33,10 @@ from service.decode import DecodeError, decode_file
 from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
 from service.preprocess import PreprocessSpec, preprocess
 from training.config import Config, load_config
+from training.data import cap
 from training.detectors.atypical import Atypicality, fit_gaussian
 from training.detectors.corrupt import CORRUPTIONS
-from training.evaluate import onnx_runner, write_report
+from training.evaluate import _jsonable, onnx_runner
 from training.export import OPSET, export_onnx
 from training.tasks import get_task, in_holdout
 from training.train import load_trained
@@ -87,18 +88,20 @@ def weighted_quantile_threshold(scores: np.ndarray, weights: np.ndarray, target:
     return float(np.nextafter(s[k], np.inf))
 
 
-def build(config: Config) -> dict[str, Any]:
+def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
     torch.set_num_threads(config.train.threads)
     task = get_task(config.task)
     backbone_cfg = load_config(getattr(task, "backbone_task", "view"))
-    view, blob = load_trained(backbone_cfg.run_path)
+    backbone_path = backbone_run or backbone_cfg.run_path
+    view, blob = load_trained(backbone_path)
     run = config.run_path
     run.mkdir(parents=True, exist_ok=True)
     spec = config.preprocessing
     frac = config.data.calibration_fraction
     films = task.films(labels(), "train")
-    fit_films = [f for f in films if not in_holdout(f, frac)]
-    cal_films = [f for f in films if in_holdout(f, frac)]
+    limit = config.data.max_train_films  # for smoke runs
+    fit_films = cap([f for f in films if not in_holdout(f, frac)], limit)
+    cal_films = cap([f for f in films if in_holdout(f, frac)], None if limit is None else max(50, limit // 4))
     if backbone_cfg.data.calibration_fraction != frac:
         raise ValueError("data.calibration_fraction must equal the view run's, so calibration films were never seen")
     t0 = time.perf_counter()
@@ -142,7 +145,7 @@ def build(config: Config) -> dict[str, Any]:
         "embedding_dims": int(emb.shape[1]),
         "parity_max_abs_diff": diff,
         "zscore_rebuild_rel_diff": zdiff,
-        "backbone": {"run": str(backbone_cfg.run_path), "task": blob["task"], "parameters": blob["parameters"]},
+        "backbone": {"run": str(backbone_path), "task": blob["task"], "parameters": blob["parameters"]},
         "build_seconds": round(time.perf_counter() - t0, 1),
         "sha256": sha256_file(run / "model.onnx"),
     }
@@ -303,6 +306,12 @@ def report_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_json_md(report: dict[str, Any], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    (folder / "evaluation.md").write_text(report_markdown(report))
+
+
 def ship(config: Config, report: dict[str, Any]) -> Path:
     task = get_task(config.task)
     run = config.run_path
@@ -349,8 +358,7 @@ def ship(config: Config, report: dict[str, Any]) -> Path:
         },
     )
     shutil.copyfile(run / "model.onnx", folder / "model.onnx")
-    write_report(report, folder)  # evaluation.json (generic writer) ...
-    (folder / "evaluation.md").write_text(report_markdown(report))  # ... and this detector's own Markdown
+    write_json_md(report, folder)
     write_manifest(folder, manifest)
     from training.detectors.cards import atypical_card
 
@@ -359,9 +367,8 @@ def ship(config: Config, report: dict[str, Any]) -> Path:
     return folder
 
 
-def run(config: Config) -> Path:
-    info = build(config)
+def run(config: Config, backbone_run: Path | None = None) -> Path:
+    info = build(config, backbone_run)
     report = evaluate(config, info, sheet_dir=config.run_path / "sheets")
-    write_report(report, config.run_path)
-    (config.run_path / "evaluation.md").write_text(report_markdown(report))
+    write_json_md(report, config.run_path)
     return ship(config, report)
