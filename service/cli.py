@@ -20,9 +20,13 @@ def _setup_logging(level: str) -> None:
     if level.upper() != "DEBUG":  # pynetdicom and pydicom log UIDs and values: keep them out unless debugging
         logging.getLogger("pynetdicom").setLevel(logging.ERROR)
         logging.getLogger("pydicom").setLevel(logging.ERROR)
+        import warnings
+
         import pydicom.config
 
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+        warnings.filterwarnings("ignore", module=r"pynetdicom(\.|$)")
 
 
 def _config(path: str | None) -> Config:
@@ -65,7 +69,9 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
     host = "127.0.0.1" if cfg.listener.host in ("0.0.0.0", "", "::") else cfg.listener.host
     ok = True
-    ae = AE(ae_title="FILMGATE-HC")
+    from service.listener import HEALTHCHECK_AE
+
+    ae = AE(ae_title=HEALTHCHECK_AE)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = args.timeout
     tls_args = None

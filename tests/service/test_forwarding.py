@@ -1,0 +1,56 @@
+"""Forwarding to another DICOM node that is down for part of the run: nothing lost, nothing duplicated, the bytes
+forwarded are the bytes received; a node that never answers ends in the dead-letter folder, never dropped."""
+
+from __future__ import annotations
+
+from tests.service.conftest import Gate, Receiver, dataset_bytes, free_port, sha, storescu, wait_for
+
+
+def test_forwarding_with_a_peer_down_part_of_the_time(tmp_path, made_films, models_dir):
+    pacs = Receiver(free_port(), "PACS")
+    dead_port = free_port()  # nobody listens here
+    gate = Gate.create(
+        tmp_path,
+        destinations={
+            "pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "retries": 60,
+                     "backoff_initial": 0.2, "backoff_factor": 1.5, "backoff_max": 0.8, "timeout": 10},
+            "nowhere": {"type": "dicom", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": dead_port,
+                        "retries": 2, "backoff_initial": 0.1, "backoff_max": 0.2, "timeout": 5},
+        },  # fmt: skip
+        routes={"accept": ["pacs", "nowhere"], "quarantine": ["pacs", "nowhere"]},
+    ).start()
+    try:
+        first, second = made_films[:5], made_films[5:10]
+        expected = {f.uid: sha(dataset_bytes(f.path.read_bytes())) for f in first + second}
+
+        def failures() -> float:
+            return gate.metrics().get('filmgate_delivery_failures_total{destination="pacs"}', 0)
+
+        # Phase 1: the peer is down when the films arrive.
+        assert storescu([f.path for f in first], gate.dicom_port) == []
+        wait_for(lambda: failures() >= 3, 60, "failed attempts while the peer is down")
+        pacs.start()
+        wait_for(lambda: {f.uid for f in first} <= set(pacs.uids()), 60, "first films forwarded")
+        # Phase 2: the peer goes down again, more films arrive, and it comes back.
+        pacs.stop()
+        before = failures()
+        assert storescu([f.path for f in second], gate.dicom_port) == []
+        wait_for(lambda: failures() >= before + 2, 60, "failed attempts during the second outage")
+        pacs.start()
+        wait_for(lambda: set(expected) <= set(pacs.uids()), 60, "every film forwarded")
+        wait_for(lambda: not list((tmp_path / "spool" / "outbox" / "pacs").glob("*.dcm")), 30, "empty outbox")
+        assert sorted(pacs.uids()) == sorted(expected), "nothing lost, nothing duplicated"
+        for uid, digest in pacs.received:
+            assert digest == expected[uid], "forwarded bytes must be the received bytes"
+        # The node that never answers: every instance in its dead-letter folder with a note, none dropped.
+        dead = tmp_path / "spool" / "dead-letter" / "nowhere"
+        wait_for(lambda: len(list(dead.glob("*.dcm"))) == len(expected), 60, "dead letters")
+        assert len(list(dead.glob("*.json"))) == len(expected)
+        m = gate.metrics()
+        assert m['filmgate_dead_letters_total{destination="nowhere"}'] == len(expected)
+        assert m['filmgate_delivery_retries_total{destination="pacs"}'] >= 5
+        assert m.get('filmgate_dead_letters_total{destination="pacs"}', 0) == 0
+        assert m['filmgate_delivery_attempts_total{destination="nowhere"}'] == 3 * len(expected)
+    finally:
+        pacs.stop()
+        assert gate.stop() == 0

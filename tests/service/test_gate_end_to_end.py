@@ -1,0 +1,261 @@
+"""The gate end to end: DCMTK storescu sends real films to `filmgate serve`; every instance lands in exactly one
+destination with its bytes intact, clear cases are decided right, bad input never crashes the node, and the metrics
+count what was sent. One server for the whole module (the slow part is starting it and loading the models)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from service.datasets import select
+from tests.service.conftest import (
+    CR_STORAGE,
+    DCMTK_ENV,
+    REPO,
+    Gate,
+    dataset_bytes,
+    send_file_raw,
+    sha,
+    storescu,
+    write_with_meta,
+)
+
+ALLOW = [
+    {"ae_title": "TESTSCU", "hosts": ["127.0.0.1"]},
+    {"ae_title": "FAKESCU"},
+    {"ae_title": "RAWSCU", "hosts": ["127.0.0.0/8"]},
+]
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory, models_dir):
+    g = Gate.create(
+        tmp_path_factory.mktemp("gate"),
+        accept_layout="{calling_ae}/{SOPInstanceUID}.dcm",
+        quarantine_layout="{reasons}/{calling_ae}/{SOPInstanceUID}.dcm",
+        listener={"allow": ALLOW},
+    )
+    g.start()
+    yield g
+    assert g.stop() == 0, g.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def run(gate, made_films, data_dir, tmp_path_factory):
+    """Send everything once; returns what was sent and the delivered sidecars by SOP Instance UID."""
+    work = tmp_path_factory.mktemp("bad")
+    shared = sorted((data_dir / "dicom").glob("*.dcm"))
+    fake = [p for p in shared if "Fake_MONOHR1" in p.name]
+    shared_main = [p for p in shared if p not in fake]
+    errors = storescu([f.path for f in made_films] + shared_main, gate.dicom_port, aet="TESTSCU")
+    errors += storescu(fake, gate.dicom_port, aet="FAKESCU")
+    # A file cut in the middle of its pixel data: the header parses, so it is stored, then found undecodable.
+    normal = next(f for f in made_films if f.note == "normal-0")
+    data = normal.path.read_bytes()
+    trunc_uid = generate_uid()
+    ds = pydicom.dcmread(normal.path)
+    ds.SOPInstanceUID = trunc_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = trunc_uid
+    full = work / "full.dcm"
+    ds.save_as(full, enforce_file_format=True)
+    truncated = work / "truncated.dcm"
+    truncated.write_bytes(full.read_bytes()[: len(data) // 2])
+    trunc_status = send_file_raw(gate.dicom_port, truncated)
+    # Random bytes as a dataset: cannot be parsed, so 0xC210 and nothing stored.
+    rng = np.random.default_rng(7)
+    garbage = write_with_meta(work / "random.dcm", rng.bytes(20000), CR_STORAGE, generate_uid())
+    random_status = send_file_raw(gate.dicom_port, garbage)
+    expected = len(made_films) + len(shared) + (1 if trunc_status == 0 else 0)
+    records = gate.wait_delivered(expected, timeout=180)
+    by_uid: dict[str, list[dict]] = defaultdict(list)
+    for rec in records:
+        by_uid[rec["sop_instance_uid"]].append(rec)
+    return {
+        "errors": errors,
+        "records": records,
+        "by_uid": by_uid,
+        "shared": shared,
+        "trunc_uid": trunc_uid,
+        "trunc_status": trunc_status,
+        "random_status": random_status,
+    }
+
+
+def test_storescu_sent_everything(run):
+    assert run["errors"] == []
+
+
+def test_every_made_film_lands_once_with_its_bytes(run, made_films):
+    for film in made_films:
+        recs = run["by_uid"][film.uid]
+        assert len(recs) == 1, (film.note, recs)
+        delivered = Path(recs[0]["_path"]).read_bytes()
+        assert sha(dataset_bytes(delivered)) == sha(dataset_bytes(film.path.read_bytes())), film.note
+        # The sidecar carries no patient name or ID.
+        text = Path(recs[0]["_path"]).with_suffix(".json").read_text()
+        assert "Test^Film" not in text and "TEST-0001" not in text
+
+
+def test_made_films_are_decided_right(run, made_films):
+    wrong = []
+    for film in made_films:
+        rec = run["by_uid"][film.uid][0]
+        ok = rec["decision"] == film.expect or film.expect == "any"
+        ok &= film.reason is None or film.reason in rec["reasons"]
+        ok &= not set(film.absent) & set(rec["reasons"])
+        ok &= rec["_folder"] == ("accept" if rec["decision"] == "accept" else "quarantine")
+        if not ok:
+            wrong.append((film.note, rec["decision"], rec["reasons"], rec["scores"]))
+    assert not wrong, wrong
+
+
+def test_compressed_films_were_received_compressed(run, made_films):
+    syntaxes = {f.note: run["by_uid"][f.uid][0]["transfer_syntax"] for f in made_films}
+    assert syntaxes["normal-jpeg-lossless"] == "1.2.840.10008.1.2.4.70"
+    assert syntaxes["normal-jpeg-ls"] == "1.2.840.10008.1.2.4.80"
+    assert syntaxes["normal-j2k"] == "1.2.840.10008.1.2.4.90"
+    assert syntaxes["normal-rle"] == "1.2.840.10008.1.2.5"
+
+
+def test_real_dicom_files_land_once_with_their_pixels(run):
+    for path in run["shared"]:
+        src = pydicom.dcmread(path, force=True)
+        recs = run["by_uid"][str(src.SOPInstanceUID)]
+        if "mlmed__" in path.name:  # the real film and its relabelled copy share one UID; sent by two AEs
+            recs = [r for r in recs if r["calling_ae"] == ("FAKESCU" if "Fake" in path.name else "TESTSCU")]
+        assert len(recs) == 1, (path.name, recs)
+        got = pydicom.dcmread(recs[0]["_path"]).PixelData
+        if len(src.PixelData) % 2:  # storescu pads an odd-length value to even length, as the standard requires
+            assert got[-1:] == b"\x00"
+            got = got[:-1]
+        assert sha(got) == sha(src.PixelData), path.name
+
+
+def _shared_record(run, name: str, aet: str = "TESTSCU") -> dict:
+    path = next(p for p in run["shared"] if name in p.name)
+    uid = str(pydicom.dcmread(path, force=True, stop_before_pixels=True).SOPInstanceUID)
+    return next(r for r in run["by_uid"][uid] if r["calling_ae"] == aet)
+
+
+def test_real_monochrome1_chest_is_not_called_inverted(run):
+    rec = _shared_record(run, "RG1_J2KI")
+    assert "inverted" not in rec["reasons"], rec["scores"]
+
+
+def test_relabelled_monochrome1_film_is_inverted(run):
+    rec = _shared_record(run, "Fake_MONOHR1", aet="FAKESCU")
+    assert rec["decision"] == "quarantine" and "inverted" in rec["reasons"], rec["scores"]
+
+
+def test_ct_is_not_accepted(run):
+    for name in ("CT-MONO2-16-ankle", "GH342"):
+        rec = _shared_record(run, name)
+        assert rec["decision"] == "quarantine" and "modality" in rec["reasons"], (name, rec["reasons"])
+
+
+def test_sidecar_has_models_scores_and_times(run, made_films):
+    rec = run["by_uid"][made_films[0].uid][0]
+    assert {m["name"] for m in rec["models"]} >= {"orientation", "inversion"}
+    assert all(m["version"] and m["provider"] for m in rec["models"])
+    assert set(rec["scores"]) >= {"orientation", "inversion"}
+    assert {"received_at", "decided_at", "delivered_at", "timings_ms"} <= set(rec)
+    assert {f["detector"]: f.get("predicted") for f in rec["findings"]}["orientation"] in (
+        "upright", "rot90", "rot180", "rot270",
+    )  # fmt: skip
+
+
+def test_truncated_file_is_quarantined_undecodable(run):
+    assert run["trunc_status"] == 0x0000  # header intact: stored durably first, judged later
+    (rec,) = run["by_uid"][run["trunc_uid"]]
+    assert rec["decision"] == "quarantine" and "undecodable" in rec["reasons"]
+    assert rec["notes"]["error"]
+
+
+def test_random_bytes_are_refused_and_the_node_keeps_serving(run, gate, made_films):
+    assert run["random_status"] == 0xC210
+    assert send_file_raw(gate.dicom_port, made_films[0].path) == 0x0000
+    echo = subprocess.run(
+        ["echoscu", "-aet", "TESTSCU", "-aec", "FILMGATE", "127.0.0.1", str(gate.dicom_port)],
+        env=DCMTK_ENV, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert echo.returncode == 0
+
+
+def test_refused_sender(run, gate, made_films):
+    before = gate.metrics().get('filmgate_associations_total{calling_ae="INTRUDER",result="rejected"}', 0)
+    errors = storescu([made_films[0].path], gate.dicom_port, aet="INTRUDER")
+    assert errors, "an AE title not in the allow-list must be refused"
+    after = gate.metrics()['filmgate_associations_total{calling_ae="INTRUDER",result="rejected"}']
+    assert after == before + 1
+    assert "refused association from AE 'INTRUDER'" in gate.log()
+
+
+def test_metrics_count_what_was_sent(run, gate, made_films):
+    m = gate.metrics()
+    n_test = len(made_films) + len(run["shared"]) - 1  # all but the relabelled copy came from TESTSCU
+    assert m['filmgate_instances_received_total{calling_ae="TESTSCU"}'] == n_test
+    assert m['filmgate_instances_received_total{calling_ae="FAKESCU"}'] == 1
+    assert m['filmgate_bytes_received_total{calling_ae="TESTSCU"}'] > 0
+    assert m['filmgate_store_failures_total{status="0xC210"}'] >= 1
+    for aet in ("TESTSCU", "FAKESCU"):
+        recs = [r for r in run["records"] if r["calling_ae"] == aet]
+        for outcome in ("accept", "quarantine"):
+            n = sum(r["decision"] == outcome for r in recs)
+            assert m.get(f'filmgate_decisions_total{{calling_ae="{aet}",outcome="{outcome}"}}', 0) == n
+        reasons = defaultdict(int)
+        for r in recs:
+            for reason in r["reasons"]:
+                reasons[reason] += 1
+        for reason, n in reasons.items():
+            assert m[f'filmgate_quarantine_reasons_total{{calling_ae="{aet}",reason="{reason}"}}'] == n
+    assert m['filmgate_store_seconds_count'] >= n_test
+    assert m['filmgate_end_to_end_seconds_count'] >= len(run["records"])
+    assert any(k.startswith("filmgate_model_info{") and 'model="orientation"' in k for k in m)
+    assert any(k.startswith('filmgate_decode_seconds_count{transfer_syntax="JPEG 2000') for k in m)
+    assert m["filmgate_ready"] == 1
+    assert gate.http_get("/healthz")[0] == 200 and gate.http_get("/readyz")[0] == 200
+
+
+def test_no_patient_data_in_logs(run, gate, made_films):
+    log = gate.log()
+    assert made_films[0].uid not in log and "Test^Film" not in log and "TEST-0001" not in log
+
+
+def test_healthcheck_command(gate):
+    ok = subprocess.run(
+        [sys.executable, "-m", "service.cli", "healthcheck", "--config", str(gate.config_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_inspect_command(made_films, data_dir, models_dir):
+    normal = next(f for f in made_films if f.note == "normal-0")
+    rot = next(f for f in made_films if f.note == "rot90-0")
+    ct = next(f for f in made_films if f.note == "ct")
+    png = next(f.path for f in select(split="val", kind="frontal-chest") if f.path.suffix == ".png")
+    junk = Path(normal.path).with_name("junk.bin")
+    junk.write_bytes(b"not an image at all" * 10)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "inspect", str(normal.path), str(rot.path), str(ct.path), str(png),
+         str(junk)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["file"] for line in lines] == [str(normal.path), str(rot.path), str(ct.path), str(png), str(junk)]
+    for line in lines:
+        assert set(line) >= {"file", "decision", "reasons", "scores"}
+    assert lines[0]["decision"] == "accept"
+    assert "rotated" in lines[1]["reasons"]
+    assert "modality" in lines[2]["reasons"]
+    assert "modality" not in lines[3]["reasons"] and set(lines[3]["scores"]) >= {"orientation", "inversion"}
+    assert lines[4]["reasons"] == ["undecodable"]
