@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from service.datasets import LabelledFilm, labels, select
-from service.decode import DecodeError, decode_file
+from service.decode import DecodeError, auto_window, decode_file
 from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
 from service.preprocess import PreprocessSpec, preprocess
 from training.config import Config, load_config
@@ -54,6 +54,19 @@ def inputs(films: Sequence[LabelledFilm], spec: PreprocessSpec, transform: Trans
             continue
         out.append(preprocess(transform(px) if transform else px, spec))
     return np.stack(out) if out else np.zeros((0, 1, spec.size, spec.size), np.float32)
+
+
+def auto_windowed(pixels: np.ndarray) -> np.ndarray:
+    """The film as the gate shows a DICOM file that carries no window: stretched 0.5th-99.5th percentile."""
+    lo, hi = auto_window(pixels)
+    return np.clip((pixels - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def both_ways(films: Sequence[LabelledFilm], spec: PreprocessSpec) -> tuple[np.ndarray, list[LabelledFilm]]:
+    """Each film as it came (PNG/JPEG) and auto-windowed (as a window-less DICOM of it decodes): the typical
+    distribution must include both, or every DICOM made from a plain film would look atypical."""
+    a, b = inputs(films, spec), inputs(films, spec, auto_windowed)
+    return np.concatenate([a, b]), list(films) + list(films)
 
 
 def _embed(net: Atypicality, x: np.ndarray, batch: int = 128) -> np.ndarray:
@@ -106,12 +119,14 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
         raise ValueError("data.calibration_fraction must equal the view run's, so calibration films were never seen")
     t0 = time.perf_counter()
     probe = Atypicality(view, np.zeros(1), np.ones(1), np.eye(1))
-    emb = _embed(probe, inputs(fit_films, spec))
-    mean, scale, whiten = weighted_gaussian(emb, source_weights(fit_films, config.data.source_balance))
+    x_fit, fit_rows = both_ways(fit_films, spec)
+    emb = _embed(probe, x_fit)
+    mean, scale, whiten = weighted_gaussian(emb, source_weights(fit_rows, config.data.source_balance))
     net = Atypicality(view, mean, scale, whiten).eval()
+    x_cal, cal_rows = both_ways(cal_films, spec)
     with torch.inference_mode():
-        cal_scores = net(torch.from_numpy(inputs(cal_films, spec))).numpy()[:, 0]
-    cal_w = source_weights(cal_films, config.data.source_balance)
+        cal_scores = net(torch.from_numpy(x_cal)).numpy()[:, 0]
+    cal_w = source_weights(cal_rows, config.data.source_balance)
     threshold = weighted_quantile_threshold(cal_scores, cal_w, config.evaluate.target_fpr)
     onnx_tmp = run / "model.onnx.tmp"
     export_onnx(net, spec.size, onnx_tmp)
@@ -137,7 +152,8 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
         "threshold": threshold,
         "threshold_rule": (
             f"source-balanced {1 - config.evaluate.target_fpr:.1%} quantile of {len(cal_films)} held-out train "
-            "frontal films (never trained on by view, never used to fit the Gaussian)"
+            "frontal films, each as it came and auto-windowed (never trained on by view, never used to fit the "
+            "Gaussian)"
         ),
         "calibration_flagged": float((cal_scores >= threshold).mean()),
         "fit_films": dict(sorted(collections.Counter(f.source for f in fit_films).items())),

@@ -201,7 +201,9 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         "## Data",
         "",
         f"Fitted on {sum(b['fit_films'].values())} frontal chest films of the train split (those the view network "
-        f"trained on); threshold from {sum(b['calibration_films'].values())} held-out train frontal films "
+        "trained on), each both as it came and auto-windowed (0.5th-99.5th percentile, which is how the gate shows a "
+        "DICOM file without a window); threshold from "
+        f"{sum(b['calibration_films'].values())} held-out train frontal films "
         f"({report['threshold_rule']}). No val film chose anything.",
         "",
         "| source | films fitted | calibration films | licence |",
