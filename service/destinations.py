@@ -68,10 +68,12 @@ class FolderDestination:
     def deliver(self, item: Delivery) -> None:
         metrics.DELIVERY_ATTEMPTS.labels(destination=self.name).inc()
         try:
+            t0 = time.perf_counter()
             dst = self.target(item)
             place(item.path, dst, fsync=self.cfg.fsync)
             if self.cfg.sidecar:
-                record = {**item.record, "file": dst.name, "delivered_at": _iso(time.time())}
+                timings = {**item.record.get("timings_ms", {}), "deliver": round((time.perf_counter() - t0) * 1e3, 3)}
+                record = {**item.record, "file": dst.name, "delivered_at": _iso(time.time()), "timings_ms": timings}
                 sidecar = dst.with_suffix(".json") if dst.suffix == ".dcm" else dst.with_name(dst.name + ".json")
                 write_durably(sidecar, (json.dumps(record, indent=1) + "\n").encode(), fsync=self.cfg.fsync)
         except Exception:

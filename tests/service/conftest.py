@@ -247,13 +247,13 @@ class Gate:
         return cls(root=root, dicom_port=dicom_port, http_port=http_port, config=cfg)
 
     def start(self, wait: bool = True) -> Gate:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config_path)],
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config_path)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         if wait:
             self.wait_ready()
         return self

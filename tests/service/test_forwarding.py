@@ -12,10 +12,27 @@ def test_forwarding_with_a_peer_down_part_of_the_time(tmp_path, made_films, mode
     gate = Gate.create(
         tmp_path,
         destinations={
-            "pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port, "retries": 60,
-                     "backoff_initial": 0.2, "backoff_factor": 1.5, "backoff_max": 0.8, "timeout": 10},
-            "nowhere": {"type": "dicom", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": dead_port,
-                        "retries": 2, "backoff_initial": 0.1, "backoff_max": 0.2, "timeout": 5},
+            "pacs": {
+                "type": "dicom",
+                "ae_title": "PACS",
+                "host": "127.0.0.1",
+                "port": pacs.port,
+                "retries": 60,
+                "backoff_initial": 0.2,
+                "backoff_factor": 1.5,
+                "backoff_max": 0.8,
+                "timeout": 10,
+            },
+            "nowhere": {
+                "type": "dicom",
+                "ae_title": "NOWHERE",
+                "host": "127.0.0.1",
+                "port": dead_port,
+                "retries": 2,
+                "backoff_initial": 0.1,
+                "backoff_max": 0.2,
+                "timeout": 5,
+            },
         },  # fmt: skip
         routes={"accept": ["pacs", "nowhere"], "quarantine": ["pacs", "nowhere"]},
     ).start()

@@ -216,8 +216,8 @@ def test_metrics_count_what_was_sent(run, gate, made_films):
                 reasons[reason] += 1
         for reason, n in reasons.items():
             assert m[f'filmgate_quarantine_reasons_total{{calling_ae="{aet}",reason="{reason}"}}'] == n
-    assert m['filmgate_store_seconds_count'] >= n_test
-    assert m['filmgate_end_to_end_seconds_count'] >= len(run["records"])
+    assert m["filmgate_store_seconds_count"] >= n_test
+    assert m["filmgate_end_to_end_seconds_count"] >= len(run["records"])
     assert any(k.startswith("filmgate_model_info{") and 'model="orientation"' in k for k in m)
     assert any(k.startswith('filmgate_decode_seconds_count{transfer_syntax="JPEG 2000') for k in m)
     assert m["filmgate_ready"] == 1

@@ -1,0 +1,103 @@
+"""Configuration: defaults work, every error names its key, check-config validates without starting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from service.config import (
+    Config,
+    ConfigError,
+    DicomDestinationConfig,
+    FolderDestinationConfig,
+    load_config,
+    parse_config,
+)
+from tests.service.conftest import REPO
+
+
+def test_defaults_match_the_contract(monkeypatch):
+    monkeypatch.delenv("FILMGATE_CONFIG", raising=False)
+    cfg = load_config(None)
+    assert cfg.listener.ae_title == "FILMGATE" and cfg.listener.port == 11112 and cfg.http.port == 9108
+    assert cfg.spool.path == "var/spool" and cfg.detectors.models_dir == "models"
+    assert cfg.listener.allow_list and cfg.listener.allow[0].hosts == ("127.0.0.0/8", "::1")
+    assert [d.path for d in cfg.destinations] == ["var/out/accept", "var/out/quarantine"]
+    assert cfg.policy.modalities == ("CR", "DX") and cfg.policy.pediatric_age_years == 10
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        Config().listener.port = 1  # type: ignore[misc]
+
+
+def test_full_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        """
+listener: {ae_title: GATE, port: 104, allow: [{ae_title: PACS, hosts: [10.0.0.0/8]}]}
+policy: {thresholds: {orientation: 0.7}, pediatric_rule: false}
+destinations:
+  research: {type: dicom, ae_title: RESEARCH, host: pacs.local, port: 4242, retries: 3}
+  hold: {type: folder, path: /tmp/hold, layout: "{reason}/{SOPInstanceUID}.dcm"}
+routes: {accept: [research], quarantine: [hold]}
+"""
+    )
+    cfg = load_config(path)
+    assert cfg.listener.allow[0].ae_title == "PACS" and cfg.policy.thresholds["orientation"] == 0.7
+    assert isinstance(cfg.destinations[0], DicomDestinationConfig) and cfg.destinations[0].retries == 3
+    assert isinstance(cfg.destinations[1], FolderDestinationConfig)
+
+
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"listener": {"prot": 1}}, "listener.prot"),
+        ({"listener": {"port": "eleven"}}, "listener.port"),
+        ({"listener": {"port": 70000}}, "listener.port"),
+        ({"listener": {"ae_title": "A" * 17}}, "listener.ae_title"),
+        ({"listener": {"allow": [{"hosts": ["not a host!"]}]}}, "listener.allow[0].hosts[0]"),
+        ({"listener": {"tls": {"enabled": True}}}, "listener.tls.cert_file"),
+        ({"policy": {"thresholds": {"orientation": "high"}}}, "policy.thresholds.orientation"),
+        ({"policy": {"modality_rule": "yes"}}, "policy.modality_rule"),
+        ({"detectors": {"provider": "tpu"}}, "detectors.provider"),
+        ({"routes": {"accept": ["nowhere"]}}, "routes.accept"),
+        ({"destinations": {"x": {"type": "ftp"}}}, "destinations.x.type"),
+        ({"destinations": {"x": {"type": "folder"}}}, "destinations.x.path"),
+        ({"destinations": {"accept": {"type": "folder", "path": "a", "layout": "{PatientName}.dcm"}}},
+         "destinations.accept.layout"),
+        ({"destinations": {"p": {"type": "dicom", "ae_title": "P", "host": "h", "port": 1, "retries": -1}}},
+         "destinations.p.retries"),
+        ({"workers": {"max_batch": 0}}, "workers.max_batch"),
+        ({"logging": {"level": "LOUD"}}, "logging.level"),
+        ({"sppol": {}}, "sppol"),
+    ],
+)  # fmt: skip
+def test_errors_name_the_key(data, key):
+    with pytest.raises(ConfigError) as exc:
+        parse_config(data)
+    assert str(exc.value).startswith(key), str(exc.value)
+
+
+def test_check_config_command(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("listener: {port: 11113}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listener: {port: 11113, bind: 0.0.0.0}\n")
+    run = [sys.executable, "-m", "service.cli", "check-config"]
+    ok = subprocess.run([*run, str(good)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    ko = subprocess.run([*run, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert ko.returncode == 2 and "listener.bind: unknown key" in ko.stderr
+
+
+def test_serve_refuses_an_invalid_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy: {pediatric_age_years: -1}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--config", str(bad)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "policy.pediatric_age_years" in proc.stderr

@@ -1,0 +1,85 @@
+"""The pure decision function: thresholds, metadata rules and their switches, stable reason names."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import PolicyConfig
+from service.manifest import Finding
+from service.policy import Metadata, age_in_years, decide, parse_age
+
+ADULT_DX = Metadata(modality="DX", patient_age="045Y")
+
+
+def f(detector: str, reason: str, score: float, threshold: float = 0.5, predicted: str | None = None) -> Finding:
+    return Finding(detector, reason, score, threshold, score >= threshold, predicted)
+
+
+def test_clean_film_is_accepted():
+    d = decide([f("orientation", "rotated", 0.1), f("inversion", "inverted", 0.2)], ADULT_DX, PolicyConfig())
+    assert d.outcome == "accept" and d.reasons == () and d.scores == {"orientation": 0.1, "inversion": 0.2}
+
+
+def test_flagged_detectors_give_their_manifest_reason_in_stable_order():
+    findings = [f("inversion", "inverted", 0.9), f("orientation", "rotated", 0.8)]
+    d = decide(findings, ADULT_DX, PolicyConfig())
+    assert d.outcome == "quarantine" and d.reasons == ("rotated", "inverted")
+
+
+def test_a_new_detector_plugs_in_through_its_reason():
+    d = decide([f("view", "not-frontal-chest", 0.7, predicted="lateral-chest")], ADULT_DX, PolicyConfig())
+    assert d.reasons == ("not-frontal-chest",)
+    assert d.to_dict()["findings"][0]["predicted"] == "lateral-chest"
+
+
+def test_config_threshold_overrides_the_manifest():
+    finding = [f("orientation", "rotated", 0.6, threshold=0.5)]
+    assert decide(finding, ADULT_DX, PolicyConfig()).reasons == ("rotated",)
+    d = decide(finding, ADULT_DX, PolicyConfig(thresholds={"orientation": 0.7}))
+    assert d.outcome == "accept" and d.findings[0].threshold == 0.7 and not d.findings[0].flagged
+
+
+def test_modality_rule_and_its_switch():
+    ct = Metadata(modality="CT", patient_age="045Y")
+    assert decide([], ct, PolicyConfig()).reasons == ("modality",)
+    assert decide([], ct, PolicyConfig(modality_rule=False)).outcome == "accept"
+    assert decide([], ct, PolicyConfig(modalities=("CR", "DX", "CT"))).outcome == "accept"
+    assert decide([], Metadata(modality=None), PolicyConfig()).reasons == ("modality",)
+
+
+@pytest.mark.parametrize(
+    "meta,pediatric",
+    [
+        (Metadata(modality="CR", patient_age="009Y"), True),
+        (Metadata(modality="CR", patient_age="010Y"), False),
+        (Metadata(modality="CR", patient_age="018M"), True),
+        (Metadata(modality="CR", patient_age="030W"), True),
+        (Metadata(modality="CR", birth_date="20150601", study_date="20240102"), True),
+        (Metadata(modality="CR", birth_date="19800101", study_date="20240102"), False),
+        (Metadata(modality="CR", birth_date="20150601"), False),  # no study date: age unknown, no rule
+        (Metadata(modality="CR", patient_age="garbage"), False),
+    ],
+)
+def test_pediatric_rule(meta, pediatric):
+    assert ("pediatric" in decide([], meta, PolicyConfig()).reasons) is pediatric
+
+
+def test_pediatric_rule_switch_and_age():
+    child = Metadata(modality="DX", patient_age="004Y")
+    assert decide([], child, PolicyConfig(pediatric_rule=False)).outcome == "accept"
+    assert decide([], child, PolicyConfig(pediatric_age_years=3)).outcome == "accept"
+    assert parse_age("006M") == pytest.approx(0.5)
+    assert age_in_years(Metadata(birth_date="20000101", study_date="20100101")) == pytest.approx(10.0, abs=0.01)
+
+
+def test_undecodable_and_images_without_metadata():
+    d = decide([], Metadata(modality="DX", decode_error="pixel data cannot be decoded"), PolicyConfig())
+    assert d.reasons == ("undecodable",) and d.notes["error"].startswith("pixel data")
+    # A PNG has no DICOM header: only the image detectors decide.
+    assert decide([f("orientation", "rotated", 0.1)], None, PolicyConfig()).outcome == "accept"
+
+
+def test_reasons_are_not_repeated():
+    child = Metadata(modality="DX", patient_age="004Y")
+    d = decide([f("pediatric", "pediatric", 0.9)], child, PolicyConfig())
+    assert d.reasons == ("pediatric",)
