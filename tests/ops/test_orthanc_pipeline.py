@@ -37,6 +37,7 @@ from tests.ops.conftest import (
     Orthanc,
     Prometheus,
     free_port,
+    http,
     metrics_names_in_contract,
     tool,
     wait_until,
@@ -201,6 +202,10 @@ def test_hospital_pacs_to_research_pacs_through_filmgate(stack, tmp_path):
     )
     assert res.returncode != 0 or "Rejected" in res.stdout + res.stderr
     assert research.get("/instances") == [], "the research PACS accepted a store from an unknown AE title"
+
+    # --- filmgate's allow-list is on too: the research PACS (AE RESEARCH, not on it) cannot even echo the node
+    status, body = http("POST", research.base + "/modalities/filmgate/echo", {}, auth=research.AUTH)
+    assert status != 200, f"filmgate accepted an association from {research.aet}: {body!r}"
 
     # --- load the study into the hospital PACS, then make it push the study to filmgate
     for f in FILMS:
