@@ -149,6 +149,20 @@ def test_filmgate_deploy_configs_pass_check_config(name):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_deploy_configs_fit_the_image():
+    """Every configuration run in the image reads the models where the image has them and writes on its volume."""
+    image = yaml.safe_load((DEPLOY / "filmgate" / "container.yaml").read_text())
+    cm = yaml.safe_load(_docs(K8S / "base" / "configmap.yaml")[0]["data"]["filmgate.yaml"])
+    compose = yaml.safe_load((DEPLOY / "filmgate" / "with-orthanc.yaml").read_text())
+    for cfg in (cm, compose):
+        assert cfg["detectors"]["models_dir"] == image["detectors"]["models_dir"]
+        paths = [cfg["spool"]["path"]]
+        for d in cfg["destinations"].values():
+            paths += [d[k] for k in ("path", "dead_letter") if d.get(k)]
+        for p in paths:
+            assert Path(p).is_relative_to("/var/lib/filmgate"), f"{p} is not on the image's volume"
+
+
 def test_check_config_is_not_blind(tmp_path):
     cfg = yaml.safe_load((DEPLOY / "filmgate" / "with-orthanc.yaml").read_text())
     cfg["routes"]["accept"] = ["research"]  # no such destination
