@@ -271,8 +271,8 @@ def test_hospital_pacs_to_research_pacs_through_filmgate(stack, tmp_path):
     # each accepted film was sent once: as many attempts as films, no retry, no failure
     attempts = prom.query('sum(filmgate_delivery_attempts_total{job="filmgate", destination="research-pacs"})')
     assert float(attempts[0]["value"][1]) >= n_acc
-    for metric in ("filmgate_delivery_retries_total", "filmgate_delivery_failures_total", "filmgate_dead_letters_total"):
-        (row,) = prom.query(f'sum({metric}{{job="filmgate"}}) or vector(0)')
+    for metric in ("delivery_retries_total", "delivery_failures_total", "dead_letters_total"):
+        (row,) = prom.query(f'sum(filmgate_{metric}{{job="filmgate"}}) or vector(0)')
         assert float(row["value"][1]) == 0, metric
     models = prom.query('filmgate_model_info{job="filmgate"}')
     assert models and all(r["metric"]["provider"] for r in models), models
