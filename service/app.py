@@ -1,10 +1,11 @@
 """The node's life cycle: start every part in order, serve, and shut down gracefully on SIGTERM.
 
-Start: spool recovery (instances claimed by a run that died go back to incoming), detectors, destinations,
-workers, HTTP, and the listener last; only then is the node ready. SIGTERM (or SIGINT): readiness goes false, the
-listening socket closes, associations in progress get a grace period, workers finish what they hold within
-``workers.drain_timeout`` and hand back the rest, forwarders stop after their current attempt, exit 0. Nothing
-acknowledged is lost whatever the timing: it is in the spool or at a destination.
+Start: spool recovery (instances claimed by a run that died go back to incoming), the workers (in a child process by
+default: detectors, destinations, pipeline), HTTP, and the listener last; only then is the node ready. A worker
+process that dies is restarted after its claimed instances are handed back. SIGTERM (or SIGINT): readiness goes
+false, the listening socket closes, associations in progress get a grace period, workers finish what they hold
+within ``workers.drain_timeout`` and hand back the rest, forwarders stop after their current attempt, exit 0.
+Nothing acknowledged is lost whatever the timing: it is in the spool or at a destination.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ import logging
 import signal
 import threading
 import time
+from typing import Any
 
 from service import metrics
 from service.config import Config
-from service.destinations import build as build_destinations
-from service.detectors import DetectorSet
 from service.http import HttpServer
 from service.listener import Listener
-from service.pipeline import Pipeline
 from service.spool import Spool
 
 log = logging.getLogger("filmgate")
@@ -33,8 +32,10 @@ class Node:
         self._stop = threading.Event()
         self.http: HttpServer | None = None
         self.listener: Listener | None = None
-        self.pipeline: Pipeline | None = None
+        self.worker: Any = None  # WorkerProcess, or None in thread mode
+        self.pipeline: Any = None  # Pipeline in thread mode
         self.destinations: dict = {}
+        self.spool: Spool | None = None
 
     def _set_ready(self, value: bool) -> None:
         self.ready = value
@@ -43,32 +44,67 @@ class Node:
     def start(self) -> None:
         cfg = self.cfg
         self._set_ready(False)
-        if cfg.http.enabled:
-            self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: self.ready)
-            self.http.start()
-            log.info("metrics and health on http://%s:%d/metrics", cfg.http.host, self.http.port)
-        spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync)
+        self.spool = spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync)
         recovered = spool.recover()
         if recovered:
             log.info("recovered %d instances claimed by the previous run", recovered)
-        detectors = DetectorSet.load(cfg.detectors)
-        self.destinations = build_destinations(cfg.destinations, spool)
-        for dest in self.destinations.values():
-            dest.start()
-        store_times: dict[str, float] = {}
-        self.pipeline = Pipeline(cfg, spool, detectors, self.destinations, store_times)
-        self.pipeline.start()
-        self.listener = Listener(cfg.listener, spool, store_times)
+        if cfg.workers.separate_process:
+            from service.worker import WorkerProcess
+
+            self.worker = WorkerProcess(cfg)
+            self.worker.start()  # fork before any thread of ours exists
+            on_stored = self.worker.stored
+        else:
+            on_stored = self._start_threads(spool)
+        if cfg.http.enabled:
+            self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: self.ready, self._metrics)
+            self.http.start()
+            log.info("metrics and health on http://%s:%d/metrics", cfg.http.host, self.http.port)
+        self.listener = Listener(cfg.listener, spool, on_stored)
         self.listener.start()
         self._set_ready(True)
         log.info("ready (config %s)", cfg.source)
+
+    def _start_threads(self, spool: Spool) -> Any:
+        from service.destinations import build as build_destinations
+        from service.detectors import DetectorSet
+        from service.pipeline import Pipeline
+
+        detectors = DetectorSet.load(self.cfg.detectors)
+        self.destinations = build_destinations(self.cfg.destinations, spool)
+        for dest in self.destinations.values():
+            dest.start()
+        store_times: dict[str, float] = {}
+        self.pipeline = Pipeline(self.cfg, spool, detectors, self.destinations, store_times)
+        self.pipeline.start()
+
+        def on_stored(name: str, seconds: float) -> None:
+            store_times[name] = seconds
+            if len(store_times) > 10000:
+                store_times.clear()
+
+        return on_stored
+
+    def _metrics(self) -> bytes:
+        return metrics.render(self.worker.snapshot() if self.worker else None)
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
     def wait(self) -> None:
         while not self._stop.wait(0.5):
-            pass
+            if self.worker is not None and not self.worker.alive():
+                self._restart_worker()
+
+    def _restart_worker(self) -> None:
+        log.error("the worker process died (exit code %s); restarting it", self.worker.proc.exitcode)
+        assert self.spool is not None
+        self.spool.release_all()  # what it held goes back to incoming/
+        try:
+            self.worker.start()
+        except RuntimeError as exc:
+            log.error("%s; retrying in 5 s", exc)
+            time.sleep(5)
 
     def shutdown(self) -> None:
         t0 = time.monotonic()
@@ -79,7 +115,11 @@ class Node:
             self.listener.stop_accepting()
             self.listener.wait_idle(min(drain, 10.0))
         drained = True
-        if self.pipeline:
+        if self.worker is not None:
+            drained = self.worker.stop(max(0.0, drain - (time.monotonic() - t0)) + 10.0)
+            if self.spool is not None:
+                self.spool.release_all()  # only if the worker had to be killed
+        if self.pipeline is not None:
             drained = self.pipeline.stop(max(0.0, drain - (time.monotonic() - t0)))
         for dest in self.destinations.values():
             dest.stop(5.0)

@@ -78,8 +78,13 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class WorkersConfig:
-    """Pipeline sizing. Batching happens when several decoded films wait for inference."""
+    """Pipeline sizing. Batching happens when several decoded films wait for inference.
 
+    ``separate_process`` runs the workers in a child process (the default): receiving and decoding then use two
+    cores instead of taking turns on the interpreter lock.
+    """
+
+    separate_process: bool = True
     decode_threads: int = 2
     deliver_threads: int = 1
     max_batch: int = 8

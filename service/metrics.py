@@ -6,7 +6,13 @@ transfer syntax names and DICOM status codes. Never a UID, a name or an ID.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.metrics_core import Metric
+
+# `_created` series would have to be merged across processes and nobody reads them.
+disable_created_metrics()
 
 # Latencies of one film range from milliseconds (store of a small CR) to seconds (a large JPEG 2000 on CPU).
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,3 +55,57 @@ def ae_label(title: object) -> str:
             return "other"
         _AE_LABELS.add(text)
     return text
+
+
+# ------------------------------------------------------------------------------------------------- across processes
+# The workers run in a child process (the GIL would otherwise make receiving and decoding take turns). The child
+# sends :func:`snapshot` of its filmgate_* series on request; the parent serves :func:`render`, which adds them to
+# its own. Each series is written by one process only, so summing by name and labels is exact.
+
+Snapshot = list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]
+
+
+def snapshot() -> Snapshot:
+    """This process's filmgate_* metric families as plain, picklable data."""
+    out = []
+    for fam in REGISTRY.collect():
+        if fam.name.startswith("filmgate_"):
+            samples = [(s.name, dict(s.labels), s.value) for s in fam.samples]
+            out.append((fam.name, fam.type, fam.documentation, samples))
+    return out
+
+
+class _Merged:
+    def __init__(self, extra: Snapshot) -> None:
+        self.extra = {name: (typ, doc, samples) for name, typ, doc, samples in extra}
+
+    def collect(self) -> Any:
+        seen = set()
+        for fam in REGISTRY.collect():
+            if fam.name in self.extra:
+                seen.add(fam.name)
+                typ, doc, samples = self.extra[fam.name]
+                totals: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+                for s in fam.samples:
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    totals[key] = totals.get(key, 0.0) + s.value
+                for name, labels, value in samples:
+                    key = (name, tuple(sorted(labels.items())))
+                    totals[key] = totals.get(key, 0.0) + value
+                merged = Metric(fam.name, fam.documentation, fam.type)
+                for (name, labels), value in totals.items():
+                    merged.add_sample(name, dict(labels), value)
+                yield merged
+            else:
+                yield fam
+        for name, (typ, doc, samples) in self.extra.items():
+            if name not in seen:
+                fam = Metric(name, doc, typ)
+                for sname, labels, value in samples:
+                    fam.add_sample(sname, labels, value)
+                yield fam
+
+
+def render(extra: Snapshot | None = None) -> bytes:
+    """The exposition text of this process, plus a worker process's snapshot."""
+    return generate_latest(_Merged(extra or []))  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from service.destinations import Delivery, Destination
 from service.detectors import DetectorSet
 from service.manifest import Finding
 from service.policy import Decision, Metadata, decide
-from service.spool import Spool, received_at
+from service.spool import Spool, calling_ae_of, received_at
 
 log = logging.getLogger("filmgate.pipeline")
 _STOP = object()
@@ -174,17 +174,18 @@ class Pipeline:
 
     def _decode(self, item: Item) -> None:
         t0 = time.perf_counter()
-        data = item.path.read_bytes()
         ts_label = "unknown"
         try:
-            ds = read_dataset(data)
+            ds = read_dataset(item.path)
         except DecodeError as exc:
             item.metadata = Metadata(decode_error=str(exc))
             item.timings["decode"] = time.perf_counter() - t0
             metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(item.timings["decode"])
             return
         meta = ds.file_meta
-        item.calling_ae = str(meta.get("SourceApplicationEntityTitle", "") or "unknown").strip() or "unknown"
+        item.calling_ae = metrics.ae_label(
+            calling_ae_of(item.path.name) or str(meta.get("SourceApplicationEntityTitle", "") or "")
+        )
         ts = meta.get("TransferSyntaxUID")
         ts_label = getattr(ts, "name", None) or str(ts or "unknown")
         item.transfer_syntax = str(ts or "")
@@ -206,7 +207,7 @@ class Pipeline:
         item.metadata = Metadata.from_dataset(ds, decode_error=error)
         item.timings["decode"] = time.perf_counter() - t0
         metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(item.timings["decode"])
-        del ds, data
+        del ds
         if pixels is not None:
             t1 = time.perf_counter()
             item.inputs = self.detectors.prepare(pixels)

@@ -9,8 +9,9 @@ Layout under the spool folder::
     dead-letter/<destination>/  instances a DICOM destination gave up on (with a .json saying why)
 
 Every step is a rename inside one file system, which is atomic: an instance is always in exactly one place. Names
-are ``<receive time ns>_<SOP Instance UID>.dcm``, so the same UID received twice gives two files (both processed,
-the destinations are idempotent) and sorting by name is arrival order.
+are ``<receive time ns><seq>_<calling AE in hex>_<SOP Instance UID>.dcm``, so the same UID received twice gives two
+files (both processed, the destinations are idempotent), sorting by name is arrival order, and who sent it survives a
+restart without touching the received bytes.
 """
 
 from __future__ import annotations
@@ -101,16 +102,37 @@ class Spool:
 
     # ------------------------------------------------------------------------------------------ receiving
 
-    def new_name(self, sop_instance_uid: str) -> str:
+    def new_name(self, sop_instance_uid: str, calling_ae: str = "") -> str:
         with self._lock:
             self._seq = (self._seq + 1) % 1000
             seq = self._seq
-        return f"{time.time_ns():020d}{seq:03d}_{safe_component(sop_instance_uid)}{SUFFIX}"
+        ae = calling_ae.strip().encode("ascii", "replace").hex()
+        return f"{time.time_ns():020d}{seq:03d}_{ae}_{safe_component(sop_instance_uid)}{SUFFIX}"
 
-    def persist(self, data: bytes | Sequence[bytes], sop_instance_uid: str) -> Path:
+    def persist(self, data: bytes | Sequence[bytes], sop_instance_uid: str, calling_ae: str = "") -> Path:
         """Durably store one received instance in incoming/; returns its path. Raises OSError on failure."""
-        path = self.incoming / self.new_name(sop_instance_uid)
+        path = self.incoming / self.new_name(sop_instance_uid, calling_ae)
         write_durably(path, data, fsync=self.fsync, tmp_dir=self.tmp)
+        self.arrived.set()
+        return path
+
+    def adopt(self, src: Path, sop_instance_uid: str, calling_ae: str = "") -> Path:
+        """Durably move a complete received file (written while it arrived, under tmp/) into incoming/."""
+        path = self.incoming / self.new_name(sop_instance_uid, calling_ae)
+        if self.fsync:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        try:
+            os.replace(src, path)
+        except OSError:  # another file system: copy durably instead
+            write_durably(path, src.read_bytes(), fsync=self.fsync, tmp_dir=self.tmp)
+            with contextlib.suppress(OSError):
+                src.unlink()
+        if self.fsync:
+            fsync_dir(self.incoming)
         self.arrived.set()
         return path
 
@@ -188,3 +210,18 @@ def received_at(name: str) -> float:
         return int(name[:20]) / 1e9
     except ValueError:
         return time.time()
+
+
+def calling_ae_of(name: str) -> str:
+    """The calling AE title encoded in a spool file name ('' when absent)."""
+    parts = name.split("_", 2)
+    try:
+        return bytes.fromhex(parts[1]).decode("ascii", "replace") if len(parts) == 3 else ""
+    except ValueError:
+        return ""
+
+
+def uid_of(name: str) -> str:
+    """The (sanitised) SOP Instance UID in a spool file name."""
+    stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
+    return stem.split("_", 2)[-1]

@@ -11,6 +11,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from service.spool import uid_of
 from tests.service.conftest import Gate, wait_for
 
 
@@ -113,7 +114,7 @@ def test_sigterm_drains_and_hands_back(tmp_path, made_films, models_dir):
     acked = set(burst.acked)
     spool = tmp_path / "spool"
     assert not list((spool / "claimed").glob("*.dcm")), "claimed work is finished or handed back on SIGTERM"
-    waiting = {p.name.split("_", 1)[1][:-4] for p in (spool / "incoming").glob("*.dcm")}
+    waiting = {uid_of(p.name) for p in (spool / "incoming").glob("*.dcm")}
     assert acked <= _delivered_uids(gate) | waiting, "every acknowledged instance is delivered or still spooled"
     gate.start()
     wait_for(lambda: acked <= _delivered_uids(gate), 120, "the rest delivered after restart")

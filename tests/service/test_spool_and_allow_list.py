@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from service.config import ListenerConfig, SenderRule
 from service.listener import HEALTHCHECK_AE, sender_allowed
-from service.spool import Spool, safe_component
+from service.spool import Spool, calling_ae_of, received_at, safe_component, uid_of
 
 
 def test_persist_claim_finish_and_recover(tmp_path):
     spool = Spool(tmp_path)
-    a = spool.persist(b"first", "1.2.3")
+    a = spool.persist(b"first", "1.2.3", "PACS_1")
+    assert calling_ae_of(a.name) == "PACS_1" and uid_of(a.name) == "1.2.3" and received_at(a.name) > 1.7e9
     b = spool.persist((b"sec", b"ond"), "1.2.3")  # the same UID twice: two files, both kept
     assert a != b and [p.name for p in spool.pending()] == [a.name, b.name]
     assert b.read_bytes() == b"second"

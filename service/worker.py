@@ -1,0 +1,159 @@
+"""The workers in their own process, so that receiving (Python-heavy, in the listener's process) and decoding and
+inference do not take turns on one interpreter lock. The spool is the hand-off: the listener's process persists into
+``incoming/``, this process claims by atomic rename, exactly as threads would.
+
+The parent starts it (fork) after spool recovery and before the listener, waits until its detectors are loaded, asks
+it for metric snapshots on every scrape, and on shutdown sets ``stop``: the child then finishes or hands back what it
+holds and exits. The child dies with its parent (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node never leaves an
+orphan worker claiming files behind a restarted node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any
+
+from service import metrics
+from service.config import Config
+
+log = logging.getLogger("filmgate.worker")
+
+
+class WorkerProcess:
+    """The parent's handle on the worker process."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._ctx = mp.get_context("fork")
+        self.stop_event = self._ctx.Event()
+        self.ready_event = self._ctx.Event()
+        self.store_times: Any = self._ctx.Queue(maxsize=10000)
+        self._conn, self._child_conn = self._ctx.Pipe()
+        self._lock = threading.Lock()
+        self._last: metrics.Snapshot = []
+        self.proc: Any = None
+
+    def start(self, timeout: float = 300.0) -> None:
+        self.ready_event.clear()
+        self.proc = self._ctx.Process(
+            target=_child_main,
+            args=(self.cfg, self.stop_event, self.ready_event, self.store_times, self._child_conn, os.getpid()),
+            name="filmgate-worker",
+            daemon=False,
+        )
+        self.proc.start()
+        deadline = time.monotonic() + timeout
+        while not self.ready_event.wait(0.1):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"the worker process failed to start (exit code {self.proc.exitcode}); see the log")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the worker process did not get ready in time")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def stored(self, name: str, seconds: float) -> None:
+        with contextlib.suppress(queue.Full):
+            self.store_times.put_nowait((name, seconds))
+
+    def snapshot(self, timeout: float = 2.0) -> metrics.Snapshot:
+        """The worker's current metrics (the last ones received when it does not answer in time)."""
+        with self._lock:
+            if not self.alive():
+                return self._last
+            try:
+                while self._conn.poll():  # a late answer to an earlier request
+                    self._last = self._conn.recv()
+                self._conn.send("snapshot")
+                if self._conn.poll(timeout):
+                    self._last = self._conn.recv()
+            except (EOFError, OSError):
+                pass
+            return self._last
+
+    def stop(self, timeout: float) -> bool:
+        """Ask the worker to drain and exit; True when it exited in time."""
+        if self.proc is None:
+            return True
+        self.snapshot()
+        self.stop_event.set()
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            log.error("the worker did not stop within %.0f s; terminating it", timeout)
+            self.proc.kill()
+            self.proc.join(5)
+            return False
+        return self.proc.exitcode == 0
+
+
+def _die_with_parent(parent: int) -> None:
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child_main(cfg: Config, stop: Any, ready: Any, store_q: Any, conn: Any, parent: int) -> None:
+    _die_with_parent(parent)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent coordinates the shutdown
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from service.destinations import build as build_destinations
+    from service.detectors import DetectorSet
+    from service.pipeline import Pipeline
+    from service.spool import Spool
+
+    try:
+        spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync)
+        detectors = DetectorSet.load(cfg.detectors)
+        destinations = build_destinations(cfg.destinations, spool)
+    except Exception:
+        log.exception("worker start failed")
+        os._exit(3)
+    store_times: dict[str, float] = {}
+    for dest in destinations.values():
+        dest.start()
+    pipeline = Pipeline(cfg, spool, detectors, destinations, store_times)
+    pipeline.start()
+
+    def serve_metrics() -> None:
+        while True:
+            try:
+                conn.recv()
+                conn.send(metrics.snapshot())
+            except (EOFError, OSError):
+                return
+
+    def drain_store_times() -> None:
+        while True:
+            try:
+                name, seconds = store_q.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            except (EOFError, OSError):
+                return
+            store_times[name] = seconds
+            spool.arrived.set()  # wake the claimer now rather than at its next poll
+            if len(store_times) > 10000:
+                store_times.clear()
+
+    threading.Thread(target=serve_metrics, name="metrics", daemon=True).start()
+    threading.Thread(target=drain_store_times, name="store-times", daemon=True).start()
+    ready.set()
+    while not stop.wait(0.5):
+        pass
+    drained = pipeline.stop(cfg.workers.drain_timeout)
+    for dest in destinations.values():
+        dest.stop(5.0)
+    log.info("worker stopped (%s)", "drained" if drained else "rest handed back")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)
