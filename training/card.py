@@ -66,7 +66,7 @@ def model_card(
         "(the pediatric 224-px `kermany` copies would otherwise be ~80% of all samples).",
         f"- {blob['steps']} steps of batch {config.train.batch_size}, AdamW lr {config.train.lr} (warm-up, cosine), "
         f"seed {config.train.seed}; {blob['train_seconds'] / 60:.1f} min on {blob['device']} with "
-        f"{blob['threads']} threads (cache build {blob.get('cache_seconds', 0):.0f} s).",
+        f"{blob['threads']} threads (cache load or build {blob.get('cache_seconds', 0):.0f} s).",
         "",
         "| source | train films | calibration films | licence |",
         "| --- | --- | --- | --- |",

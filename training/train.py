@@ -49,6 +49,17 @@ def _save(obj: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def training_identity(config: Config) -> dict[str, Any]:
+    """The parts of a config that change the trained weights (a checkpoint resumes only if these are equal)."""
+    d = config.to_dict()
+    for key in ("progress", "log_every", "checkpoint_every", "threads", "device"):
+        d["train"].pop(key, None)
+    d["data"].pop("workers", None)
+    for key in ("evaluate", "version", "run_dir", "models_dir"):
+        d.pop(key, None)
+    return d
+
+
 def load_trained(run_path: Path, device: str = "cpu") -> tuple[FilmNet, dict[str, Any]]:
     """The finished model of a run (eval mode) and its metadata."""
     path = run_path / "model.pt"
@@ -83,7 +94,7 @@ def fit(config: Config, resume: bool = True) -> Path:
     ckpt_path = run / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt.get("config") == config.to_dict():
+        if ckpt.get("identity") == training_identity(config):
             model.load_state_dict(ckpt["state_dict"])
             opt.load_state_dict(ckpt["optimizer"])
             start, elapsed, history = ckpt["step"], ckpt["elapsed"], ckpt["history"]
@@ -95,6 +106,7 @@ def fit(config: Config, resume: bool = True) -> Path:
         _save(
             {
                 "config": config.to_dict(),
+                "identity": training_identity(config),
                 "state_dict": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "step": step,
@@ -114,6 +126,7 @@ def fit(config: Config, resume: bool = True) -> Path:
     for step in range(start, config.train.steps):
         t_step = time.perf_counter()
         rng = np.random.default_rng([config.train.seed, step])
+        torch.manual_seed(config.train.seed * 1_000_003 + step)  # dropout: resumed runs see the same masks
         x, y = make_batch(pool, task, config, rng, config.train.batch_size)
         xb, yb = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         for group in opt.param_groups:

@@ -29,7 +29,7 @@ def tiny_config(tmp_path, task="orientation", seed=0, run="run"):
             "task": task,
             "preprocessing": {"size": 64, "resize": "letterbox", "normalize": "zscore"},
             "data": {"cache_dir": str(tmp_path / "cache"), "max_train_films": 12, "max_val_films": 3, "workers": 1},
-            "model": {"widths": [8, 16, 32], "dropout": 0.0},
+            "model": {"widths": [8, 16, 32], "dropout": 0.2},
             "train": {
                 "steps": 4,
                 "batch_size": 8,
@@ -105,6 +105,33 @@ def test_fit_is_reproducible(tmp_path, data_dir):
     c = fit(tiny_config(tmp_path, run="c", seed=1))
     sc = torch.load(c, weights_only=False)["state_dict"]
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_interrupted_fit_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
+    import training.train as train_module
+
+    uninterrupted = torch.load(fit(tiny_config(tmp_path, run="whole")), weights_only=False)["state_dict"]
+    real_make_batch, calls = train_module.make_batch, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the checkpoint at step 2
+            raise KeyboardInterrupt
+        return real_make_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "make_batch", failing)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(tmp_path, run="cut"))
+    after: list[int] = []
+
+    def counting(*args, **kwargs):
+        after.append(1)
+        return real_make_batch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "make_batch", counting)
+    resumed = torch.load(fit(tiny_config(tmp_path, run="cut")), weights_only=False)
+    assert len(after) == 2  # steps 3 and 4 only: it resumed from the checkpoint at step 2
+    assert all(torch.equal(uninterrupted[k], resumed["state_dict"][k]) for k in uninterrupted)
 
 
 def test_config_errors_name_the_key(tmp_path):
