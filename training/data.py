@@ -20,8 +20,9 @@ import numpy as np
 from service.datasets import LabelledFilm, labels
 from service.decode import DecodeError, decode_file
 from service.preprocess import PreprocessSpec, preprocess
+from training.augment import display_augment, film_augment
 from training.cache import FilmCache, build_cache
-from training.config import Config
+from training.config import AugmentConfig, Config
 from training.tasks import Example, Task, in_holdout
 
 
@@ -110,15 +111,30 @@ class EvalItem:
 
 
 def eval_items(
-    films: Sequence[LabelledFilm], task: Task, spec: PreprocessSpec
+    films: Sequence[LabelledFilm],
+    task: Task,
+    spec: PreprocessSpec,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
 ) -> Iterator[EvalItem | tuple[LabelledFilm, str]]:
-    """Every variant of every film through the serving path; undecodable films are yielded as (film, error)."""
+    """Every variant of every film through the serving path; undecodable films are yielded as (film, error).
+
+    With ``augment``, each film also gets the realism augmentations (film ones before the variant, display ones
+    after), from a generator seeded by ``seed`` and the film's path: a fixed, harder copy of val that shows how
+    the detector copes with tilts, crops, borders, text and re-windowing it has not seen on these films.
+    """
     for film in films:
         try:
             pixels = decode_file(film.path).pixels
         except DecodeError as exc:
             yield film, str(exc)
             continue
+        rng = None
+        if augment is not None:
+            key = int.from_bytes(hashlib.sha1(film.rel.encode()).digest()[:8], "big")
+            rng = np.random.default_rng([seed, key])
+            pixels = film_augment(pixels, rng, augment)
         examples: list[Example] = task.eval_examples(pixels, film)
         for ex in examples:
-            yield EvalItem(film, ex.variant, ex.label, preprocess(ex.pixels, spec))
+            img = ex.pixels if rng is None else display_augment(np.ascontiguousarray(ex.pixels), rng, augment)
+            yield EvalItem(film, ex.variant, ex.label, preprocess(img, spec))
