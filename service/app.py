@@ -52,7 +52,7 @@ class Node:
             from service.worker import WorkerProcess
 
             self.worker = WorkerProcess(cfg)
-            self.worker.start()  # fork before any thread of ours exists
+            self.worker.start()
             on_stored = self.worker.stored
         else:
             on_stored = self._start_threads(spool)

@@ -11,7 +11,7 @@ from pathlib import Path
 from service.config import Config, ConfigError, load_config
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -39,7 +39,11 @@ def _config(path: str | None) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
-    _setup_logging(cfg.logging.level)
+    setup_logging(cfg.logging.level)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
     from service.app import serve
 
     return serve(cfg)
@@ -55,7 +59,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     from service.inspect import inspect_files
 
     return inspect_files(cfg, [Path(f) for f in args.files], sys.stdout)

@@ -8,6 +8,7 @@ dataclass defaults below, so ``filmgate serve`` works with no file at all (AE ``
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import ipaddress
 import os
@@ -30,6 +31,10 @@ LAYOUT_FIELDS = (
     "SOPInstanceUID", "SOPClassUID",
 )  # fmt: skip
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
+
+
+# The config travels to the worker process by pickle; read-only mappings are rebuilt from plain dicts.
+copyreg.pickle(types.MappingProxyType, lambda m: (types.MappingProxyType, (dict(m),)))
 
 
 class ConfigError(ValueError):

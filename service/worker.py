@@ -2,10 +2,11 @@
 inference do not take turns on one interpreter lock. The spool is the hand-off: the listener's process persists into
 ``incoming/``, this process claims by atomic rename, exactly as threads would.
 
-The parent starts it (fork) after spool recovery and before the listener, waits until its detectors are loaded, asks
-it for metric snapshots on every scrape, and on shutdown sets ``stop``: the child then finishes or hands back what it
-holds and exits. The child dies with its parent (``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node never leaves an
-orphan worker claiming files behind a restarted node.
+The parent starts it (spawn: a fresh interpreter, safe whatever threads the parent runs) after spool recovery and
+before the listener, waits until its detectors are loaded, asks it for metric snapshots on every scrape, and on
+shutdown sets ``stop``: the child then finishes or hands back what it holds and exits. The child dies with its parent
+(``PR_SET_PDEATHSIG``), so a ``kill -9`` of the node never leaves an orphan worker claiming files behind a
+restarted node.
 """
 
 from __future__ import annotations
@@ -32,24 +33,26 @@ class WorkerProcess:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._ctx = mp.get_context("fork")
-        self.stop_event = self._ctx.Event()
-        self.ready_event = self._ctx.Event()
-        self.store_times: Any = self._ctx.Queue(maxsize=10000)
-        self._conn, self._child_conn = self._ctx.Pipe()
+        self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
         self._last: metrics.Snapshot = []
         self.proc: Any = None
 
     def start(self, timeout: float = 300.0) -> None:
-        self.ready_event.clear()
+        # Fresh IPC objects for every child: a child killed while waiting on an Event or a Queue leaves their locks
+        # in a state where the next set()/get() would block forever.
+        self.stop_event = self._ctx.Event()
+        self.ready_event = self._ctx.Event()
+        self.store_times: Any = self._ctx.Queue(maxsize=10000)
+        self._conn, child_conn = self._ctx.Pipe()
         self.proc = self._ctx.Process(
             target=_child_main,
-            args=(self.cfg, self.stop_event, self.ready_event, self.store_times, self._child_conn, os.getpid()),
+            args=(self.cfg, self.stop_event, self.ready_event, self.store_times, child_conn, os.getpid()),
             name="filmgate-worker",
             daemon=False,
         )
         self.proc.start()
+        child_conn.close()
         deadline = time.monotonic() + timeout
         while not self.ready_event.wait(0.1):
             if not self.proc.is_alive():
@@ -61,7 +64,7 @@ class WorkerProcess:
         return self.proc is not None and self.proc.is_alive()
 
     def stored(self, name: str, seconds: float) -> None:
-        with contextlib.suppress(queue.Full):
+        with contextlib.suppress(queue.Full, AttributeError, ValueError, OSError):
             self.store_times.put_nowait((name, seconds))
 
     def snapshot(self, timeout: float = 2.0) -> metrics.Snapshot:
@@ -106,6 +109,9 @@ def _child_main(cfg: Config, stop: Any, ready: Any, store_q: Any, conn: Any, par
     _die_with_parent(parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent coordinates the shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from service.cli import setup_logging
+
+    setup_logging(cfg.logging.level)
     from service.destinations import build as build_destinations
     from service.detectors import DetectorSet
     from service.pipeline import Pipeline

@@ -201,6 +201,19 @@ def storescu(files: Iterable[Path], port: int, *, aet: str = "TESTSCU", aec: str
 # ----------------------------------------------------------------------------------------------------- the node
 
 
+_STARTED: list[Gate] = []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reap_gates():
+    """A failed test must not leave a node running."""
+    yield
+    for gate in _STARTED:
+        if gate.proc is not None and gate.proc.poll() is None:
+            gate.proc.kill()
+            gate.proc.wait(10)
+
+
 @dataclass
 class Gate:
     """A `filmgate serve` subprocess with its own config, ports and folders."""
@@ -254,6 +267,7 @@ class Gate:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        _STARTED.append(self)
         if wait:
             self.wait_ready()
         return self
