@@ -32,7 +32,7 @@ class Node:
         self._stop = threading.Event()
         self.http: HttpServer | None = None
         self.listener: Listener | None = None
-        self.worker: Any = None  # WorkerProcess, or None in thread mode
+        self.workers: list[Any] = []  # WorkerProcess; empty in thread mode
         self.pipeline: Any = None  # Pipeline in thread mode
         self.destinations: dict = {}
         self.spool: Spool | None = None
@@ -48,12 +48,16 @@ class Node:
         recovered = spool.recover()
         if recovered:
             log.info("recovered %d instances claimed by the previous run", recovered)
-        if cfg.workers.separate_process:
+        if cfg.workers.processes:
             from service.worker import WorkerProcess
 
-            self.worker = WorkerProcess(cfg)
-            self.worker.start()
-            on_stored = self.worker.stored
+            self.workers = [WorkerProcess(cfg, i) for i in range(cfg.workers.processes)]
+            for worker in self.workers:
+                worker.start()
+
+            def on_stored(name: str, seconds: float) -> None:
+                for worker in self.workers:
+                    worker.stored(name, seconds)
         else:
             on_stored = self._start_threads(spool)
         if cfg.http.enabled:
@@ -86,22 +90,23 @@ class Node:
         return on_stored
 
     def _metrics(self) -> bytes:
-        return metrics.render(self.worker.snapshot() if self.worker else None)
+        return metrics.render([w.snapshot() for w in self.workers])
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
     def wait(self) -> None:
         while not self._stop.wait(0.5):
-            if self.worker is not None and not self.worker.alive():
-                self._restart_worker()
+            for worker in self.workers:
+                if not worker.alive():
+                    self._restart_worker(worker)
 
-    def _restart_worker(self) -> None:
-        log.error("the worker process died (exit code %s); restarting it", self.worker.proc.exitcode)
+    def _restart_worker(self, worker: Any) -> None:
+        log.error("the worker process %s died (exit code %s); restarting it", worker.name, worker.proc.exitcode)
         assert self.spool is not None
-        self.spool.release_all()  # what it held goes back to incoming/
+        self.spool.release_all(worker.name)  # what it held goes back to incoming/
         try:
-            self.worker.start()
+            worker.start()
         except RuntimeError as exc:
             log.error("%s; retrying in 5 s", exc)
             time.sleep(5)
@@ -115,10 +120,14 @@ class Node:
             self.listener.stop_accepting()
             self.listener.wait_idle(min(drain, 10.0))
         drained = True
-        if self.worker is not None:
-            drained = self.worker.stop(max(0.0, drain - (time.monotonic() - t0)) + 10.0)
+        if self.workers:
+            for worker in self.workers:
+                worker.request_stop()
+            for worker in self.workers:
+                drained &= worker.stop(max(0.0, drain - (time.monotonic() - t0)) + 10.0)
             if self.spool is not None:
-                self.spool.release_all()  # only if the worker had to be killed
+                for worker in self.workers:
+                    self.spool.release_all(worker.name)  # only if a worker had to be killed
         if self.pipeline is not None:
             drained = self.pipeline.stop(max(0.0, drain - (time.monotonic() - t0)))
         for dest in self.destinations.values():

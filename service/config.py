@@ -85,12 +85,13 @@ class SpoolConfig:
 class WorkersConfig:
     """Pipeline sizing. Batching happens when several decoded films wait for inference.
 
-    ``separate_process`` runs the workers in a child process (the default): receiving and decoding then use two
-    cores instead of taking turns on the interpreter lock.
+    ``processes`` worker processes (0: threads inside the listener's process) claim from the spool; decoding and
+    preprocessing hold the interpreter lock often enough that threads do not scale, processes do.
     """
 
-    separate_process: bool = True
-    decode_threads: int = 2
+    processes: int = 2
+    nice: int = 0
+    decode_threads: int = 1
     deliver_threads: int = 1
     max_batch: int = 8
     batch_wait_ms: float = 2.0
@@ -330,8 +331,12 @@ def validate(cfg: Config) -> Config:
     if not cfg.spool.path:
         raise ConfigError("spool.path: must not be empty")
     w = cfg.workers
+    if not 0 <= w.processes <= 64:
+        raise ConfigError(f"workers.processes: must be 0-64 (0 runs the workers as threads), got {w.processes}")
     for name in ("decode_threads", "deliver_threads", "max_batch", "queue_size"):
         _positive(getattr(w, name), f"workers.{name}")
+    if not 0 <= w.nice <= 19:
+        raise ConfigError(f"workers.nice: must be 0-19 (the worker process's niceness), got {w.nice}")
     for name in ("batch_wait_ms", "drain_timeout"):
         if getattr(w, name) < 0:
             raise ConfigError(f"workers.{name}: must be >= 0")

@@ -128,7 +128,7 @@ class DicomDestination:
             files = self.pending()
             if not files:
                 self._close()
-                self._wake.wait(1.0)
+                self._wake.wait(0.25)  # other worker processes fill the outbox too
                 self._wake.clear()
                 continue
             for path in files:

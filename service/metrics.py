@@ -75,6 +75,25 @@ def snapshot() -> Snapshot:
     return out
 
 
+def _combine(snapshots: list[Snapshot]) -> Snapshot:
+    """Several workers' snapshots as one: counters and histograms add up, gauges take the largest value (every
+    worker reports the same spool depth and model info)."""
+    fams: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+    for snap in snapshots:
+        for name, typ, doc, samples in snap:
+            _, _, acc = fams.setdefault(name, (typ, doc, {}))
+            for sname, labels, value in samples:
+                key = (sname, tuple(sorted(labels.items())))
+                if typ == "gauge":
+                    acc[key] = max(acc.get(key, value), value)
+                else:
+                    acc[key] = acc.get(key, 0.0) + value
+    return [
+        (name, typ, doc, [(sname, dict(labels), v) for (sname, labels), v in acc.items()])
+        for name, (typ, doc, acc) in fams.items()
+    ]
+
+
 class _Merged:
     def __init__(self, extra: Snapshot) -> None:
         self.extra = {name: (typ, doc, samples) for name, typ, doc, samples in extra}
@@ -106,6 +125,6 @@ class _Merged:
                 yield fam
 
 
-def render(extra: Snapshot | None = None) -> bytes:
-    """The exposition text of this process, plus a worker process's snapshot."""
-    return generate_latest(_Merged(extra or []))  # type: ignore[arg-type]
+def render(workers: list[Snapshot] | None = None) -> bytes:
+    """The exposition text of this process, plus the worker processes' snapshots."""
+    return generate_latest(_Merged(_combine(workers or [])))  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ Layout under the spool folder::
 
     tmp/        partial writes (removed at start)
     incoming/   acknowledged instances waiting for a worker
-    claimed/    instances a worker is processing (moved back to incoming/ at start: the last run died)
+    claimed/<worker>/  instances a worker is processing (moved back to incoming/ at start, or when that worker dies)
     outbox/<destination>/       instances waiting for a DICOM destination
     dead-letter/<destination>/  instances a DICOM destination gave up on (with a .json saying why)
 
@@ -86,12 +86,13 @@ def place(src: Path, dst: Path, *, fsync: bool = True) -> None:
 class Spool:
     """The spool folders and the atomic moves between them."""
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, worker: str = "w0") -> None:
         self.root = Path(root)
+        self.claimed_root = self.root / "claimed"
         self.fsync = fsync
         self.tmp = self.root / "tmp"
         self.incoming = self.root / "incoming"
-        self.claimed = self.root / "claimed"
+        self.claimed = self.claimed_root / safe_component(worker)
         self.outbox_root = self.root / "outbox"
         self.dead_root = self.root / "dead-letter"
         for d in (self.tmp, self.incoming, self.claimed, self.outbox_root, self.dead_root):
@@ -144,13 +145,11 @@ class Spool:
             with contextlib.suppress(OSError):
                 p.unlink()
         n = 0
-        for p in sorted(self.claimed.iterdir()):
-            if p.suffix == SUFFIX:
-                os.replace(p, self.incoming / p.name)
-                n += 1
+        for p in sorted(self.claimed_root.rglob(f"*{SUFFIX}")):
+            os.replace(p, self.incoming / p.name)
+            n += 1
         if n and self.fsync:
             fsync_dir(self.incoming)
-            fsync_dir(self.claimed)
         return n
 
     def pending(self) -> list[Path]:
@@ -172,12 +171,13 @@ class Spool:
             os.replace(claimed, self.incoming / claimed.name)
             self.arrived.set()
 
-    def release_all(self) -> int:
+    def release_all(self, worker: str | None = None) -> int:
+        """Hand back everything this worker (or ``worker``) holds."""
+        folder = self.claimed if worker is None else self.claimed_root / safe_component(worker)
         n = 0
-        for p in list(self.claimed.iterdir()):
-            if p.suffix == SUFFIX:
-                self.release(p)
-                n += 1
+        for p in list(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []:
+            self.release(p)
+            n += 1
         return n
 
     def finish(self, claimed: Path) -> None:
@@ -188,7 +188,7 @@ class Spool:
     def depth(self) -> dict[str, int]:
         return {
             "incoming": sum(1 for p in self.incoming.iterdir() if p.suffix == SUFFIX),
-            "claimed": sum(1 for p in self.claimed.iterdir() if p.suffix == SUFFIX),
+            "claimed": sum(1 for _ in self.claimed_root.rglob(f"*{SUFFIX}")),
         }
 
     # ------------------------------------------------------------------------------------------ DICOM outboxes

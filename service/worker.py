@@ -31,8 +31,10 @@ log = logging.getLogger("filmgate.worker")
 class WorkerProcess:
     """The parent's handle on the worker process."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, index: int = 0) -> None:
         self.cfg = cfg
+        self.index = index
+        self.name = f"w{index}"
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
         self._last: metrics.Snapshot = []
@@ -47,8 +49,8 @@ class WorkerProcess:
         self._conn, child_conn = self._ctx.Pipe()
         self.proc = self._ctx.Process(
             target=_child_main,
-            args=(self.cfg, self.stop_event, self.ready_event, self.store_times, child_conn, os.getpid()),
-            name="filmgate-worker",
+            args=(self.cfg, self.index, self.stop_event, self.ready_event, self.store_times, child_conn, os.getpid()),
+            name=f"filmgate-worker-{self.index}",
             daemon=False,
         )
         self.proc.start()
@@ -82,12 +84,16 @@ class WorkerProcess:
                 pass
             return self._last
 
+    def request_stop(self) -> None:
+        if self.proc is not None:
+            self.snapshot()
+            self.stop_event.set()
+
     def stop(self, timeout: float) -> bool:
         """Ask the worker to drain and exit; True when it exited in time."""
         if self.proc is None:
             return True
-        self.snapshot()
-        self.stop_event.set()
+        self.request_stop()
         self.proc.join(timeout)
         if self.proc.is_alive():
             log.error("the worker did not stop within %.0f s; terminating it", timeout)
@@ -105,28 +111,36 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child_main(cfg: Config, stop: Any, ready: Any, store_q: Any, conn: Any, parent: int) -> None:
+def _child_main(cfg: Config, index: int, stop: Any, ready: Any, store_q: Any, conn: Any, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent coordinates the shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        # Receiving is a serial chain (the sender waits for each response); give it the CPU first. The workers
+        # catch up from the durable spool, so a burst costs latency, not acknowledgements.
+        os.nice(cfg.workers.nice)
     from service.cli import setup_logging
 
     setup_logging(cfg.logging.level)
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the decode threads; OpenCV's own pool only oversubscribes 2 cores
     from service.destinations import build as build_destinations
     from service.detectors import DetectorSet
     from service.pipeline import Pipeline
     from service.spool import Spool
 
     try:
-        spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync)
+        spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync, worker=f"w{index}")
         detectors = DetectorSet.load(cfg.detectors)
         destinations = build_destinations(cfg.destinations, spool)
     except Exception:
         log.exception("worker start failed")
         os._exit(3)
     store_times: dict[str, float] = {}
-    for dest in destinations.values():
-        dest.start()
+    if index == 0:  # one process forwards each outbox, or instances would be sent twice
+        for dest in destinations.values():
+            dest.start()
     pipeline = Pipeline(cfg, spool, detectors, destinations, store_times)
     pipeline.start()
 
@@ -159,7 +173,7 @@ def _child_main(cfg: Config, stop: Any, ready: Any, store_q: Any, conn: Any, par
     drained = pipeline.stop(cfg.workers.drain_timeout)
     for dest in destinations.values():
         dest.stop(5.0)
-    log.info("worker stopped (%s)", "drained" if drained else "rest handed back")
+    log.info("worker %d stopped (%s)", index, "drained" if drained else "rest handed back")
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(0)

@@ -79,7 +79,7 @@ def test_kill9_then_restart_delivers_every_acknowledged_instance(tmp_path, made_
         b.join(30)
     acked = {uid for b in bursts for uid in b.acked}
     spool = tmp_path / "spool"
-    left = list((spool / "incoming").glob("*.dcm")) + list((spool / "claimed").glob("*.dcm"))
+    left = list((spool / "incoming").glob("*.dcm")) + list((spool / "claimed").rglob("*.dcm"))
     delivered_before = _delivered_uids(gate)
     print(f"acked {len(acked)}, delivered before restart {len(delivered_before)}, left in spool {len(left)}")
     assert left, "the kill should land while instances wait in the spool (else recovery is not exercised)"
@@ -89,7 +89,7 @@ def test_kill9_then_restart_delivers_every_acknowledged_instance(tmp_path, made_
     except AssertionError:
         print("missing", acked - _delivered_uids(gate), "extra", _delivered_uids(gate) - acked, [p.name for p in left])
         raise
-    assert not list((spool / "claimed").glob("*.dcm"))
+    assert not list((spool / "claimed").rglob("*.dcm"))
     assert gate.stop() == 0
 
 
@@ -113,7 +113,7 @@ def test_sigterm_drains_and_hands_back(tmp_path, made_films, models_dir):
     assert "stopped in" in gate.log()
     acked = set(burst.acked)
     spool = tmp_path / "spool"
-    assert not list((spool / "claimed").glob("*.dcm")), "claimed work is finished or handed back on SIGTERM"
+    assert not list((spool / "claimed").rglob("*.dcm")), "claimed work is finished or handed back on SIGTERM"
     waiting = {uid_of(p.name) for p in (spool / "incoming").glob("*.dcm")}
     assert acked <= _delivered_uids(gate) | waiting, "every acknowledged instance is delivered or still spooled"
     gate.start()
