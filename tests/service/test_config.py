@@ -101,3 +101,9 @@ def test_serve_refuses_an_invalid_file(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "policy.pediatric_age_years" in proc.stderr
+
+
+def test_shipped_default_yaml_is_the_defaults():
+    path = REPO / "service" / "default.yaml"
+    cfg = load_config(path)
+    assert cfg == Config(source=str(path))

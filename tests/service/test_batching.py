@@ -1,0 +1,36 @@
+"""Films that wait together are run through the detectors together, and batching does not change a score."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.service.conftest import REPO, Gate, storescu
+
+
+def test_waiting_films_are_batched_with_the_same_scores(tmp_path, made_films, models_dir):
+    films = [f for f in made_films if f.note.startswith(("normal", "rot", "inverted", "mono1"))][:8]
+    gate = Gate.create(
+        tmp_path, workers={"processes": 1, "decode_threads": 2, "max_batch": 8, "batch_wait_ms": 400.0}
+    ).start()
+    try:
+        assert storescu([f.path for f in films], gate.dicom_port) == []
+        records = {r["sop_instance_uid"]: r for r in gate.wait_delivered(len(films), timeout=120)}
+    finally:
+        assert gate.stop() == 0
+    assert max(r["timings_ms"]["batch"] for r in records.values()) > 1, "several waiting films form one batch"
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "inspect", *[str(f.path) for f in films]],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={"FILMGATE_CONFIG": str(gate.config_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    for film, line in zip(films, proc.stdout.splitlines(), strict=True):
+        alone = json.loads(line)["scores"]
+        batched = records[film.uid]["scores"]
+        assert batched.keys() == alone.keys()
+        for name in alone:
+            assert batched[name] == pytest.approx(alone[name], abs=1e-4), (film.note, name)
