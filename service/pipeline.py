@@ -124,10 +124,20 @@ class Pipeline:
         while self._claiming.is_set():
             self.spool.arrived.clear()
             took = False
-            for path in self.spool.pending():
+            try:
+                pending = self.spool.pending()
+            except OSError as exc:  # the spool folder is broken (disk, permissions): keep trying, loudly
+                log.error("cannot list the spool (%s); retrying", exc)
+                self.spool.arrived.wait(max(poll, 1.0))
+                continue
+            for path in pending:
                 if not self._claiming.is_set():
                     break
-                claimed = self.spool.claim(path)
+                try:
+                    claimed = self.spool.claim(path)
+                except OSError as exc:
+                    log.error("cannot claim a spooled instance (%s); retrying", exc)
+                    break
                 if claimed is None:
                     continue
                 took = True

@@ -166,6 +166,8 @@ def compress(src: Path, dst: Path, syntax: str) -> Path:
         dcmtk("dcmcjpls", src, dst)
     elif syntax == "rle":
         dcmtk("dcmcrle", src, dst)
+    elif syntax == "deflated":
+        dcmtk("dcmconv", "+td", src, dst)
     elif syntax == "j2k":
         from pydicom.uid import JPEG2000Lossless
 
@@ -380,7 +382,7 @@ def made_films(tmp_path_factory, val_films) -> list[Fixture]:
         add(4095 - px, f"inverted-{i}", "quarantine", "inverted")
         add(4095 - px, f"mono1-{i}", "accept", absent=("inverted",), photometric="MONOCHROME1")
     px = film_pixels(val_films["adult"][1])
-    for syntax in ("jpeg-lossless", "jpeg-ls", "j2k", "rle"):
+    for syntax in ("jpeg-lossless", "jpeg-ls", "j2k", "rle", "deflated"):
         add(px, f"normal-{syntax}", "accept", absent=("rotated", "inverted"), syntax=syntax)
     add(4095 - px, "mono1-j2k", "accept", absent=("inverted",), syntax="j2k", photometric="MONOCHROME1")
     add(np.rot90(px, 2), "rot180-rle", "quarantine", "rotated", syntax="rle")

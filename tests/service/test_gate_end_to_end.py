@@ -25,6 +25,7 @@ from tests.service.conftest import (
     send_file_raw,
     sha,
     storescu,
+    wait_for,
     write_with_meta,
 )
 
@@ -123,6 +124,7 @@ def test_compressed_films_were_received_compressed(run, made_films):
     assert syntaxes["normal-jpeg-ls"] == "1.2.840.10008.1.2.4.80"
     assert syntaxes["normal-j2k"] == "1.2.840.10008.1.2.4.90"
     assert syntaxes["normal-rle"] == "1.2.840.10008.1.2.5"
+    assert syntaxes["normal-deflated"] == "1.2.840.10008.1.2.1.99"
 
 
 def test_real_dicom_files_land_once_with_their_pixels(run):
@@ -259,3 +261,33 @@ def test_inspect_command(made_films, data_dir, models_dir):
     assert "modality" in lines[2]["reasons"]
     assert "modality" not in lines[3]["reasons"] and set(lines[3]["scores"]) >= {"orientation", "inversion"}
     assert lines[4]["reasons"] == ["undecodable"]
+
+
+def test_the_same_instance_twice_is_harmless(run, gate, made_films):
+    film = next(f for f in made_films if f.note == "normal-1")
+    before = gate.metrics()['filmgate_instances_received_total{calling_ae="TESTSCU"}']
+    decided = sum(v for k, v in gate.metrics().items() if k.startswith("filmgate_decisions_total{"))
+    assert storescu([film.path], gate.dicom_port) == []
+    wait_for(
+        lambda: sum(v for k, v in gate.metrics().items() if k.startswith("filmgate_decisions_total{")) > decided,
+        60, "the second copy decided",
+    )  # fmt: skip
+    assert gate.metrics()['filmgate_instances_received_total{calling_ae="TESTSCU"}'] == before + 1
+    copies = [p for p in gate.root.rglob(f"{film.uid}.dcm")]
+    assert len(copies) == 1, "delivered once, the second copy replaced the first"
+    assert sha(dataset_bytes(copies[0].read_bytes())) == sha(dataset_bytes(film.path.read_bytes()))
+
+
+def test_write_failure_answers_a700_and_the_node_recovers(run, gate, made_films):
+    incoming = gate.root / "spool" / "incoming"
+    incoming.rename(incoming.with_name("incoming.away"))
+    incoming.write_bytes(b"not a folder")  # renames into it now fail, even for root
+    try:
+        status = send_file_raw(gate.dicom_port, made_films[0].path)
+    finally:
+        incoming.unlink()
+        incoming.with_name("incoming.away").rename(incoming)
+    assert status == 0xA700
+    assert gate.metrics()['filmgate_store_failures_total{status="0xA700"}'] == 1
+    assert send_file_raw(gate.dicom_port, made_films[0].path) == 0x0000
+    assert gate.http_get("/readyz")[0] == 200
