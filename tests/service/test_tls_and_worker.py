@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.service.conftest import REPO, Gate, send_file_raw, wait_for
+from tests.service.conftest import DX_FOR_PRESENTATION, REPO, Gate, send_file_raw, wait_for
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -25,7 +25,9 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 def test_tls_listener(tmp_path, made_films, models_dir):
     cert, key = _self_signed(tmp_path)
     gate = Gate.create(
-        tmp_path, listener={"tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key)}}
+        tmp_path,
+        listener={"tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key)}},
+        workers={"processes": 0},  # also covers the single-process mode (workers as threads)
     ).start()
     try:
         from pynetdicom import AE
@@ -39,7 +41,14 @@ def test_tls_listener(tmp_path, made_films, models_dir):
         assert assoc.is_established
         assert assoc.send_c_echo().Status == 0
         assoc.release()
-        # Without TLS the node does not talk.
+        # A film over TLS is stored and judged; without TLS the node does not talk.
+        store = AE(ae_title="TLSSCU")
+        store.add_requested_context(DX_FOR_PRESENTATION, ["1.2.840.10008.1.2.1"])
+        assoc = store.associate("127.0.0.1", gate.dicom_port, ae_title="FILMGATE", tls_args=(ctx, None))
+        assert assoc.is_established
+        assert assoc.send_c_store(made_films[0].path).Status == 0
+        assoc.release()
+        wait_for(lambda: len(gate.sidecars()) == 1, 60, "the film sent over TLS delivered")
         assert send_file_raw(gate.dicom_port, made_films[0].path) is None
         hc = subprocess.run(
             [sys.executable, "-m", "service.cli", "healthcheck", "--config", str(gate.config_path)],
