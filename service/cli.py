@@ -46,7 +46,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
     from service.app import serve
 
-    return serve(cfg)
+    try:
+        return serve(cfg)
+    except (RuntimeError, OSError) as exc:  # a port in use, no detectors, a worker that cannot start
+        logging.getLogger("filmgate").error("cannot start: %s", exc)
+        return 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

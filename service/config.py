@@ -104,6 +104,7 @@ class WorkersConfig:
 @dataclass(frozen=True)
 class DetectorsConfig:
     models_dir: str = "models"
+    require: bool = True  # refuse to start without detectors (a wrong path must not mean "accept everything")
     provider: str = "auto"
     intra_op_threads: int = 1
     disabled: tuple[str, ...] = ()

@@ -85,9 +85,17 @@ class DetectorSet:
         }
 
     @classmethod
-    def load(cls, cfg: DetectorsConfig) -> DetectorSet:
+    def load(cls, cfg: DetectorsConfig, *, require: bool | None = None) -> DetectorSet:
+        """Load every detector under ``cfg.models_dir``. With ``detectors.require`` (the default for the node) an
+        empty or missing folder is an error: a wrong path must not turn the gate into "accept everything"."""
+        require = cfg.require if require is None else require
         models_dir = Path(cfg.models_dir)
         if not models_dir.is_dir():
+            if require:
+                raise RuntimeError(
+                    f"detectors.models_dir: folder {models_dir} does not exist (set detectors.require: false to run "
+                    "on metadata rules only)"
+                )
             log.warning("models folder %s does not exist: no detectors loaded", models_dir)
             return cls([])
         loaded = []
@@ -106,6 +114,11 @@ class DetectorSet:
             metrics.MODEL_INFO.labels(model=manifest.name, version=manifest.version, provider=det.provider).set(1)
             loaded.append(det)
         if not loaded:
+            if require:
+                raise RuntimeError(
+                    f"detectors.models_dir: no detector (<name>/manifest.json) under {models_dir} (set "
+                    "detectors.require: false to run on metadata rules only)"
+                )
             log.warning("no detectors found under %s: only metadata rules will be applied", models_dir)
         return cls(loaded)
 

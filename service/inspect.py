@@ -8,6 +8,7 @@ so only the image detectors apply (no modality or age rules).
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -59,7 +60,9 @@ def inspect_one(path: Path, detectors: DetectorSet, cfg: Config) -> dict:
 
 
 def inspect_files(cfg: Config, files: Sequence[Path], out: TextIO) -> int:
-    detectors = DetectorSet.load(cfg.detectors)
+    detectors = DetectorSet.load(cfg.detectors, require=False)
+    if not detectors.detectors:
+        print(f"filmgate inspect: no detectors under {cfg.detectors.models_dir}; metadata rules only", file=sys.stderr)
     for path in files:
         print(json.dumps(inspect_one(path, detectors, cfg)), file=out, flush=True)
     return 0

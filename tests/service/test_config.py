@@ -107,3 +107,17 @@ def test_shipped_default_yaml_is_the_defaults():
     path = REPO / "service" / "default.yaml"
     cfg = load_config(path)
     assert cfg == Config(source=str(path))
+
+
+def test_serve_refuses_to_start_without_detectors(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"listener: {{port: 0}}\nhttp: {{enabled: false}}\nspool: {{path: {tmp_path / 'spool'}}}\n"
+        f"detectors: {{models_dir: {tmp_path / 'nothing'}}}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve", "--config", str(cfg)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "detectors.models_dir" in proc.stderr and "detectors.require: false" in proc.stderr
