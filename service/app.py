@@ -143,7 +143,12 @@ def serve(cfg: Config) -> int:
     node = Node(cfg)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
-    node.start()
+    try:
+        node.start()
+    except BaseException:
+        for worker in node.workers:  # a port in use after the workers started: do not leave them behind
+            worker.stop(10.0)
+        raise
     node.wait()
     node.shutdown()
     return 0

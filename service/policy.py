@@ -19,6 +19,7 @@ from service.manifest import Finding
 
 REASONS = ("rotated", "inverted", "flipped", "not-frontal-chest", "pediatric", "atypical", "undecodable", "modality")
 ACCEPT = "accept"
+PLAUSIBLE_AGE_YEARS = (0.0, 120.0)  # a header age outside this is treated as missing
 QUARANTINE = "quarantine"
 
 
@@ -82,20 +83,24 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
     reasons: list[str] = []
     notes: dict[str, str] = {}
     judged: list[Finding] = []
+    # The header's age is the first line for children; the image model (reason "pediatric") only decides when the
+    # age is missing or implausible, so an adult whose header says so is never held back by the model's guess.
+    age = age_in_years(metadata) if metadata is not None else None
+    header_age = policy.pediatric_rule and age is not None and PLAUSIBLE_AGE_YEARS[0] <= age <= PLAUSIBLE_AGE_YEARS[1]
     for f in findings:
         threshold = policy.thresholds.get(f.detector, f.threshold)
         flagged = f.score >= threshold
         judged.append(Finding(f.detector, f.reason, f.score, threshold, flagged, f.predicted, f.probabilities))
-        if flagged:
+        if flagged and f.reason == "pediatric" and header_age:
+            notes["pediatric"] = "image model overruled by the age in the header"
+        elif flagged:
             reasons.append(f.reason)
-    age = None
     if metadata is not None:
         if metadata.decode_error:
             reasons.append("undecodable")
             notes["error"] = metadata.decode_error
         if policy.modality_rule and metadata.is_dicom and metadata.modality not in policy.modalities:
             reasons.append("modality")
-        age = age_in_years(metadata)
         if policy.pediatric_rule and age is not None and age < policy.pediatric_age_years:
             reasons.append("pediatric")
     ordered = tuple(dict.fromkeys(sorted(reasons, key=_reason_rank)))
