@@ -29,7 +29,7 @@ from service.destinations import Delivery, Destination
 from service.detectors import DetectorSet
 from service.manifest import Finding
 from service.policy import Decision, Metadata, decide
-from service.spool import Spool, calling_ae_of, received_at
+from service.spool import Spool, calling_ae_of, received_at, uid_of
 
 log = logging.getLogger("filmgate.pipeline")
 _STOP = object()
@@ -185,6 +185,8 @@ class Pipeline:
     def _decode(self, item: Item) -> None:
         t0 = time.perf_counter()
         ts_label = "unknown"
+        item.calling_ae = metrics.ae_label(calling_ae_of(item.path.name) or "unknown")
+        item.fields = {"SOPInstanceUID": uid_of(item.path.name)}  # until the header says more
         try:
             ds = read_dataset(item.path)
         except DecodeError as exc:
@@ -193,16 +195,17 @@ class Pipeline:
             metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(item.timings["decode"])
             return
         meta = ds.file_meta
-        item.calling_ae = metrics.ae_label(
-            calling_ae_of(item.path.name) or str(meta.get("SourceApplicationEntityTitle", "") or "")
-        )
+        if not calling_ae_of(item.path.name) and meta.get("SourceApplicationEntityTitle"):
+            item.calling_ae = metrics.ae_label(meta.SourceApplicationEntityTitle)
         ts = meta.get("TransferSyntaxUID")
         ts_label = getattr(ts, "name", None) or str(ts or "unknown")
         item.transfer_syntax = str(ts or "")
         item.fields = {
             "StudyInstanceUID": str(ds.get("StudyInstanceUID", "") or ""),
             "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
-            "SOPInstanceUID": str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")),
+            "SOPInstanceUID": str(
+                ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "") or uid_of(item.path.name)
+            ),
             "SOPClassUID": str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")),
             "Modality": str(ds.get("Modality", "") or ""),
         }
