@@ -6,6 +6,9 @@ python -m training export --config orientation    # ONNX + parity check -> runs/
 python -m training evaluate --config orientation  # threshold + val report (on the ONNX file)
 python -m training ship --config orientation      # -> models/<task>/ (model, manifest, card, report)
 python -m training all --config orientation       # all of the above
+python -m training finish --config view           # issue-4 extra evaluation + card (view, flip, pediatric);
+                                                  # --config atypical builds the atypical score from runs/view
+python -m training gate-report [--docs]           # the val split decided as the gate would (issue 4, item 6)
 --set train.steps=100 overrides any key (the value is read as YAML).
 """
 
@@ -97,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tasks", help="list the registered tasks")
+    report = sub.add_parser("gate-report", help="the whole val split decided as the gate would (issue 4)")
+    report.add_argument("--out", help="run folder for the report and contact sheets (default runs/gate-report)")
+    report.add_argument("--models", help="models folder (default models/)")
+    report.add_argument("--docs", action="store_true", help="also copy the Markdown/JSON summary to docs/")
+    finish = sub.add_parser("finish", help="issue-4 evaluation and card for view/flip/pediatric; builds atypical")
+    finish.add_argument("--config", required=True)
+    finish.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     for name in COMMANDS:
         p = sub.add_parser(name)
         p.add_argument("--config", required=True, help="YAML file, or a name under training/configs/")
@@ -105,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "gate-report":
+        from training.detectors.gate_report import main as gate_report
+
+        extra = [*(["--out", args.out] if args.out else []), *(["--models", args.models] if args.models else [])]
+        return gate_report(extra + (["--docs"] if args.docs else []))
+    if args.command == "finish":
+        from training.detectors.finish import main as finish_main
+
+        return finish_main(["--config", args.config, *(x for kv in args.set for x in ("--set", kv))])
     if args.command == "tasks":
         from training.tasks import registered
 
