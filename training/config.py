@@ -27,6 +27,15 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Exclusion:
+    """A film whose row is wrong for this task (e.g. stored upside down): left out of training, calibration and the
+    headline val figures; list it under ``evaluate.checks`` too, so the report shows what the detector says."""
+
+    path: str  # relative to the data root
+    why: str
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which films, how they are cached and sampled."""
 
@@ -37,6 +46,7 @@ class DataConfig:
     max_train_films: int | None = None  # cap (for smoke tests); None = all
     max_val_films: int | None = None
     workers: int = 2  # processes that decode films when the cache is built
+    exclude: tuple[Exclusion, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def source_weights(films: Sequence[LabelledFilm], balance: float) -> np.ndarray:
 
 def split_train(config: Config, task: Task) -> tuple[list[LabelledFilm], list[LabelledFilm]]:
     """The task's train-split films, as (trained on, held out for calibration)."""
-    films = task.films(labels(), "train")
+    films = _without_exclusions(config, task.films(labels(), "train"))
     frac = config.data.calibration_fraction
     train = [f for f in films if not in_holdout(f, frac)]
     calib = [f for f in films if in_holdout(f, frac)]
@@ -74,7 +74,12 @@ def split_train(config: Config, task: Task) -> tuple[list[LabelledFilm], list[La
 
 
 def val_films(config: Config, task: Task) -> list[LabelledFilm]:
-    return cap(task.films(labels(), "val"), config.data.max_val_films)
+    return cap(_without_exclusions(config, task.films(labels(), "val")), config.data.max_val_films)
+
+
+def _without_exclusions(config: Config, films: Sequence[LabelledFilm]) -> list[LabelledFilm]:
+    excluded = {e.path for e in config.data.exclude}
+    return [f for f in films if f.rel not in excluded]
 
 
 def training_pool(config: Config, task: Task, films: Sequence[LabelledFilm], progress: bool = False) -> TrainingPool:

@@ -129,6 +129,10 @@ class SyntheticTask(Task):
     """Labels made by transforming good films; ``transforms[i]`` makes class ``labels[i]`` (index 0: identity)."""
 
     transforms: tuple[Callable[[np.ndarray], np.ndarray], ...] = ()
+    # Faults of *other* detectors, applied to a share of training films of every class so that this detector's
+    # answer does not depend on them (an upside-down film is not "inverted"; an inverted one is not "rotated").
+    nuisance: tuple[Callable[[np.ndarray], np.ndarray], ...] = ()
+    nuisance_p: float = 0.0
 
     def train_example(
         self, pixels: np.ndarray, film: LabelledFilm, rng: np.random.Generator, aug: AugmentConfig
@@ -136,6 +140,8 @@ class SyntheticTask(Task):
         label = int(rng.integers(len(self.labels)))
         img = film_augment(pixels, rng, aug)
         img = np.ascontiguousarray(self.transforms[label](img))
+        if self.nuisance and rng.random() < self.nuisance_p:
+            img = np.ascontiguousarray(self.nuisance[int(rng.integers(len(self.nuisance)))](img))
         img = display_augment(img, rng, aug)
         return Example(self.labels[label], img, label)
 
@@ -237,6 +243,8 @@ register(
             "(numpy.rot90(k=N/90)); turn it back N degrees clockwise to correct it."
         ),
         transforms=(_identity, _rot(1), _rot(2), _rot(3)),
+        nuisance=(_invert,),
+        nuisance_p=0.15,
     )
 )
 
@@ -251,6 +259,8 @@ register(
             "MONOCHROME1/MONOCHROME2 header that does not match the pixels?"
         ),
         transforms=(_identity, _invert),
+        nuisance=(_rot(1), _rot(2), _rot(3)),
+        nuisance_p=0.3,
     )
 )
 

@@ -3,6 +3,7 @@ gate can load; runs are reproducible; configs fail loudly; metrics and label tra
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -169,12 +170,18 @@ def test_synthetic_labels_are_the_transform_and_nothing_else():
     """With augmentation off, a training example is exactly the label's transform of the film."""
     img = np.linspace(0, 1, 30 * 20, dtype=np.float32).reshape(30, 20)
     off = AugmentConfig(**{f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
-    orientation, inversion = get_task("orientation"), get_task("inversion")
+    orientation = dataclasses.replace(get_task("orientation"), nuisance_p=0.0)
+    inversion = dataclasses.replace(get_task("inversion"), nuisance_p=0.0)
     for seed in range(8):
         ex = orientation.train_example(img, None, np.random.default_rng(seed), off)
         assert np.array_equal(ex.pixels, np.rot90(img, ex.label))
         ex = inversion.train_example(img, None, np.random.default_rng(seed), off)
         assert np.allclose(ex.pixels, 1.0 - img if ex.label else img)
+    # Nuisance faults (another detector's business) change the pixels, never the label.
+    always_inverted = dataclasses.replace(orientation, nuisance_p=1.0)
+    for seed in range(8):
+        ex = always_inverted.train_example(img, None, np.random.default_rng(seed), off)
+        assert np.allclose(ex.pixels, 1.0 - np.rot90(img, ex.label))
     variants = orientation.eval_examples(img, None)
     assert [v.variant for v in variants] == ["upright", "rot90", "rot180", "rot270"]
     assert [v.pixels.shape for v in variants] == [(30, 20), (20, 30), (30, 20), (20, 30)]
