@@ -5,6 +5,7 @@ count what was sent. One server for the whole module (the slow part is starting 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -244,6 +245,15 @@ def test_metrics_count_what_was_sent(run, gate, made_films):
     assert any(k.startswith('filmgate_decode_seconds_count{transfer_syntax="JPEG 2000') for k in m)
     assert m["filmgate_ready"] == 1
     assert gate.http_get("/healthz")[0] == 200 and gate.http_get("/readyz")[0] == 200
+    # The merged exposition (listener process + worker processes) is valid for Prometheus.
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is needed (scripts/bootstrap with FILMGATE_OPS=1 installs it)"
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=gate.http_get("/metrics")[1], capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    names = [line.split()[2] for line in gate.http_get("/metrics")[1].splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names)), "each metric family once"
 
 
 def test_no_patient_data_in_logs(run, gate, made_films):
