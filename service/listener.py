@@ -1,8 +1,11 @@
 """The DICOM listener: C-ECHO, and C-STORE for every storage SOP class, that only *persists*.
 
-The C-STORE handler checks that the dataset can be parsed (header only, no pixel decoding on the network thread),
-writes the bytes as received to the spool durably, and only then answers 0x0000. A write failure answers 0xA700 (out
-of resources), an unparseable dataset 0xC210 (cannot understand), so the sender keeps its copy and can retry.
+pynetdicom writes each incoming dataset, exactly as received, to a temporary file under ``spool/tmp`` while it
+arrives (no 10 MB buffers in memory). The C-STORE handler then checks that the header can be parsed (no pixel
+decoding on the network thread), fsyncs the file, renames it into ``spool/incoming``, fsyncs the folder, and only then
+answers 0x0000. A failure to persist answers 0xA700 (out of resources), an unparseable dataset 0xC210 (cannot
+understand); a failure while the bytes arrive (disk full) aborts the association. In every case the sender keeps
+its copy and can retry: nothing unacknowledged is ours, nothing acknowledged can be lost.
 
 Senders are checked against an allow-list at association time (calling AE title and host); a refused sender gets an
 A-ASSOCIATE-RJ (calling AE title not recognised) and a log line saying why.

@@ -123,7 +123,7 @@ class Spool:
         if self.fsync:
             fd = os.open(src, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                os.fdatasync(fd)  # data and size; the rename below is made durable by the folder's fsync
             finally:
                 os.close(fd)
         try:
