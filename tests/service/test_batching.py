@@ -34,3 +34,20 @@ def test_waiting_films_are_batched_with_the_same_scores(tmp_path, made_films, mo
         assert batched.keys() == alone.keys()
         for name in alone:
             assert batched[name] == pytest.approx(alone[name], abs=1e-4), (film.note, name)
+
+
+def test_shared_resize_gives_exactly_the_training_tensor(made_films, models_dir):
+    """The gate resizes once per (size, resize) and normalises per model; that must equal preprocess() per spec."""
+    import numpy as np
+
+    from service.config import DetectorsConfig
+    from service.decode import decode_file
+    from service.detectors import DetectorSet
+    from service.preprocess import preprocess
+
+    detectors = DetectorSet.load(DetectorsConfig(models_dir=str(models_dir)))
+    pixels = decode_file(made_films[0].path).pixels
+    prepared = detectors.prepare(pixels)
+    assert set(prepared) == {d.manifest.preprocessing for d in detectors.detectors}
+    for spec, tensor in prepared.items():
+        assert np.array_equal(tensor, preprocess(pixels, spec)), spec
