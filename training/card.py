@@ -45,7 +45,7 @@ def model_card(
         "information) but aspect is augmented so it is never the only cue; z-scoring per film removes exposure and "
         "window differences between hospitals.",
         "",
-        "**One model per problem** (as the seed recommends): each detector is ~2-3 ms per film on one core "
+        "**One model per problem** (as the seed recommends): each detector is ~1.5 ms per film on an idle core "
         "(bench/detector_latency), so a shared backbone would save little time, while separate models can be "
         "retrained, thresholded and replaced independently, and a mistake in one task cannot leak into another.",
         "",
@@ -110,6 +110,17 @@ def model_card(
         )
     lines += [
         "",
+        *(
+            [
+                "Left out of training, calibration and the figures above because the row is wrong for this task "
+                "(each is also a check above):",
+                "",
+                *[f"- `{e.path}`: {e.why}" for e in config.data.exclude],
+                "",
+            ]
+            if config.data.exclude
+            else []
+        ),
         "Full report: [evaluation.md](evaluation.md) (confusion matrix, per-variant figures, mistakes, every real "
         "DICOM file), machine-readable in evaluation.json.",
         "",
