@@ -457,8 +457,12 @@ class Receiver:
         )
 
     def stop(self) -> None:
+        """Down for real: no listening socket and no association left open."""
         if self.server is not None:
+            ae = self.server.ae
             self.server.shutdown()
+            for assoc in list(ae.active_associations):
+                assoc.abort()
             self.server = None
 
     def uids(self) -> list[str]:
