@@ -65,8 +65,10 @@ def model_card(
         f"- Sources balanced: a source of n films is sampled in proportion to n^{config.data.source_balance} "
         "(the pediatric 224-px `kermany` copies would otherwise be ~80% of all samples).",
         f"- {blob['steps']} steps of batch {config.train.batch_size}, AdamW lr {config.train.lr} (warm-up, cosine), "
-        f"seed {config.train.seed}; {blob['train_seconds'] / 60:.1f} min on {blob['device']} with "
-        f"{blob['threads']} threads (cache load or build {blob.get('cache_seconds', 0):.0f} s).",
+        f"seed {config.train.seed}; {blob['train_seconds'] / 60:.1f} min wall on {blob['device']} with "
+        f"{blob['threads']} threads, {blob.get('cpu_seconds', float('nan')) / 60:.1f} CPU-minutes (the wall time "
+        "on idle cores: the build machine's 2 cores were shared with other training runs); cache load or build "
+        f"{blob.get('cache_seconds', 0):.0f} s.",
         "",
         "| source | train films | calibration films | licence |",
         "| --- | --- | --- | --- |",

@@ -173,6 +173,7 @@ def ship(config: Config) -> Path:
             "parameters": blob["parameters"],
             "train_steps": blob["steps"],
             "train_seconds": blob["train_seconds"],
+            "train_cpu_seconds": blob.get("cpu_seconds"),
             "train_device": blob["device"],
             "train_threads": blob["threads"],
             "parity_max_abs_diff": parity_result["max_abs_diff"],

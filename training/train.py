@@ -90,7 +90,7 @@ def fit(config: Config, resume: bool = True) -> Path:
 
     model = build_model(task.num_outputs, config.model.widths, config.model.dropout).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    start, elapsed, history = 0, 0.0, []
+    start, elapsed, cpu, history = 0, 0.0, 0.0, []
     ckpt_path = run / "checkpoint.pt"
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -98,6 +98,7 @@ def fit(config: Config, resume: bool = True) -> Path:
             model.load_state_dict(ckpt["state_dict"])
             opt.load_state_dict(ckpt["optimizer"])
             start, elapsed, history = ckpt["step"], ckpt["elapsed"], ckpt["history"]
+            cpu = ckpt.get("cpu", 0.0)
             log.info("resumed from %s at step %d", ckpt_path, start)
         else:
             log.warning("checkpoint %s was made with another config: starting afresh", ckpt_path)
@@ -111,6 +112,7 @@ def fit(config: Config, resume: bool = True) -> Path:
                 "optimizer": opt.state_dict(),
                 "step": step,
                 "elapsed": elapsed,
+                "cpu": cpu,
                 "history": history,
             },
             ckpt_path,
@@ -124,7 +126,7 @@ def fit(config: Config, resume: bool = True) -> Path:
     model.train()
     running, correct, seen = 0.0, 0, 0
     for step in range(start, config.train.steps):
-        t_step = time.perf_counter()
+        t_step, c_step = time.perf_counter(), time.process_time()
         rng = np.random.default_rng([config.train.seed, step])
         torch.manual_seed(config.train.seed * 1_000_003 + step)  # dropout: resumed runs see the same masks
         x, y = make_batch(pool, task, config, rng, config.train.batch_size)
@@ -137,6 +139,7 @@ def fit(config: Config, resume: bool = True) -> Path:
         loss.backward()
         opt.step()
         elapsed += time.perf_counter() - t_step
+        cpu += time.process_time() - c_step
         running += float(loss.detach())
         if task.kind == "classifier":
             correct += int((out.detach().argmax(1) == yb).sum())
@@ -169,6 +172,7 @@ def fit(config: Config, resume: bool = True) -> Path:
             "dropout": config.model.dropout,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "train_seconds": round(elapsed, 1),
+            "cpu_seconds": round(cpu, 1),  # CPU time of all threads: the wall time on idle cores, times threads
             "cache_seconds": round(cache_seconds, 1),
             "steps": config.train.steps,
             "device": str(device),
