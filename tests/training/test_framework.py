@@ -148,6 +148,20 @@ def test_config_errors_name_the_key(tmp_path):
         assert load_config(name).task == name  # the shipped configs parse
 
 
+def test_excluded_rows_are_left_out_everywhere():
+    from training.data import split_train, val_films
+
+    bad = "images/nih-cxr14/no_finding_00003490_011.jpg"
+    plain = config_from_dict({"task": "orientation"})
+    config = config_from_dict({"task": "orientation", "data": {"exclude": [{"path": bad, "why": "upside down"}]}})
+    task = get_task("orientation")
+    assert bad in {f.rel for f in val_films(plain, task)}
+    assert bad not in {f.rel for f in val_films(config, task)}
+    train, calib = split_train(config, task)
+    assert len(val_films(config, task)) == len(val_films(plain, task)) - 1
+    assert bad not in {f.rel for f in train + calib}
+
+
 def test_auc_and_threshold():
     rng = np.random.default_rng(0)
     pos = rng.random(40) > 0.5
