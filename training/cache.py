@@ -22,6 +22,7 @@ import numpy as np
 
 from service.datasets import LabelledFilm, data_root
 from service.decode import DecodeError, decode_file
+from training.films import film_id
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def cache_key(films: Sequence[LabelledFilm], long_side: int) -> str:
             size = film.path.stat().st_size
         except OSError:
             size = -1
-        digest.update(f"{film.rel}:{size}\n".encode())
+        digest.update(f"{film_id(film)}:{size}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -102,9 +103,9 @@ def build_cache(
     rel, arrays, shapes = [], [], []
     for film, (arr, error) in zip(ordered, results, strict=True):
         if arr is None:
-            log.warning("left out of the cache (cannot decode): %s: %s", film.rel, error)
+            log.warning("left out of the cache (cannot decode): %s: %s", film_id(film), error)
             continue
-        rel.append(film.rel)
+        rel.append(film_id(film))
         arrays.append(arr.reshape(-1))
         shapes.append(arr.shape)
     offsets = np.zeros(len(arrays) + 1, dtype=np.int64)

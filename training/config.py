@@ -36,6 +36,17 @@ class Exclusion:
 
 
 @dataclass(frozen=True)
+class FolderSource:
+    """A folder of films (PNG, JPEG, DICOM; searched recursively) added to the rows of labels.csv."""
+
+    path: str
+    source: str
+    kind: str = "frontal-chest"
+    split: str = "train"
+    licence: str = ""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which films, how they are cached and sampled."""
 
@@ -47,6 +58,7 @@ class DataConfig:
     max_val_films: int | None = None
     workers: int = 2  # processes that decode films when the cache is built
     exclude: tuple[Exclusion, ...] = ()
+    folders: tuple[FolderSource, ...] = ()  # more films beyond labels.csv
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.datasets import LabelledFilm, labels
+from service.datasets import LabelledFilm
 from service.decode import DecodeError, decode_file
 from service.preprocess import PreprocessSpec, preprocess
 from training.augment import display_augment, film_augment
 from training.cache import FilmCache, build_cache
 from training.config import AugmentConfig, Config
+from training.films import all_rows, film_id
 from training.tasks import Example, Task, in_holdout
 
 
@@ -38,7 +39,7 @@ class TrainingPool:
 
 
 def _stable_order(films: Sequence[LabelledFilm]) -> list[LabelledFilm]:
-    return sorted(films, key=lambda f: hashlib.sha1(f.rel.encode()).hexdigest())
+    return sorted(films, key=lambda f: hashlib.sha1(film_id(f).encode()).hexdigest())
 
 
 def cap(films: Sequence[LabelledFilm], limit: int | None) -> list[LabelledFilm]:
@@ -65,7 +66,7 @@ def source_weights(films: Sequence[LabelledFilm], balance: float) -> np.ndarray:
 
 def split_train(config: Config, task: Task) -> tuple[list[LabelledFilm], list[LabelledFilm]]:
     """The task's train-split films, as (trained on, held out for calibration)."""
-    films = _without_exclusions(config, task.films(labels(), "train"))
+    films = _without_exclusions(config, task.films(all_rows(config.data.folders), "train"))
     frac = config.data.calibration_fraction
     train = [f for f in films if not in_holdout(f, frac)]
     calib = [f for f in films if in_holdout(f, frac)]
@@ -74,19 +75,19 @@ def split_train(config: Config, task: Task) -> tuple[list[LabelledFilm], list[La
 
 
 def val_films(config: Config, task: Task) -> list[LabelledFilm]:
-    return cap(_without_exclusions(config, task.films(labels(), "val")), config.data.max_val_films)
+    return cap(_without_exclusions(config, task.films(all_rows(config.data.folders), "val")), config.data.max_val_films)
 
 
 def _without_exclusions(config: Config, films: Sequence[LabelledFilm]) -> list[LabelledFilm]:
     excluded = {e.path for e in config.data.exclude}
-    return [f for f in films if f.rel not in excluded]
+    return [f for f in films if film_id(f) not in excluded]
 
 
 def training_pool(config: Config, task: Task, films: Sequence[LabelledFilm], progress: bool = False) -> TrainingPool:
     cache = build_cache(films, config.data.cache_long_side, config.cache_path, config.data.workers, progress)
     where = cache.index()
-    kept = [f for f in films if f.rel in where]
-    idx = np.array([where[f.rel] for f in kept], dtype=np.int64)
+    kept = [f for f in films if film_id(f) in where]
+    idx = np.array([where[film_id(f)] for f in kept], dtype=np.int64)
     weights = task.sample_weights(kept, source_weights(kept, config.data.source_balance))
     return TrainingPool(kept, cache, idx, weights)
 
@@ -136,7 +137,7 @@ def eval_items(
             continue
         rng = None
         if augment is not None:
-            key = int.from_bytes(hashlib.sha1(film.rel.encode()).digest()[:8], "big")
+            key = int.from_bytes(hashlib.sha1(film_id(film).encode()).digest()[:8], "big")
             rng = np.random.default_rng([seed, key])
             pixels = film_augment(pixels, rng, augment)
         examples: list[Example] = task.eval_examples(pixels, film)

@@ -26,6 +26,7 @@ from service.decode import DecodeError, decode_file
 from service.preprocess import PreprocessSpec, preprocess
 from training.config import AugmentConfig, Config
 from training.data import EvalItem, eval_items, split_train, val_films
+from training.films import film_id
 from training.metrics import choose_threshold, summarise
 from training.tasks import Task, get_task
 
@@ -82,9 +83,9 @@ def infer(
 
     for item in eval_items(films, task, spec, augment=augment, seed=12345):
         if isinstance(item, tuple):
-            errors.append({"film": item[0].rel, "error": item[1]})
+            errors.append({"film": film_id(item[0]), "error": item[1]})
             continue
-        rel.append(item.film.rel)
+        rel.append(film_id(item.film))
         source.append(item.film.source)
         variant.append(item.variant)
         label.append(item.label)
@@ -149,11 +150,16 @@ def dicom_survey(config: Config, task: Task, runner: Runner, threshold: float) -
         try:
             x = preprocess(decode_file(film.path).pixels, config.preprocessing)[None]
         except DecodeError as exc:
-            out.append({"path": film.rel, "error": str(exc)[:120]})
+            out.append({"path": film_id(film), "error": str(exc)[:120]})
             continue
         o = runner(x)
         score = float(task.scores(o)[0])
-        entry = {"path": film.rel, "body_part": film.body_part, "score": round(score, 6), "flagged": score >= threshold}
+        entry = {
+            "path": film_id(film),
+            "body_part": film.body_part,
+            "score": round(score, 6),
+            "flagged": score >= threshold,
+        }
         if task.kind == "classifier":
             entry["predicted"] = task.labels[int(o[0].argmax())]
         out.append(entry)

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from service.datasets import labels as all_labels
 from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
 from training.config import Config
 from training.data import eval_items, split_train, val_films
 from training.evaluate import onnx_runner, torch_runner
+from training.films import all_rows
 from training.tasks import get_task
 from training.train import load_trained
 
@@ -103,7 +103,7 @@ def _training_data(config: Config) -> list[dict[str, Any]]:
     counts = collections.Counter(f.source for f in train)
     cal_counts = collections.Counter(f.source for f in calib)
     licences: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    for row in all_labels():
+    for row in all_rows(config.data.folders):
         licences[row.source][row.licence] += 1
     return [
         {

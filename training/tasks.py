@@ -29,6 +29,7 @@ import numpy as np
 from service.datasets import LabelledFilm
 from training.augment import display_augment, film_augment
 from training.config import AugmentConfig
+from training.films import film_id
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def get_task(name: str) -> Task:
 
 def in_holdout(film: LabelledFilm, fraction: float, salt: str = "calibration") -> bool:
     """Deterministic patient-grouped holdout of the train split (for threshold calibration, never trained on)."""
-    key = film.patient or film.rel
+    key = film.patient or film_id(film)
     h = int.from_bytes(hashlib.sha1(f"{salt}:{film.source}:{key}".encode()).digest()[:8], "big")
     return h / 2**64 < fraction
 

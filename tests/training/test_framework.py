@@ -162,6 +162,35 @@ def test_excluded_rows_are_left_out_everywhere():
     assert bad not in {f.rel for f in train + calib}
 
 
+def test_folders_of_films_join_the_training_rows(tmp_path, data_dir):
+    """A folder of PNG/JPEG/DICOM films (another hospital, say) is read next to labels.csv."""
+    import shutil
+
+    from training.data import split_train, training_pool
+
+    folder = tmp_path / "hospital"
+    (folder / "sub").mkdir(parents=True)
+    for i, film in enumerate(select(split="train", kind="frontal-chest", source="hannover")[:3]):
+        shutil.copyfile(film.path, folder / ("sub" if i else "") / f"film{i}.jpg")
+    shutil.copyfile(data_dir / "dicom" / "fo-dicom__CR-MONO1-10-chest.dcm", folder / "chest.dcm")
+    (folder / "notes.txt").write_text("not a film")
+    config = config_from_dict(
+        {
+            "task": "inversion",
+            "data": {
+                "cache_dir": str(tmp_path / "cache"),
+                "calibration_fraction": 0.0,
+                "folders": [{"path": str(folder), "source": "hospital-x", "licence": "test"}],
+            },
+        }
+    )
+    train, _ = split_train(config, get_task("inversion"))
+    extra = [f for f in train if f.source == "hospital-x"]
+    assert sorted(f.path.name for f in extra) == ["chest.dcm", "film0.jpg", "film1.jpg", "film2.jpg"]
+    pool = training_pool(config, get_task("inversion"), extra)
+    assert len(pool.films) == 4 and pool.cache.image(0).max() <= 1.0
+
+
 def test_auc_and_threshold():
     rng = np.random.default_rng(0)
     pos = rng.random(40) > 0.5
