@@ -5,6 +5,10 @@ about another. Every film, DICOM or PNG/JPEG, becomes a float32 array in [0, 1] 
 displayed*. For DICOM that means, as separate pure steps (the order of the DICOM grayscale pipeline, PS3.4 N.2):
 
 1. ``stored_pixels``: decode the first frame (pydicom with the pylibjpeg plugins), colour converted to grey;
+   ``reduce_step``: films larger than ``max_side`` (default :data:`DETECTOR_MAX_SIDE`, 512 px) are shrunk by an
+   integer box filter on the stored values. The detectors read 128 px inputs, the training films were themselves
+   reduced to a 512 px long side, and the grayscale pipeline on a 2048x2500 film costs ~20 ms at full size but
+   under 1 ms reduced;
 2. ``modality_step``: Modality LUT Sequence or Rescale Slope/Intercept;
 3. ``voi_step``: VOI LUT Sequence or Window Center/Width (LINEAR, LINEAR_EXACT, SIGMOID), else a robust
    percentile window, mapped to [0, 1];
@@ -29,6 +33,9 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+# Long side (pixels) above which films are reduced before the grayscale pipeline: the training films were reduced to
+# a 512 px long side by their curators, so serving reduces the same way. None keeps the full resolution.
+DETECTOR_MAX_SIDE = 512
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Percentiles used as the window of a film that carries no VOI at all (raw CR/DX data or a plain image).
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
@@ -126,6 +133,23 @@ def _has_pylibjpeg(ds: Dataset) -> bool:
 def _luminance(rgb: np.ndarray) -> np.ndarray:
     rgb = rgb.astype(np.float32)
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def reduce_step(arr: np.ndarray, max_side: int | None) -> tuple[np.ndarray, str | None]:
+    """Shrink by the smallest integer factor that brings the long side to ``max_side`` or less (box filter).
+
+    Edge rows/columns beyond a multiple of the factor are dropped (fewer than the factor): that keeps OpenCV on
+    its fast exact-area path (about 4 ms instead of 14 ms for a 2048x2500 16-bit film).
+    """
+    if max_side is None or max(arr.shape) <= max_side:
+        return arr, None
+    factor = -(-max(arr.shape) // max_side)
+    h, w = arr.shape[0] // factor * factor, arr.shape[1] // factor * factor
+    if h < factor or w < factor:
+        return arr, None
+    src = arr if arr.dtype in (np.uint8, np.uint16, np.int16, np.float32) else arr.astype(np.float32)
+    small = cv2.resize(np.ascontiguousarray(src[:h, :w]), (w // factor, h // factor), interpolation=cv2.INTER_AREA)
+    return small, f"reduce:{factor}"
 
 
 def modality_step(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str | None]:
@@ -253,10 +277,13 @@ def _number(value: object, default: float | None) -> float | None:  # type: igno
         return default
 
 
-def decode_dataset(ds: Dataset) -> DecodedImage:
-    """The whole DICOM pipeline: stored pixels -> modality -> VOI -> presentation, to float32 [0, 1]."""
+def decode_dataset(ds: Dataset, max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:
+    """The whole DICOM pipeline: stored pixels -> reduce -> modality -> VOI -> presentation, to float32 [0, 1]."""
     arr = stored_pixels(ds)
     steps: list[str] = []
+    arr, step = reduce_step(arr, max_side)
+    if step:
+        steps.append(step)
     arr, step = modality_step(arr, ds)
     if step:
         steps.append(step)
@@ -285,7 +312,7 @@ def decode_dataset(ds: Dataset) -> DecodedImage:
 # --------------------------------------------------------------------------------------------------- plain images
 
 
-def decode_image_bytes(data: bytes) -> DecodedImage:
+def decode_image_bytes(data: bytes, max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:
     """PNG/JPEG/... bytes to float32 [0, 1] grey (8 or 16 bit, colour to luminance)."""
     if not data:
         raise DecodeError("empty input")
@@ -302,12 +329,14 @@ def decode_image_bytes(data: bytes) -> DecodedImage:
         img = img[..., ::-1]  # BGR -> RGB
         img = _luminance(img)
     info_max = 65535.0 if img.dtype == np.uint16 else 255.0
-    if img.dtype.kind == "f":
+    img, step = reduce_step(img, max_side)
+    if img.dtype.kind == "f" and info_max == 255.0 and step is None:
         lo, hi = float(img.min()), float(img.max())
         pixels = _linear(img, lo, hi)
     else:
-        pixels = img.astype(np.float32) / np.float32(info_max)
-    return DecodedImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), kind="image", steps=("scale",))
+        pixels = np.clip(img.astype(np.float32) / np.float32(info_max), 0.0, 1.0)
+    steps = (step, "scale") if step else ("scale",)
+    return DecodedImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), kind="image", steps=steps)
 
 
 def is_dicom_bytes(head: bytes) -> bool:
@@ -317,23 +346,23 @@ def is_dicom_bytes(head: bytes) -> bool:
     return len(head) >= 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[2:4] < b"\x20\x00"
 
 
-def decode_file(path: str | os.PathLike[str]) -> DecodedImage:
+def decode_file(path: str | os.PathLike[str], max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:
     """Decode a film from disk, DICOM or an ordinary image; the format is told by content, not by name."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DecodeError(f"cannot read {path.name}: {exc.strerror}") from exc
-    return decode_bytes(data, suffix=path.suffix.lower())
+    return decode_bytes(data, suffix=path.suffix.lower(), max_side=max_side)
 
 
-def decode_bytes(data: bytes, suffix: str = "") -> DecodedImage:
+def decode_bytes(data: bytes, suffix: str = "", max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:
     if is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom"):
-        return decode_dataset(read_dataset(data))
+        return decode_dataset(read_dataset(data), max_side)
     if suffix in IMAGE_SUFFIXES or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
-        return decode_image_bytes(data)
+        return decode_image_bytes(data, max_side)
     # Unknown suffix and no magic: try DICOM (raw datasets), then images.
     try:
-        return decode_dataset(read_dataset(data))
+        return decode_dataset(read_dataset(data), max_side)
     except DecodeError:
-        return decode_image_bytes(data)
+        return decode_image_bytes(data, max_side)

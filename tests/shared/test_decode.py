@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -169,3 +170,24 @@ def test_truncated_pixel_data_is_a_decode_error(data_dir):
     data = (data_dir / "dicom" / "pydicom__RG1_J2KI.dcm").read_bytes()
     with pytest.raises(DecodeError):
         decode_bytes(data[: len(data) // 2])
+
+
+def test_large_film_is_reduced_before_the_grayscale_pipeline():
+    """A DX-sized film is box-reduced to a long side <= 512; the picture matches a full-resolution decode."""
+    rng = np.random.default_rng(3)
+    base = cv2.resize(rng.integers(0, 4096, (25, 20)).astype(np.float32), (2048, 2500), interpolation=cv2.INTER_CUBIC)
+    raw = np.clip(base, 0, 4095).astype(np.uint16)
+    ds = make_ds(raw, WindowCenter=2048, WindowWidth=3000)
+    reduced = decode_dataset(ds)
+    assert "reduce:5" in reduced.steps and max(reduced.pixels.shape) <= 512
+    full = decode_dataset(ds, max_side=None).pixels
+    expected = cv2.resize(full[:2500, :2045], reduced.pixels.shape[::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(reduced.pixels - expected).mean() < 0.01
+
+
+def test_training_sized_films_are_not_reduced(data_dir):
+    from service.datasets import select
+
+    for film in select(split="val", kind="frontal-chest", source="nih-cxr14")[:3]:
+        out = decode_file(film.path)
+        assert out.steps == ("scale",) and max(out.pixels.shape) == 512
