@@ -1,111 +1,122 @@
-"""The shipped detectors reach their goals on a fixed subset of ``val`` films, run as the gate runs them.
+"""The shipped issue-4 detectors reach their goals on val films, run as the gate runs them.
 
-The subset is fixed (every k-th film per source, in path order) so that the test is reproducible and fast; the full
-val figures are in each model's evaluation report (``models/<name>/EVALUATION.md``). Each assertion is the issue's goal
-applied to the subset: the allowed count of errors is the goal rate times the subset size, rounded down.
+Decoding every val film takes seconds (most are 224 px), so the goals are checked on the whole val split rather than a
+sample: the figures here are the same as in each model's evaluation report, at the threshold in its manifest. Each
+assertion is the issue's goal; the allowed count is the goal rate times the number of films, rounded down.
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import cv2
 import numpy as np
+import pytest
 
-from tests.detectors.conftest import pixels, val_subset
-
-FRONTAL_PER_SOURCE = 24
+from service.datasets import LabelledFilm, select
+from tests.detectors.conftest import pixels
 
 
 def allowed(rate: float, n: int) -> int:
     return math.floor(rate * n + 1e-9)
 
 
-def frontal_subset():
-    return val_subset("frontal-chest", FRONTAL_PER_SOURCE)
+@cache
+def val(kind: str) -> tuple[LabelledFilm, ...]:
+    return tuple(sorted(select(split="val", kind=kind), key=lambda f: str(f.path)))
 
 
-def test_view_keeps_out_laterals_other_radiographs_and_non_radiographs(detector):
+def images(films) -> list[np.ndarray]:
+    return [pixels(f) for f in films]
+
+
+def small_jpeg_copy(px: np.ndarray, side: int = 224) -> np.ndarray:
+    """What the pediatric ``kermany`` copy is: a 224 px square, 8-bit JPEG."""
+    small = (cv2.resize(px, (side, side), interpolation=cv2.INTER_AREA) * 255).astype(np.uint8)
+    return cv2.imdecode(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 90])[1], 0).astype(np.float32) / 255
+
+
+@pytest.fixture(scope="module")
+def frontal():
+    films = val("frontal-chest")
+    assert len(films) > 1000
+    return films
+
+
+def test_view_keeps_out_laterals_other_radiographs_and_non_radiographs(detector, frontal):
     view = detector("view")
-    frontal = frontal_subset()
-    others = val_subset("lateral-chest", 20) + val_subset("other-radiograph", 8) + val_subset("not-radiograph", 10)
-    assert {f.kind for f in others} == {"lateral-chest", "other-radiograph", "not-radiograph"}
-    flagged_frontal = view.flagged([pixels(f) for f in frontal])
-    flagged_other = view.flagged([pixels(f) for f in others])
-    missed = [f"{f.source}:{f.kind}:{f.path.name}" for f, hit in zip(others, flagged_other, strict=True) if not hit]
+    others = val("lateral-chest") + val("other-radiograph") + val("not-radiograph")
+    hit = view.flagged(images(others))
+    missed = [f"{f.kind}:{f.rel}" for f, h in zip(others, hit, strict=True) if not h]
     assert len(missed) <= allowed(0.01, len(others)), f"not kept out: {missed}"
-    wrongly = [f"{f.source}:{f.path.name}" for f, hit in zip(frontal, flagged_frontal, strict=True) if hit]
-    assert len(wrongly) <= max(1, allowed(0.005, len(frontal))), f"frontal films flagged: {wrongly}"
-    laterals = [f for f in others if f.kind == "lateral-chest"]
-    assert len(laterals) >= 10  # every real val lateral film is in the subset
+    laterals = [h for f, h in zip(others, hit, strict=True) if f.kind == "lateral-chest"]
+    assert len(laterals) >= 10 and all(laterals), "every real val lateral film must be kept out"
+    wrongly = [f.rel for f, h in zip(frontal, view.flagged(images(frontal)), strict=True) if h]
+    assert len(wrongly) <= allowed(0.005, len(frontal)), f"frontal films flagged: {wrongly}"
 
 
-def test_view_sidecar_class_is_the_kind(detector):
-    """The predicted label names what the film is (the gate writes it to the sidecar)."""
+def test_view_names_the_kind(detector):
+    """The predicted label (written to the sidecar) is the film's kind for nearly every non-frontal film."""
     view = detector("view")
-    films = val_subset("lateral-chest", 20) + val_subset("not-radiograph", 6) + val_subset("other-radiograph", 4)
-    findings = view.manifest.findings(view.outputs([pixels(f) for f in films]))
-    right = sum(fd.predicted == f.kind for f, fd in zip(films, findings, strict=True))
-    assert right >= 0.9 * len(films), [(f.kind, fd.predicted) for f, fd in zip(films, findings, strict=True)]
+    films = val("lateral-chest") + val("other-radiograph") + val("not-radiograph")
+    found = view.manifest.findings(view.outputs(images(films)))
+    right = sum(fd.predicted == f.kind for f, fd in zip(films, found, strict=True))
+    assert right >= 0.95 * len(films)
+    assert all(fd.predicted == "lateral-chest" for f, fd in zip(films, found, strict=True) if f.kind == "lateral-chest")
 
 
-def test_flip_finds_mirrored_films_and_leaves_unaltered_ones(detector):
+def test_flip_per_source(detector, frontal):
     flip = detector("flip")
-    frontal = frontal_subset()
-    images = [pixels(f) for f in frontal]
-    unaltered = flip.flagged(images)
-    mirrored = flip.flagged([np.ascontiguousarray(p[:, ::-1]) for p in images])
-    n = len(frontal)
-    assert int(unaltered.sum()) <= max(1, allowed(0.01, n)), "too many unaltered films called flipped"
-    accuracy = (int((~unaltered).sum()) + int(mirrored.sum())) / (2 * n)
-    assert accuracy >= 0.98, f"flip accuracy {accuracy:.4f} on {2 * n} films"
+    ims = images(frontal)
+    unaltered = flip.flagged(ims)
+    mirrored = flip.flagged([np.ascontiguousarray(p[:, ::-1]) for p in ims])
+    assert int(unaltered.sum()) <= allowed(0.01, len(frontal)), "too many unaltered films called flipped"
+    sources = np.array([f.source for f in frontal])
+    for source in sorted(set(sources)):
+        m = sources == source
+        if m.sum() < 20:  # openi (6), radiopaedia (2): too few for a per-source rate; they count in the pool
+            continue
+        acc = (int((~unaltered[m]).sum()) + int(mirrored[m].sum())) / (2 * int(m.sum()))
+        assert acc >= 0.98, f"flip accuracy {acc:.4f} on {source}"
 
 
-def test_pediatric_per_source_and_not_fooled_by_low_resolution(detector):
+def test_pediatric_per_source(detector, frontal):
     ped = detector("pediatric")
-    children = val_subset("frontal-chest", 40, ("kermany", "kermany-fullres"))
-    adults = val_subset("frontal-chest", 30, ("nih-cxr14", "chexpert", "hannover"))
-    child_hit = ped.flagged([pixels(f) for f in children])
-    adult_hit = ped.flagged([pixels(f) for f in adults])
-    for source in sorted({f.source for f in children + adults}):
-        rows = [(f, h) for f, h in zip(children + adults, np.concatenate([child_hit, adult_hit]), strict=True)]
-        rows = [(f, h) for f, h in rows if f.source == source]
-        right = sum(bool(h) == (f.pediatric == "yes") for f, h in rows)
-        assert right / len(rows) >= 0.97 - 1e-9 or len(rows) - right <= 1, f"{source}: {right}/{len(rows)} right"
-    # Adult films made to look like the 224 px pediatric copy (square, JPEG) must stay adult.
-    small = [
-        cv2.imdecode(
-            cv2.imencode(
-                ".jpg",
-                (cv2.resize(pixels(f), (224, 224), interpolation=cv2.INTER_AREA) * 255).astype(np.uint8),
-                [cv2.IMWRITE_JPEG_QUALITY, 90],
-            )[1],
-            cv2.IMREAD_GRAYSCALE,
-        ).astype(np.float32)
-        / 255.0
-        for f in adults
-    ]
-    low_res_hit = ped.flagged(small)
-    assert int(low_res_hit.sum()) <= max(1, allowed(0.03, len(adults))), "low-resolution adult films called children"
+    labelled = [f for f in frontal if f.pediatric in ("yes", "no") or f.source == "hannover"]
+    hit = ped.flagged(images(labelled))
+    sources = np.array([f.source for f in labelled])
+    truth = np.array([f.pediatric == "yes" for f in labelled])
+    for source in sorted(set(sources)):
+        m = sources == source
+        if m.sum() < 20:
+            continue
+        acc = float((hit[m] == truth[m]).mean())
+        assert acc >= 0.97, f"pediatric accuracy {acc:.4f} on {source} ({int(m.sum())} films)"
 
 
-def test_atypical_is_calibrated_and_catches_what_is_unlike_a_frontal_film(detector):
+def test_pediatric_is_not_fooled_by_low_resolution(detector, frontal):
+    """Adult films made to look like the 224 px pediatric copy (square, JPEG) must stay adult."""
+    ped = detector("pediatric")
+    adults = [f for f in frontal if f.pediatric == "no" or f.source == "hannover"]
+    as_is = ped.flagged(images(adults))
+    small = ped.flagged([small_jpeg_copy(pixels(f)) for f in adults])
+    assert int(small.sum()) <= int(as_is.sum()) + allowed(0.03, len(adults)), (int(as_is.sum()), int(small.sum()))
+
+
+def test_atypical_is_calibrated_and_catches_what_is_unlike_a_frontal_film(detector, frontal):
     atyp = detector("atypical")
-    frontal = frontal_subset()
-    flagged = atyp.flagged([pixels(f) for f in frontal])
-    assert int(flagged.sum()) <= max(1, allowed(0.01, len(frontal)))
-    base = [pixels(f) for f in frontal[:: max(1, len(frontal) // 24)]]
-    blank = [
-        np.full_like(p, 0.5) + np.random.default_rng(i).normal(0, 0.01, p.shape).astype(np.float32)
-        for i, p in enumerate(base)
-    ]
-    washed = [np.clip(0.85 + 0.1 * p, 0, 1).astype(np.float32) for p in base]
-    zoomed = [
-        p[p.shape[0] // 3 : p.shape[0] // 3 + p.shape[0] // 5, p.shape[1] // 3 : p.shape[1] // 3 + p.shape[1] // 5]
-        for p in base
-    ]
-    for name, images in (("blank", blank), ("washed-out", washed), ("zoomed", zoomed)):
-        hit = atyp.flagged(images)
+    flagged = atyp.flagged(images(frontal))
+    assert int(flagged.sum()) <= allowed(0.01, len(frontal)), f"{int(flagged.sum())} val frontal films flagged"
+    adults = [pixels(f) for f in frontal if f.pediatric == "no"][::4]
+    rng = np.random.default_rng(0)
+    made = {
+        "nearly blank": [np.clip(0.5 + 0.03 * (p - 0.5) + rng.normal(0, 0.01, p.shape), 0, 1) for p in adults],
+        "washed out": [np.clip(0.85 + 0.1 * p, 0, 1) for p in adults],
+        "collimated to a small field": [np.pad(p[p.shape[0] // 3 : -p.shape[0] // 3, p.shape[1] // 3 : -p.shape[1]
+                                                  // 3], 150, constant_values=1.0) for p in adults],
+    }  # fmt: skip
+    for name, ims in made.items():
+        hit = atyp.flagged([im.astype(np.float32) for im in ims])
         assert hit.mean() >= 0.9, f"atypical caught {hit.mean():.2f} of {name} films"
-    ct = val_subset("not-radiograph", 10)
-    assert atyp.flagged([pixels(f) for f in ct]).mean() >= 0.9
+    assert atyp.flagged(images(val("not-radiograph"))).mean() >= 0.95

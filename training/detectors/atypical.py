@@ -8,8 +8,10 @@ wrong thing that the other detectors miss), so this detector measures distance i
 2. five display statistics of the film as displayed (mean and spread of grey, share of near-white and near-black
    pixels, share of letterbox padding) add what a z-scored network cannot see: brightness, washed-out and blank
    films;
-3. the score is the Mahalanobis distance of that vector to the frontal chest films of the train split (per-dimension
-   standardised, covariance shrunk towards the identity), divided by the square root of its dimension.
+3. two Mahalanobis distances to the frontal chest films of the train split (per-dimension standardised, covariance
+   shrunk towards the identity, divided by the square root of the dimension): one over the content features, one
+   over the display statistics (kept apart so that 5 display numbers are not drowned by 320 features); each is
+   expressed in units of its own calibration quantile and the score is the larger of the two.
 
 The model takes the ``unit`` input (displayed grey, padding 0) and rebuilds the view network's ``zscore`` input
 itself (padding = all-zero edge rows/columns), so the gate feeds it one tensor and reads one number. The threshold is
@@ -32,15 +34,28 @@ MID_STAGE = 7  # FilmNet.features[:7] ends after the 128-wide residual block (wi
 
 
 class Atypicality(nn.Module):
-    """(N, 1, S, S) ``unit`` films -> (N, 1) Mahalanobis distance to clean frontal chest films."""
+    """(N, 1, S, S) ``unit`` films -> (N, 1): max of the content and display distances, each in units of its own
+    calibration quantile (so 1.0 means "as unusual as the rarest 0.5% of held-out frontal films" in either)."""
 
-    def __init__(self, backbone: FilmNet, mean: np.ndarray, scale: np.ndarray, whiten: np.ndarray):
+    def __init__(
+        self,
+        backbone: FilmNet,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        whiten_content: np.ndarray,
+        whiten_display: np.ndarray,
+        unit_content: float = 1.0,
+        unit_display: float = 1.0,
+    ):
         super().__init__()
         self.features = backbone.features
         self.mid = MID_STAGE
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-        self.register_buffer("whiten", torch.as_tensor(whiten, dtype=torch.float32))
+        self.register_buffer("whiten_content", torch.as_tensor(whiten_content, dtype=torch.float32))
+        self.register_buffer("whiten_display", torch.as_tensor(whiten_display, dtype=torch.float32))
+        self.unit_content = float(unit_content)
+        self.unit_display = float(unit_display)
 
     @staticmethod
     def real_mask(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +65,7 @@ class Atypicality(nn.Module):
         return rows * cols
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Content features (view network, two depths) followed by the N_STATS display statistics."""
         mask = self.real_mask(x)
         n = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
         mean = (x * mask).sum(dim=(2, 3), keepdim=True) / n
@@ -71,24 +87,41 @@ class Atypicality(nn.Module):
         )
         return torch.cat([mid, last, stats], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def distances(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension Mahalanobis distances (content, display), not yet in calibration units."""
         v = (self.embed(x) - self.mean) / self.scale
-        w = v @ self.whiten
-        return (w * w).sum(dim=1, keepdim=True).div(float(self.whiten.shape[1])).sqrt()
+        wc = v[:, :-N_STATS] @ self.whiten_content
+        wd = v[:, -N_STATS:] @ self.whiten_display
+        dc = (wc * wc).sum(dim=1, keepdim=True).div(float(self.whiten_content.shape[1])).sqrt()
+        dd = (wd * wd).sum(dim=1, keepdim=True).div(float(N_STATS)).sqrt()
+        return dc, dd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dc, dd = self.distances(x)
+        return torch.maximum(dc / self.unit_content, dd / self.unit_display)
 
 
-def fit_gaussian(emb: np.ndarray, shrink: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, per-dimension scale and a whitening matrix W (so that |(x - mean) / scale @ W|^2 is Mahalanobis)."""
+def fit_gaussian(emb: np.ndarray, shrink: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, per-dimension scale and whitening matrices W for the content and the display part (so that
+    |(x - mean) / scale @ W|^2 is the Mahalanobis distance of that part)."""
     emb = np.asarray(emb, dtype=np.float64)
     mean = emb.mean(axis=0)
     scale = emb.std(axis=0)
     scale = np.where(scale < 1e-6, 1e-6, scale)
     v = (emb - mean) / scale
+    return (
+        mean.astype(np.float32),
+        scale.astype(np.float32),
+        _whitening(v[:, :-N_STATS], shrink),
+        _whitening(v[:, -N_STATS:], shrink),
+    )
+
+
+def _whitening(v: np.ndarray, shrink: float) -> np.ndarray:
     cov = np.cov(v, rowvar=False)
     cov = (1.0 - shrink) * cov + shrink * np.eye(cov.shape[0])
     precision = np.linalg.inv(cov)
-    whiten = np.linalg.cholesky(precision)  # precision = W W^T
-    return mean.astype(np.float32), scale.astype(np.float32), whiten.astype(np.float32)
+    return np.linalg.cholesky(precision).astype(np.float32)  # precision = W W^T
 
 
 @dataclass(frozen=True)
@@ -105,8 +138,9 @@ TASK = register(
         positive_labels=("atypical",),
         reason="atypical",
         description=(
-            "How unlike a clean frontal chest film the film is: the Mahalanobis distance (per dimension) of the view "
-            "network's features and five display statistics to the train split's frontal chest films."
+            "How unlike a clean frontal chest film the film is: the larger of two Mahalanobis distances to the train "
+            "split's frontal chest films, over the view network's features and over five display statistics, each in "
+            "units of its calibration quantile."
         ),
         film_kinds=("frontal-chest",),
         kind="score",

@@ -118,16 +118,21 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
     if backbone_cfg.data.calibration_fraction != frac:
         raise ValueError("data.calibration_fraction must equal the view run's, so calibration films were never seen")
     t0 = time.perf_counter()
-    probe = Atypicality(view, np.zeros(1), np.ones(1), np.eye(1))
+    probe = Atypicality(view, np.zeros(1), np.ones(1), np.eye(1), np.eye(1))
     x_fit, fit_rows = both_ways(fit_films, spec)
     emb = _embed(probe, x_fit)
-    mean, scale, whiten = weighted_gaussian(emb, source_weights(fit_rows, config.data.source_balance))
-    net = Atypicality(view, mean, scale, whiten).eval()
+    mean, scale, w_content, w_display = weighted_gaussian(emb, source_weights(fit_rows, config.data.source_balance))
+    net = Atypicality(view, mean, scale, w_content, w_display).eval()
     x_cal, cal_rows = both_ways(cal_films, spec)
+    cal_w = source_weights(cal_rows, config.data.source_balance)
+    target = config.evaluate.target_fpr
+    with torch.inference_mode():
+        dc, dd = (t.numpy()[:, 0] for t in net.distances(torch.from_numpy(x_cal)))
+    net.unit_content = weighted_quantile_threshold(dc, cal_w, target)
+    net.unit_display = weighted_quantile_threshold(dd, cal_w, target)
     with torch.inference_mode():
         cal_scores = net(torch.from_numpy(x_cal)).numpy()[:, 0]
-    cal_w = source_weights(cal_rows, config.data.source_balance)
-    threshold = weighted_quantile_threshold(cal_scores, cal_w, config.evaluate.target_fpr)
+    threshold = weighted_quantile_threshold(cal_scores, cal_w, target)
     onnx_tmp = run / "model.onnx.tmp"
     export_onnx(net, spec.size, onnx_tmp)
     # parity: torch vs onnxruntime, and the rebuilt z-score input vs the gate's own z-score preprocessing
@@ -159,6 +164,8 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
         "fit_films": dict(sorted(collections.Counter(f.source for f in fit_films).items())),
         "calibration_films": dict(sorted(collections.Counter(f.source for f in cal_films).items())),
         "embedding_dims": int(emb.shape[1]),
+        "unit_content": net.unit_content,
+        "unit_display": net.unit_display,
         "parity_max_abs_diff": diff,
         "zscore_rebuild_rel_diff": zdiff,
         "backbone": {"run": str(backbone_path), "task": blob["task"], "parameters": blob["parameters"]},
@@ -264,8 +271,9 @@ def report_markdown(r: dict[str, Any]) -> str:
         f"# Evaluation: `atypical` {r['version']}",
         "",
         f"Created {r['created']}. Threshold **{r['threshold']:.4f}** ({r['threshold_rule']}).",
-        "Score: Mahalanobis distance per dimension of (view features at two depths + 5 display statistics) to the "
-        "train frontal chest films. Every number below is from the exported ONNX file on val films.",
+        "Score: the larger of two Mahalanobis distances (per dimension) to the train frontal chest films, each in "
+        "units of its calibration quantile: content (view features at two depths) and display (5 grey-level "
+        "statistics). Every number below is from the exported ONNX file on val films.",
         "",
         "## Val films flagged, by kind",
         "",

@@ -170,8 +170,7 @@ def classifier_card(
         "Full reports: [evaluation.md](evaluation.md) (confusion matrix, mistakes, every real DICOM file) and "
         "[extra.md](extra.md); machine-readable in evaluation.json and extra.json.",
         "",
-        f"Reproduce: `python -m training all --config {name}` then `python -m training.detectors.finish --config "
-        f"{name}`.",
+        f"Reproduce: `python -m training all --config {name}` then `python -m training finish --config {name}`.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -201,8 +200,11 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         "2. The trained `view` network (models/view) gives mean-pooled features after its 128-wide and 192-wide "
         "stages; five display statistics are added (mean and spread of grey, share of near-white and near-black "
         "pixels, share of padding).",
-        f"3. Score = Mahalanobis distance per dimension ({b['embedding_dims']} dimensions, standardised, covariance "
-        "shrunk 10% towards the identity) to the train split's frontal chest films (sources balanced as n^0.5).",
+        "3. Two Mahalanobis distances (per dimension; standardised, covariance shrunk 10% towards the identity) to "
+        "the train split's frontal chest films (sources balanced as n^0.5): content (the "
+        f"{b['embedding_dims'] - 5} view features) and display (the 5 statistics), kept apart so that 5 numbers "
+        "are not drowned by 320. Each is divided by its own 99.5% calibration quantile (content "
+        f"{b['unit_content']:.3f}, display {b['unit_display']:.3f}); the score is the larger of the two.",
         "",
         "## Data",
         "",
@@ -236,7 +238,7 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         "films from a hospital with a very different look may score higher; check the per-source rates on your own "
         "films and override the threshold in the gate's config (`policy.thresholds.atypical`) if needed.",
         "- Depends on models/view: retraining view requires rebuilding this model "
-        "(`python -m training.detectors.atypical_build --config atypical`).",
+        "(`python -m training finish --config atypical`).",
         "",
         "Full report: [evaluation.md](evaluation.md), machine-readable in evaluation.json.",
     ]
