@@ -175,6 +175,19 @@ def classifier_card(
     return "\n".join(lines) + "\n"
 
 
+def _adult_line(report: dict[str, Any]) -> str:
+    per = report["val"]["frontal_per_source"]
+    adult = {s: m for s, m in per.items() if not s.startswith("kermany")}
+    n = sum(m["films"] for m in adult.values())
+    k = sum(m["flagged"] for m in adult.values())
+    worst = max(adult, key=lambda s: adult[s]["rate"])
+    kids = sum(m["flagged"] for s, m in per.items() if s.startswith("kermany"))
+    return (
+        f"{k} of {n} val frontal films from adult sources ({100 * k / max(n, 1):.1f}%; worst {worst} "
+        f"{adult[worst]['flagged']}/{adult[worst]['films']}) against {kids} of the children's"
+    )
+
+
 def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any]) -> str:
     b = report["build"]
     byk = report["val"]["by_kind"]
@@ -234,6 +247,9 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         "",
         "## Limitations",
         "",
+        f"- The frontal films it flags are adults' ({_adult_line(report)}): washed-out or hazy films and teaching-"
+        "file images in black frames with annotations (see 'most atypical' in evaluation.md), i.e. films a "
+        "research set may well not want, but good films among them are lost too.",
         "- A distance is not a diagnosis: it flags what is *unusual* relative to these training sources. Frontal "
         "films from a hospital with a very different look may score higher; check the per-source rates on your own "
         "films and override the threshold in the gate's config (`policy.thresholds.atypical`) if needed.",
