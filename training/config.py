@@ -108,6 +108,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 50
     progress: bool = True
+    init_from: str = ""  # a run folder (or model.pt) whose weights start this run (fine-tuning); "" = from scratch
 
 
 @dataclass(frozen=True)

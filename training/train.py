@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.config import Config
+from training.config import REPO_ROOT, Config
 from training.data import make_batch, split_train, training_pool
 from training.model import FilmNet, build_model, count_parameters
 from training.tasks import get_task
@@ -102,6 +102,12 @@ def fit(config: Config, resume: bool = True) -> Path:
             log.info("resumed from %s at step %d", ckpt_path, start)
         else:
             log.warning("checkpoint %s was made with another config: starting afresh", ckpt_path)
+    if config.train.init_from and start == 0:
+        init = Path(config.train.init_from)
+        init = init if init.is_absolute() else REPO_ROOT / init
+        init = init / "model.pt" if init.is_dir() else init
+        model.load_state_dict(torch.load(init, map_location=device, weights_only=False)["state_dict"])
+        log.info("initialised from %s (fine-tuning)", init)
 
     def checkpoint(step: int) -> None:
         _save(
