@@ -102,6 +102,26 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
+def _init_line(config: Config) -> str:
+    """Say so when the run was fine-tuned from an earlier one (and how that one was trained)."""
+    if not config.train.init_from:
+        return ""
+    import json
+    from pathlib import Path
+
+    from training.config import REPO_ROOT
+
+    base = Path(config.train.init_from)
+    base = base if base.is_absolute() else REPO_ROOT / base
+    try:
+        first = json.loads((base / "config.json").read_text())
+        t = first["train"]
+        what = f"{t['steps']} steps, lr {t['lr']}, source balance {first['data']['source_balance']}, seed {t['seed']}"
+    except (OSError, KeyError, ValueError):
+        what = "see its config.json"
+    return f"First trained from scratch ({what}), then fine-tuned: "
+
+
 def classifier_card(
     config: Config, manifest: ModelManifest, report: dict[str, Any], blob: dict[str, Any], parity: dict[str, Any],
     extra: dict[str, Any], extra_md: str,
@@ -134,7 +154,8 @@ def classifier_card(
         "",
         DATA[name],
         "",
-        f"{blob['steps']} steps of batch {config.train.batch_size}, AdamW lr {config.train.lr}, seed "
+        _init_line(config)
+        + f"{blob['steps']} steps of batch {config.train.batch_size}, AdamW lr {config.train.lr}, seed "
         f"{config.train.seed}; {blob['train_seconds'] / 60:.1f} min on {blob['device']} with {blob['threads']} "
         f"thread(s). {config.data.calibration_fraction:.0%} of train patients were held out to choose the threshold; "
         "`val` was never trained on nor used to choose anything.",
