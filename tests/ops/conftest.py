@@ -149,7 +149,9 @@ class Orthanc:
         wait_until(self._up, 30, f"Orthanc {self.aet} on port {self.http_port}:\n{self.process.tail()}")
 
     @classmethod
-    def from_deploy(cls, name: str, workdir: Path, modalities: dict[str, dict]) -> Orthanc:
+    def from_deploy(
+        cls, name: str, workdir: Path, modalities: dict[str, dict], dicom_port: int | None = None
+    ) -> Orthanc:
         """deploy/orthanc/<name>.json with loopback ports chosen here, storage in ``workdir``, the peers' addresses
         replaced by ``modalities`` (same AE titles as in the file), and every AE check of the file kept on."""
         config = json.loads((DEPLOY / "orthanc" / f"{name}.json").read_text())
@@ -158,7 +160,7 @@ class Orthanc:
             StorageDirectory=str(db),
             IndexDirectory=str(db),
             HttpPort=free_port(),
-            DicomPort=free_port(),
+            DicomPort=dicom_port or free_port(),
             RemoteAccessAllowed=False,  # loopback only
             DicomCheckModalityHost=True,  # the test knows the peers' addresses: check them too
         )
@@ -246,6 +248,15 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict]:
         return self.api("query", query=expr)["result"]
+
+    def wait_scraping(self, timeout: float = 30.0) -> None:
+        """Until the node has been scraped (discovery hands targets over only every 5 s after start)."""
+
+        def up() -> bool:
+            rows = self.query('up{job="filmgate"}')
+            return bool(rows) and rows[0]["value"][1] == "1"
+
+        wait_until(up, timeout, f"Prometheus to scrape filmgate:\n{self.process.tail()}", interval=0.5)
 
     def stop(self) -> None:
         self.process.stop()

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import subprocess
 import time
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def _pixel_hash(data: bytes) -> str:
     return hashlib.sha256(ds.PixelData).hexdigest()
 
 
-def _filmgate_config(tmp: Path, research: Orthanc, port: int) -> dict:
+def _filmgate_config(tmp: Path, research_aet: str, research_port: int, port: int) -> dict:
     """deploy/filmgate/with-orthanc.yaml with the test's loopback hosts, ports and folders; nothing else changed."""
     cfg = yaml.safe_load((DEPLOY / "filmgate" / "with-orthanc.yaml").read_text())
     cfg["listener"]["host"] = "127.0.0.1"
@@ -130,8 +131,8 @@ def _filmgate_config(tmp: Path, research: Orthanc, port: int) -> dict:
     cfg["spool"]["path"] = str(tmp / "spool")
     cfg["detectors"]["models_dir"] = str(MODELS)
     dest = cfg["destinations"]["research-pacs"]
-    assert dest["ae_title"] == research.aet
-    dest.update(host="127.0.0.1", port=research.dicom_port, dead_letter=str(tmp / "dead-letter"), backoff_initial=0.5)
+    assert dest["ae_title"] == research_aet
+    dest.update(host="127.0.0.1", port=research_port, dead_letter=str(tmp / "dead-letter"), backoff_initial=0.5)
     cfg["destinations"]["quarantine"]["path"] = str(tmp / "quarantine")
     cfg["http"]["host"] = "127.0.0.1"
     cfg["http"]["port"] = free_port()
@@ -149,7 +150,7 @@ def stack(tmp_path):
             "research", tmp_path / "research", {"filmgate": {"Host": "127.0.0.1", "Port": fg_port}}
         )
         started.append(research)
-        cfg = _filmgate_config(tmp_path / "filmgate", research, fg_port)
+        cfg = _filmgate_config(tmp_path / "filmgate", research.aet, research.dicom_port, fg_port)
         node = FilmgateNode(cfg, tmp_path / "filmgate")
         started.append(node)
         hospital = Orthanc.from_deploy(
@@ -158,6 +159,7 @@ def stack(tmp_path):
         started.append(hospital)
         prom = Prometheus(f"127.0.0.1:{cfg['http']['port']}", tmp_path / "prometheus")
         started.append(prom)
+        prom.wait_scraping()
         yield {"research": research, "node": node, "hospital": hospital, "prom": prom, "cfg": cfg}
     finally:
         for s in reversed(started):
@@ -305,3 +307,94 @@ def test_hospital_pacs_to_research_pacs_through_filmgate(stack, tmp_path):
     # SIGTERM: a clean exit 0 after the run
     assert node.stop() == 0, node.process.tail()
     print(f"\n{len(FILMS)} films hospital -> filmgate -> research/quarantine in {elapsed:.1f} s: {report}")
+
+
+def test_dead_letters_raise_the_alert_and_the_documented_resend_delivers_them(tmp_path):
+    """The research PACS is down: the accepted film is retried, dead-lettered, never reported delivered; the real
+    Prometheus fires FilmgateDeadLetters (and DeliveriesFailing goes pending) on the node's real series; then the
+    re-send command of docs/OPERATIONS.md, run as written, delivers it once the PACS is up."""
+    assert any(MODELS.glob("*/manifest.json")), f"no shipped models under {MODELS}"
+    research_aet = json.loads((DEPLOY / "orthanc" / "research.json").read_text())["DicomAet"]
+    research_port, fg_port = free_port(), free_port()
+    cfg = _filmgate_config(tmp_path / "filmgate", research_aet, research_port, fg_port)
+    # A few seconds of retries, so that Prometheus (scraping every second) sees the failures grow.
+    cfg["destinations"]["research-pacs"].update(retries=3, backoff_initial=0.7, backoff_max=2.0, timeout=5.0)
+    started = []
+    try:
+        node = FilmgateNode(cfg, tmp_path / "filmgate")
+        started.append(node)
+        prom = Prometheus(f"127.0.0.1:{cfg['http']['port']}", tmp_path / "prometheus")
+        started.append(prom)
+        prom.wait_scraping()  # so that it sees the failures grow, not only their end
+
+        film = FILMS[0]
+        assert film.accept
+        film_path = tmp_path / "film.dcm"
+        sop_uid, _ = _make_dicom(film, generate_uid(), 1, film_path)
+        res = subprocess.run(
+            [
+                tool("storescu"),
+                "-aet",
+                "HOSPITAL",
+                "-aec",
+                "FILMGATE",
+                "127.0.0.1",
+                str(fg_port),
+                str(tmp_path / "film.dcm"),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TCP_NODELAY": "1"},
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        dead = Path(cfg["destinations"]["research-pacs"]["dead_letter"])
+        # the file is placed first, then its note: wait for both
+        wait_until(lambda: list(dead.glob("*.json")), 60, f"a dead letter in {dead}:\n{node.process.tail(20)}")
+        (letter,) = dead.glob("*.dcm")
+        assert pydicom.dcmread(letter, stop_before_pixels=True).SOPInstanceUID == sop_uid
+        note = json.loads(letter.with_suffix(".json").read_text())
+        assert note["destination"] == "research-pacs" and note["attempts"] == 4, note
+
+        def alert_states():
+            alerts = prom.api("alerts")["alerts"]
+            return {a["labels"]["alertname"]: a["state"] for a in alerts if a["labels"].get("destination")}
+
+        deadline = time.monotonic() + 30
+        while True:
+            states = alert_states()
+            ok = states.get("FilmgateDeadLetters") == "firing"  # fires at once
+            ok &= states.get("FilmgateDeliveriesFailing") in ("pending", "firing")  # fires after 10 minutes
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                series = prom.query('{job="filmgate", destination="research-pacs"}')
+                pytest.fail(f"alerts not raised: {states}; series: {series}", pytrace=False)
+            time.sleep(0.5)
+        (row,) = prom.query('sum(filmgate_dead_letters_total{job="filmgate", destination="research-pacs"})')
+        assert float(row["value"][1]) == 1
+
+        # The PACS is back: run the documented re-send command with this test's address, port and folder.
+        research = Orthanc.from_deploy(
+            "research",
+            tmp_path / "research",
+            {"filmgate": {"Host": "127.0.0.1", "Port": fg_port}},
+            dicom_port=research_port,
+        )
+        started.append(research)
+        doc = (REPO / "docs" / "OPERATIONS.md").read_text()
+        (line,) = [ln for ln in doc.splitlines() if ln.startswith("TCP_NODELAY=1 storescu")]
+        argv = shlex.split(line.removeprefix("TCP_NODELAY=1 "))
+        argv = [
+            {"research.example.org": "127.0.0.1", "104": str(research_port)}.get(a, a).replace(
+                "/var/lib/filmgate/dead-letter/research-pacs", str(dead)
+            )
+            for a in argv
+        ]
+        argv[0] = tool("storescu")
+        res = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
+        assert res.returncode == 0, f"{argv}: {res.stdout}{res.stderr}"
+        assert research.sop_instance_uids() == [sop_uid]
+    finally:
+        for s in reversed(started):
+            s.stop()
