@@ -267,4 +267,7 @@ def test_image_install_step_in_a_clean_venv(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     line = json.loads(res.stdout.strip().splitlines()[0])
-    assert line["decision"] in ("accept", "quarantine") and line["scores"], line
+    shipped = {json.loads(m.read_text())["name"] for m in (context / "models").glob("*/manifest.json")}
+    assert shipped, "the image context holds no models: the node would decide on metadata rules only"
+    assert set(line["scores"]) == shipped, f"every shipped detector runs in the image's environment: {line}"
+    assert line["decision"] in ("accept", "quarantine"), line
