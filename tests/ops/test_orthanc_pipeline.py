@@ -27,6 +27,7 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -208,6 +209,13 @@ def test_hospital_pacs_to_research_pacs_through_filmgate(stack, tmp_path):
     # --- filmgate's allow-list is on too: the research PACS (AE RESEARCH, not on it) cannot even echo the node
     status, body = http("POST", research.base + "/modalities/filmgate/echo", {}, auth=research.AUTH)
     assert status != 200, f"filmgate accepted an association from {research.aet}: {body!r}"
+    rejected = [
+        s.value
+        for fam in text_string_to_metric_families(node.metrics())
+        for s in fam.samples
+        if s.name == "filmgate_associations_total" and s.labels == {"calling_ae": research.aet, "result": "rejected"}
+    ]
+    assert rejected == [1.0], f"the refusal is counted as a rejected association of {research.aet}: {rejected}"
 
     # --- load the study into the hospital PACS, then make it push the study to filmgate
     for f in FILMS:
