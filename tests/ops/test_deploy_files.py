@@ -71,6 +71,7 @@ def test_kustomizations_list_existing_files(variant):
 
 def _strip_gpu(obj):
     """The GPU StatefulSet less what may differ from the CPU one."""
+    assert obj["spec"]["template"]["metadata"]["labels"].pop("filmgate/accelerator") == "gpu"
     spec = obj["spec"]["template"]["spec"]
     spec.pop("nodeSelector")
     spec.pop("tolerations")
@@ -138,6 +139,14 @@ def test_kubernetes_scrape_job_is_named_filmgate():
     keeps = {tuple(r["source_labels"]): r["regex"] for r in job["relabel_configs"] if r.get("action") == "keep"}
     assert keeps[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == "filmgate"
     assert keeps[("__meta_kubernetes_pod_container_port_name",)] == "http"
+    # the GPU pods' label becomes the target label that FilmgateGpuNotUsed selects on
+    (gpu_sts,) = _docs(K8S / "gpu" / "statefulset.yaml")
+    label = next(k for k in gpu_sts["spec"]["template"]["metadata"]["labels"] if k.endswith("accelerator"))
+    meta = "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
+    copy = next(r for r in job["relabel_configs"] if r.get("source_labels") == [meta])
+    assert copy["target_label"] == "accelerator"
+    rules = (DEPLOY / "prometheus" / "rules" / "filmgate.rules.yml").read_text()
+    assert 'accelerator="gpu"' in rules
 
 
 # ------------------------------------------------------------------------------------------------ filmgate configs
