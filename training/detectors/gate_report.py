@@ -174,6 +174,20 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             f"| {src} | {m['films']} | {m['right']} ({pct(m['right'], m['films'])}) | {m['wrongly_accepted']} | "
             f"{m['wrongly_quarantined']} | {reasons} |"
         )
+    wq = summary["wrongly_quarantined"]
+    only_ped = sum(r["reasons"] == ["pediatric"] for r in wq)
+    adult = summary["by_category"].get("frontal-chest, adult or age unknown", {"films": 0, "accepted": 0})
+    lines += [
+        "",
+        "## Reading this",
+        "",
+        f"- Good films lost: {adult['films'] - adult['accepted']} of {adult['films']} adult (or unknown-age) frontal "
+        f"films quarantined. {only_ped} of them only for `pediatric`: with an age in the DICOM header the gate "
+        "uses the age instead of the image model (service/policy.py), so these would be accepted; films without "
+        "an age in labels.csv (vqa-rad, openi) may really be children.",
+        "- Several detectors often flag the same wrong film (other radiographs are also 'rotated' or 'flipped' for "
+        "detectors trained on chest films only): only `not-frontal-chest` is the reason that matters there.",
+    ]
     lines += ["", "## Reasons over all films", ""]
     lines += [f"- `{k}`: {v}" for k, v in summary["reasons"].items()]
     for title, key in (("Wrongly accepted", "wrongly_accepted"), ("Wrongly quarantined", "wrongly_quarantined")):
