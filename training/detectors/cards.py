@@ -187,7 +187,7 @@ def classifier_card(
         "",
         MEASURED[name],
         "",
-        "| | films | accuracy | AUC | recall | negatives flagged |",
+        "| | films | accuracy (arg-max class) | AUC | recall | negatives flagged |",
         "| --- | --- | --- | --- | --- | --- |",
         f"| pooled | {report['val_films']} | {_pct(p['accuracy'])} | {p['auc'] or 0:.5f} | {_pct(p['recall'])} | "
         f"{_pct(p['fpr_unaltered'])} ({p['flagged_unaltered']}/{p['unaltered']}) |",

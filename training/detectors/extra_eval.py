@@ -212,9 +212,8 @@ def markdown(task_name: str, extra: dict[str, Any]) -> str:
         for s, m in extra["frontal_per_source"].items():
             lines.append(f"| {s} | {m['n']} | {m['flagged']} | {_pct(m['rate'])} |")
         lines += ["", "Films not kept out:", ""]
-        for kind, missed in extra.get("missed", {}).items():
-            for rel, score in missed[:40]:
-                lines.append(f"- {kind}: `{rel}` (score {score:.4f})")
+        missed_all = [(kind, rel, score) for kind, m in extra.get("missed", {}).items() for rel, score in m[:40]]
+        lines += [f"- {kind}: `{rel}` (score {score:.4f})" for kind, rel, score in missed_all] or ["None."]
     elif task_name == "pediatric":
         lines += [
             "Shortcut checks: is the model calling films children for their resolution or hospital?",
