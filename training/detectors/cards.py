@@ -85,11 +85,12 @@ LIMITS = {
         "this trade-off.",
     ],
     "flip": [
-        "**The per-source goal (98%) is not met on nih-cxr14 (96.6%, 89 films) and vqa-rad (92.9%, 21 films).** The "
+        "**The per-source goal (98%) is not met on nih-cxr14 (97.2% at the shipped threshold, 89 films) and "
+        "vqa-rad (92.9%, 21 films).** The "
         "errors are films whose anatomy is hidden or really mirrored: a vqa-rad teaching film labelled 'Hx of situs "
         "inversus' (heart on the right: the model calls the film as it came 'flipped' and its mirror 'normal', which "
         "is right about the anatomy but counts as two errors here), a white-out hemithorax, a very washed-out film, "
-        "a large effusion. A fine-tuning phase with adult sources weighted up moved nih-cxr14 from 96.1% to 96.6%.",
+        "a large effusion. A fine-tuning phase with adult sources weighted up moved nih-cxr14 from 96.1% to 97.2%.",
         "Mirroring is synthetic; dextrocardia and situs inversus films are real 'mirror-looking' films that will be "
         "flagged (a person should look at them anyway).",
         "Most val films are pediatric (kermany); adult sources have 21-89 val films each.",
