@@ -7,6 +7,20 @@ from typing import Any
 from service.manifest import ModelManifest
 from training.config import Config
 from training.evaluate import _num, _pct
+from training.tasks import get_task
+
+
+def upper95(k: int, n: int) -> float | None:
+    """One-sided 95% upper confidence bound of a rate seen k times in n (exact for k = 0, Wilson otherwise)."""
+    if n == 0:
+        return None
+    if k == 0:
+        return 1.0 - 0.05 ** (1.0 / n)
+    z = 1.645
+    p = k / n
+    centre = p + z * z / (2 * n)
+    margin = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5)
+    return (centre + margin) / (1 + z * z / n)
 
 
 def model_card(
@@ -15,6 +29,7 @@ def model_card(
     val = report["val"]
     p = val["pooled"]
     aug = config.augment
+    task = get_task(config.task)
     lines = [
         f"# Model card: `{manifest.name}` {manifest.version}",
         "",
@@ -62,6 +77,15 @@ def model_card(
         f"the film (p {aug.p_text_film}) and upright overlays (p {aug.p_text_overlay}), window (p {aug.p_window}), "
         f"gamma (p {aug.p_gamma}, up to {aug.gamma_max}), contrast (p {aug.p_contrast}), blur (p {aug.p_blur}), "
         f"noise (p {aug.p_noise}, sigma up to {aug.noise_max}), padding (p {aug.p_pad}).",
+        *(
+            [
+                f"- Nuisance faults: {task.nuisance_p:.0%} of training films of every class also get another "
+                f"detector's fault ({', '.join(fn.__name__.lstrip('_') for fn in task.nuisance)}), so that this "
+                "detector's answer does not depend on it.",
+            ]
+            if getattr(task, "nuisance", ())
+            else []
+        ),
         f"- Sources balanced: a source of n films is sampled in proportion to n^{config.data.source_balance} "
         "(the pediatric 224-px `kermany` copies would otherwise be ~80% of all samples).",
         f"- {blob['steps']} steps of batch {config.train.batch_size}, AdamW lr {config.train.lr} (warm-up, cosine), "
@@ -85,6 +109,8 @@ def model_card(
         "| --- | --- | --- | --- | --- |",
         f"| pooled ({report['val_films']} films) | {_pct(p['accuracy'])} | {_num(p['auc'])} | {_pct(p['recall'])} | "
         f"{_pct(p['fpr_unaltered'])} ({p['flagged_unaltered']}/{p['unaltered']}) |",
+        f"| 95% upper bound of the unaltered-flagged rate | | | | "
+        f"{_pct(upper95(p['flagged_unaltered'], p['unaltered']))} |",
         f"| source mean | {_pct(val['source_mean']['accuracy'])} | {_num(val['source_mean']['auc'])} | "
         f"{_pct(val['source_mean']['recall'])} | {_pct(val['source_mean']['fpr_unaltered'])} |",
     ]
@@ -128,8 +154,8 @@ def model_card(
         "",
         "## Limitations",
         "",
-        "- Rotated and inverted films are synthetic: no film here is really rotated or inverted. Real ones can "
-        "differ (e.g. a film rotated and then re-windowed by another system).",
+        "- Rotated and inverted films are synthetic (one val film is really stored upside down, see above). Real "
+        "faults can differ (e.g. a film rotated and then re-windowed by another system).",
         "- Sources with few val films (openi, radiopaedia-trauma) give coarse per-source numbers; films from "
         "hospitals not in ../shared/data are the real test of generalisation.",
         "- The val films are mostly pediatric (kermany); adult sources have 21-89 val films each, so a per-source "
