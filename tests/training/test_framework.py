@@ -242,3 +242,16 @@ def test_augmentations_keep_films_valid():
         out = display_augment(film_augment(img, rng, cfg), rng, cfg)
         assert out.dtype == np.float32 and out.ndim == 2 and min(out.shape) >= 8
         assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_cli_lists_tasks_and_reports_config_errors(capsys):
+    from training.cli import main
+
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "orientation: classifier, labels ['upright', 'rot90', 'rot180', 'rot270'], reason rotated" in out
+    assert "inversion: classifier, labels ['normal', 'inverted'], reason inverted" in out
+    assert main(["fit", "--config", "orientation", "--set", "train.stepz=10"]) == 2
+    assert "train.stepz" in capsys.readouterr().err
+    assert main(["evaluate", "--config", "orientation", "--set", "run_dir=/nonexistent/run"]) == 2
+    assert "run `python -m training export` first" in capsys.readouterr().err
