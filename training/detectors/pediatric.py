@@ -15,13 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from service.datasets import LabelledFilm
-from training.augment import display_augment, film_augment
-from training.config import AugmentConfig
-from training.detectors.degrade import low_resolution_copy
-from training.tasks import Example, LabelledTask, register
+from training.detectors.labelled import MirroredLowResTask
+from training.tasks import register
 
 ADULT_SOURCES = ("hannover",)  # adult collections whose rows carry no age
 CLASS_SHARE = {"adult": 0.5, "child": 0.5}
@@ -36,25 +32,11 @@ def _age_class(film: LabelledFilm) -> str | None:
 
 
 @dataclass(frozen=True)
-class PediatricTask(LabelledTask):
-    p_mirror: float = 0.5
+class PediatricTask(MirroredLowResTask):
     p_low_res: float = 0.35
 
     def class_share(self) -> dict[str, float]:
         return dict(CLASS_SHARE)
-
-    def train_example(
-        self, pixels: np.ndarray, film: LabelledFilm, rng: np.random.Generator, aug: AugmentConfig
-    ) -> Example:
-        label = self.label_of(film)
-        assert label is not None
-        img = pixels
-        if rng.random() < self.p_mirror:
-            img = np.ascontiguousarray(img[:, ::-1])
-        if rng.random() < self.p_low_res:
-            img = low_resolution_copy(img, rng)
-        img = display_augment(film_augment(img, rng, aug), rng, aug)
-        return Example(self.labels[label], img, label)
 
 
 TASK = register(

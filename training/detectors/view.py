@@ -12,13 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from service.datasets import LabelledFilm
-from training.augment import display_augment, film_augment
-from training.config import AugmentConfig
-from training.detectors.degrade import low_resolution_copy
-from training.tasks import Example, LabelledTask, register
+from training.detectors.labelled import MirroredLowResTask
+from training.tasks import register
 
 KINDS = ("frontal-chest", "lateral-chest", "other-radiograph", "not-radiograph")
 # Share of training samples per class. Frontal films are the negatives that decide the false-positive rate, so they
@@ -31,26 +27,12 @@ def _kind(film: LabelledFilm) -> str | None:
 
 
 @dataclass(frozen=True)
-class ViewTask(LabelledTask):
-    p_mirror: float = 0.5
+class ViewTask(MirroredLowResTask):
     p_low_res: float = 0.15
 
     def class_share(self) -> dict[str, float]:
         """Target share of each label among training samples (the sampler weights films to reach it)."""
         return dict(CLASS_SHARE)
-
-    def train_example(
-        self, pixels: np.ndarray, film: LabelledFilm, rng: np.random.Generator, aug: AugmentConfig
-    ) -> Example:
-        label = self.label_of(film)
-        assert label is not None
-        img = pixels
-        if rng.random() < self.p_mirror:
-            img = np.ascontiguousarray(img[:, ::-1])
-        if rng.random() < self.p_low_res:
-            img = low_resolution_copy(img, rng)
-        img = display_augment(film_augment(img, rng, aug), rng, aug)
-        return Example(self.labels[label], img, label)
 
 
 TASK = register(
