@@ -119,6 +119,11 @@ class PolicyConfig:
     modalities: tuple[str, ...] = ("CR", "DX")
     pediatric_rule: bool = True
     pediatric_age_years: float = 10.0
+    # Order of reasons in a decision; the first one names the quarantine folder ({reason}). Facts read from the
+    # header (undecodable, modality) come before model opinions: the chest detectors also fire on a CT slice.
+    reason_order: tuple[str, ...] = (
+        "undecodable", "modality", "rotated", "inverted", "flipped", "not-frontal-chest", "pediatric", "atypical",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -350,6 +355,8 @@ def validate(cfg: Config) -> Config:
     for name, value in cfg.policy.thresholds.items():
         if not 0.0 <= value <= 1e9:
             raise ConfigError(f"policy.thresholds.{name}: must be a non-negative number, got {value}")
+    if len(set(cfg.policy.reason_order)) != len(cfg.policy.reason_order):
+        raise ConfigError("policy.reason_order: lists a reason twice; name each reason once")
     if cfg.policy.pediatric_age_years <= 0:
         raise ConfigError("policy.pediatric_age_years: must be > 0")
     if cfg.policy.modality_rule and not cfg.policy.modalities:

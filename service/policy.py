@@ -17,7 +17,6 @@ from typing import Any
 from service.config import PolicyConfig
 from service.manifest import Finding
 
-REASONS = ("rotated", "inverted", "flipped", "not-frontal-chest", "pediatric", "atypical", "undecodable", "modality")
 ACCEPT = "accept"
 PLAUSIBLE_AGE_YEARS = (0.0, 120.0)  # a header age outside this is treated as missing
 QUARANTINE = "quarantine"
@@ -103,7 +102,7 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
             reasons.append("modality")
         if policy.pediatric_rule and age is not None and age < policy.pediatric_age_years:
             reasons.append("pediatric")
-    ordered = tuple(dict.fromkeys(sorted(reasons, key=_reason_rank)))
+    ordered = tuple(dict.fromkeys(sorted(reasons, key=lambda r: _reason_rank(r, policy.reason_order))))
     return Decision(
         outcome=QUARANTINE if ordered else ACCEPT,
         reasons=ordered,
@@ -114,8 +113,9 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
     )
 
 
-def _reason_rank(reason: str) -> tuple[int, str]:
-    return (REASONS.index(reason) if reason in REASONS else len(REASONS), reason)
+def _reason_rank(reason: str, order: Sequence[str]) -> tuple[int, str]:
+    """Position in ``policy.reason_order``; reasons it does not name (a new detector's) come last, by name."""
+    return (order.index(reason) if reason in order else len(order), reason)
 
 
 _AGE_RE = re.compile(r"^(\d{1,3})\s*([DWMY])$")

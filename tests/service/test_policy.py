@@ -83,3 +83,19 @@ def test_reasons_are_not_repeated():
     child = Metadata(modality="DX", patient_age="004Y")
     d = decide([f("pediatric", "pediatric", 0.9)], child, PolicyConfig())
     assert d.reasons == ("pediatric",)
+
+
+def test_header_facts_come_first_and_the_order_is_configurable():
+    """A CT slice that the chest detectors call rotated is quarantined first for its modality (names its folder)."""
+    ct = Metadata(modality="CT")
+    findings = [f("orientation", "rotated", 0.9), f("view", "not-frontal-chest", 0.9), f("novel", "smudged", 0.9)]
+    assert decide(findings, ct, PolicyConfig()).reasons == ("modality", "rotated", "not-frontal-chest", "smudged")
+    site = PolicyConfig(reason_order=("not-frontal-chest", "modality", "rotated"))
+    assert decide(findings, ct, site).reasons == ("not-frontal-chest", "modality", "rotated", "smudged")
+
+
+def test_reason_order_naming_a_reason_twice_is_a_config_error():
+    from service.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="policy.reason_order"):
+        parse_config({"policy": {"reason_order": ["rotated", "rotated"]}})
