@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.datasets import LabelledFilm, labels, select
+from service.datasets import REPO_ROOT, LabelledFilm, labels, select
 from service.decode import DecodeError, auto_window, decode_file
 from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
 from service.preprocess import PreprocessSpec, preprocess
@@ -168,7 +168,7 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
         "unit_display": net.unit_display,
         "parity_max_abs_diff": diff,
         "zscore_rebuild_rel_diff": zdiff,
-        "backbone": {"run": str(backbone_path), "task": blob["task"], "parameters": blob["parameters"]},
+        "backbone": {"run": _repo_relative(backbone_path), "task": blob["task"], "parameters": blob["parameters"]},
         "build_seconds": round(time.perf_counter() - t0, 1),
         "sha256": sha256_file(run / "model.onnx"),
     }
@@ -396,3 +396,11 @@ def run(config: Config, backbone_run: Path | None = None) -> Path:
     report = evaluate(config, info, sheet_dir=config.run_path / "sheets")
     write_json_md(report, config.run_path)
     return ship(config, report)
+
+
+def _repo_relative(path: Path) -> str:
+    """A path as recorded in reports: relative to the checkout when inside it (no machine paths in the repo)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
