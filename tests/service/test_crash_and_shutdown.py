@@ -69,17 +69,24 @@ def _delivered_uids(gate: Gate) -> set[str]:
 
 def test_kill9_then_restart_delivers_every_acknowledged_instance(tmp_path, made_films, models_dir):
     template = dx_sized(pydicom.dcmread(next(f for f in made_films if f.note == "normal-0").path))
-    gate = Gate.create(tmp_path, workers={"decode_threads": 1, "max_batch": 2}).start()
-    bursts = [Burst(gate.dicom_port, template, 40) for _ in range(2)]  # two senders: the workers fall behind
+    # Workers at the lowest priority and two senders: the workers fall behind, so the kill finds work in the spool.
+    gate = Gate.create(tmp_path, workers={"decode_threads": 1, "max_batch": 2, "nice": 19}).start()
+    bursts = [Burst(gate.dicom_port, template, 40) for _ in range(2)]
+    spool = tmp_path / "spool"
+
+    def waiting() -> list:
+        return list((spool / "incoming").glob("*.dcm")) + list((spool / "claimed").rglob("*.dcm"))
+
     for b in bursts:
         b.start()
-    wait_for(lambda: sum(len(b.acked) for b in bursts) >= 16, 60, "16 acknowledged instances")
+    wait_for(
+        lambda: sum(len(b.acked) for b in bursts) >= 16 and waiting(), 60, "16 acknowledged, some still in the spool"
+    )
     gate.kill9()
     for b in bursts:
         b.join(30)
     acked = {uid for b in bursts for uid in b.acked}
-    spool = tmp_path / "spool"
-    left = list((spool / "incoming").glob("*.dcm")) + list((spool / "claimed").rglob("*.dcm"))
+    left = waiting()
     delivered_before = _delivered_uids(gate)
     print(f"acked {len(acked)}, delivered before restart {len(delivered_before)}, left in spool {len(left)}")
     assert left, "the kill should land while instances wait in the spool (else recovery is not exercised)"
