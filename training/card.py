@@ -23,6 +23,14 @@ def upper95(k: int, n: int) -> float | None:
     return (centre + margin) / (1 + z * z / n)
 
 
+def training_data_table(manifest: ModelManifest, films_column: str = "train films") -> list[str]:
+    """The model card's table of sources: films used, films held out for the threshold, licence."""
+    lines = [f"| source | {films_column} | calibration films | licence |", "| --- | --- | --- | --- |"]
+    for d in manifest.training_data:
+        lines.append(f"| {d['source']} | {d['films']} | {d['calibration_films']} | {d['licence']} |")
+    return lines
+
+
 def model_card(
     config: Config, manifest: ModelManifest, report: dict[str, Any], blob: dict[str, Any], parity: dict[str, Any]
 ) -> str:
@@ -94,11 +102,8 @@ def model_card(
         "on idle cores: the build machine's 2 cores were shared with other training runs); cache load or build "
         f"{blob.get('cache_seconds', 0):.0f} s.",
         "",
-        "| source | train films | calibration films | licence |",
-        "| --- | --- | --- | --- |",
+        *training_data_table(manifest),
     ]
-    for d in manifest.training_data:
-        lines.append(f"| {d['source']} | {d['films']} | {d['calibration_films']} | {d['licence']} |")
     lines += [
         "",
         "## Evaluation (val split, every film in every variant, through decode + preprocess + this ONNX file)",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.manifest import ModelManifest
+from training.card import training_data_table
 from training.config import Config
 
 PURPOSE = {
@@ -175,11 +176,8 @@ def classifier_card(
         f"thread(s). {config.data.calibration_fraction:.0%} of train patients were held out to choose the threshold; "
         "`val` was never trained on nor used to choose anything.",
         "",
-        "| source | train films | calibration films | licence |",
-        "| --- | --- | --- | --- |",
+        *training_data_table(manifest),
     ]
-    for d in manifest.training_data:
-        lines.append(f"| {d['source']} | {d['films']} | {d['calibration_films']} | {d['licence']} |")
     lines += [
         "",
         "## Evaluation (val split, through decode + preprocess + this ONNX file)",
@@ -263,11 +261,8 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         f"{sum(b['calibration_films'].values())} held-out train frontal films "
         f"({report['threshold_rule']}). No val film chose anything.",
         "",
-        "| source | films fitted | calibration films | licence |",
-        "| --- | --- | --- | --- |",
+        *training_data_table(manifest, "films fitted"),
     ]
-    for d in manifest.training_data:
-        lines.append(f"| {d['source']} | {d['films']} | {d['calibration_films']} | {d['licence']} |")
     lines += [
         "",
         "## Evaluation (val, through decode + preprocess + this ONNX file)",
