@@ -124,6 +124,13 @@ class PolicyConfig:
     reason_order: tuple[str, ...] = (
         "undecodable", "modality", "rotated", "inverted", "flipped", "not-frontal-chest", "pediatric", "atypical",
     )  # fmt: skip
+    # Detector reasons that only mean something on a frontal chest film: when the film's findings raise the key
+    # reason, the listed detector reasons are not raised (their scores stay in the sidecar, with a note). A knee film
+    # is quarantined as not-frontal-chest, not also as "flipped" or "pediatric" by detectors trained on chest films.
+    # The header rules (modality, the age in the header) are never dropped.
+    outranks: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {"not-frontal-chest": ("flipped", "pediatric", "atypical")}
+    )
 
 
 @dataclass(frozen=True)
@@ -357,6 +364,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"policy.thresholds.{name}: must be a non-negative number, got {value}")
     if len(set(cfg.policy.reason_order)) != len(cfg.policy.reason_order):
         raise ConfigError("policy.reason_order: lists a reason twice; name each reason once")
+    for reason, dropped in cfg.policy.outranks.items():
+        if reason in dropped:
+            raise ConfigError(f"policy.outranks.{reason}: a reason cannot outrank itself; remove it from its list")
     if cfg.policy.pediatric_age_years <= 0:
         raise ConfigError("policy.pediatric_age_years: must be > 0")
     if cfg.policy.modality_rule and not cfg.policy.modalities:

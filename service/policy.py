@@ -3,7 +3,8 @@
 Kept free of I/O and state so it can be tested exhaustively and reasoned about by the people who configure it.
 Reason names are stable strings users filter on; a detector contributes its manifest's ``reason`` (so later
 detectors plug in through their manifests alone), metadata rules contribute ``modality`` and ``pediatric``, and a
-film that cannot be decoded gets ``undecodable``.
+film that cannot be decoded gets ``undecodable``. ``policy.outranks`` drops detector reasons that are moot for
+the film (a knee film is ``not-frontal-chest``; whether it is also "flipped" by a chest detector means nothing).
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
             notes["pediatric"] = "image model overruled by the age in the header"
         elif flagged:
             reasons.append(f.reason)
+    raised = set(reasons)
+    for reason, dropped in policy.outranks.items():
+        if reason in raised:
+            for other in dropped:
+                if other in raised:
+                    reasons.remove(other)
+                    notes[other] = f"not raised: only judged on frontal chest films, and this film is {reason}"
     if metadata is not None:
         if metadata.decode_error:
             reasons.append("undecodable")

@@ -86,7 +86,8 @@ def parity(config: Config, model: Any, onnx_path: Path) -> dict[str, Any]:
 
 def export(config: Config) -> Path:
     """run_dir/model.pt -> run_dir/model.onnx (checked) and run_dir/parity.json."""
-    model, _ = load_trained(config.run_path)
+    trained, _ = load_trained(config.run_path)
+    model = get_task(config.task).serving_model(trained)
     tmp = config.run_path / "model.onnx.tmp"
     export_onnx(model, config.preprocessing.size, tmp)
     result = parity(config, model, tmp)

@@ -61,6 +61,22 @@ class FilmNet(nn.Module):
         return self.head(self.dropout(self.embed(x)))
 
 
+class MirrorSwap(nn.Module):
+    """A two-label left-right task made exactly consistent: ``f(fliplr x) == f(x)[:, ::-1]``.
+
+    The logits are the mean of the network's logits on the film and the swapped logits on its mirror image. A film and
+    its mirror image therefore get complementary probabilities (of the two, exactly one is called flipped at a 0.5
+    threshold), and the network's own left-right biases (a marker, a tube) cancel. It costs a second forward pass.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.net(x) + torch.flip(self.net(torch.flip(x, dims=[3])), dims=[1])) / 2
+
+
 def build_model(num_outputs: int, widths: tuple[int, ...], dropout: float) -> FilmNet:
     return FilmNet(num_outputs, tuple(widths), dropout)
 

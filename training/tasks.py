@@ -51,6 +51,9 @@ class Task:
     film_kinds: tuple[str, ...] = ("frontal-chest",)
     film_filter: Callable[[LabelledFilm], bool] | None = None
     kind: str = "classifier"
+    # A two-label task whose labels swap when the film is mirrored left-right (``flip``): the exported model scores
+    # the film and its mirror image and is exactly consistent (:class:`training.model.MirrorSwap`).
+    mirror_swap: bool = False
 
     # ------------------------------------------------------------------ which films
     def films(self, rows: Sequence[LabelledFilm], split: str) -> list[LabelledFilm]:
@@ -104,6 +107,14 @@ class Task:
     @property
     def positive_index(self) -> list[int]:
         return [self.labels.index(p) for p in self.positive_labels]
+
+    def serving_model(self, net: Any) -> Any:
+        """The module that is exported and evaluated: the trained network, or a wrapper around it."""
+        if not self.mirror_swap:
+            return net
+        from training.model import MirrorSwap
+
+        return MirrorSwap(net)
 
     def is_positive(self, label: int) -> bool:
         return self.labels[label] in self.positive_labels

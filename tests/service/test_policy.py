@@ -99,3 +99,35 @@ def test_reason_order_naming_a_reason_twice_is_a_config_error():
 
     with pytest.raises(ConfigError, match="policy.reason_order"):
         parse_config({"policy": {"reason_order": ["rotated", "rotated"]}})
+
+
+def test_not_frontal_chest_outranks_the_chest_only_detector_reasons():
+    """A knee film is quarantined as not-frontal-chest, not also as flipped/pediatric/atypical by chest detectors;
+    their scores stay, each with a note. rotated stays (a sender can correct it), and so does the header's age."""
+    knee = Metadata(modality="DX")
+    findings = [
+        f("orientation", "rotated", 0.9),
+        f("flip", "flipped", 0.9),
+        f("view", "not-frontal-chest", 0.9),
+        f("pediatric", "pediatric", 0.9),
+        f("atypical", "atypical", 0.9),
+    ]
+    d = decide(findings, knee, PolicyConfig())
+    assert d.reasons == ("rotated", "not-frontal-chest")
+    assert set(d.notes) == {"flipped", "pediatric", "atypical"}
+    assert d.scores["flip"] == pytest.approx(0.9) and d.findings[1].flagged
+    child_knee = Metadata(modality="DX", patient_age="006Y")
+    assert decide(findings, child_knee, PolicyConfig()).reasons == ("rotated", "not-frontal-chest", "pediatric")
+    # a frontal chest film keeps every reason; and a site may switch the rule off
+    frontal = [x for x in findings if x.detector != "view"]
+    assert decide(frontal, knee, PolicyConfig()).reasons == ("rotated", "flipped", "pediatric", "atypical")
+    assert len(decide(findings, knee, PolicyConfig(outranks={})).reasons) == 5
+
+
+def test_a_reason_outranking_itself_is_a_config_error():
+    from service.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="policy.outranks.atypical"):
+        parse_config({"policy": {"outranks": {"atypical": ["atypical"]}}})
+    cfg = parse_config({"policy": {"outranks": {"not-frontal-chest": ["flipped"]}}})
+    assert cfg.policy.outranks["not-frontal-chest"] == ("flipped",)

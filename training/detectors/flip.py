@@ -6,6 +6,9 @@ gastric bubble under the left diaphragm, liver on the right) and burned-in marke
 (the framework burns film markers *before* the transform and viewer overlays *after* it, so readable text is no clue
 by itself). Mirrored films are the commonest error in the literature and the one that falls most across hospitals,
 so evaluation is per source.
+
+The exported model is mirror-consistent (``mirror_swap``): it scores the film and its mirror image, so a film and
+its mirror image always get complementary scores and the network's left-right biases cancel.
 """
 
 from __future__ import annotations
@@ -35,5 +38,6 @@ TASK = register(
         ),
         film_kinds=("frontal-chest",),
         transforms=(_identity, _mirror),
+        mirror_swap=True,
     )
 )
