@@ -124,9 +124,18 @@ class Check:
 class EvaluateConfig:
     target_fpr: float = 0.001  # unaltered films flagged, on the calibration films
     min_threshold: float = 0.5
+    # fpr: the smallest threshold meeting target_fpr (recall first). margin: for labelled tasks whose held-out films
+    # hold both classes, the middle (in log-odds) of the gap between the highest negative score that target_fpr
+    # allows and the lowest positive score, so that neither class sits on the threshold (falls back to fpr when the
+    # classes overlap there).
+    threshold_rule: str = "fpr"
     parity_films: int = 32  # real val films checked torch vs onnxruntime at export
     parity_tolerance: float = 1e-3  # max abs difference of logits
     checks: tuple[Check, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.threshold_rule not in ("fpr", "margin"):
+            raise ValueError(f"threshold_rule must be fpr or margin, got {self.threshold_rule!r}")
 
 
 @dataclass(frozen=True)

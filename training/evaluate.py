@@ -2,7 +2,9 @@
 
 1. Threshold: the task's films of the *train* split that were held out of training (patient-grouped, see
    :func:`training.tasks.in_holdout`) are scored as they came; the threshold is the smallest one (at least
-   ``evaluate.min_threshold``) that flags at most ``evaluate.target_fpr`` of them. ``val`` is never used to choose it.
+   ``evaluate.min_threshold``) that flags at most ``evaluate.target_fpr`` of them; with ``evaluate.threshold_rule:
+   margin`` (labelled tasks) it moves to the middle of the gap up to the lowest held-out positive
+   (:func:`training.metrics.margin_threshold`). ``val`` is never used to choose it.
 2. ``val``: every film in every variant (for orientation: as it came and turned 90/180/270) through
    ``decode_file`` -> variant -> ``preprocess`` -> model. Pooled, per source, the source-averaged mean and the worst
    source: AUC, accuracy, precision, recall, confusion matrix, and the false-positive rate on unaltered films.
@@ -27,7 +29,7 @@ from service.preprocess import PreprocessSpec, preprocess
 from training.config import AugmentConfig, Config
 from training.data import EvalItem, eval_items, split_train, val_films
 from training.films import film_id
-from training.metrics import choose_threshold, summarise
+from training.metrics import choose_threshold, margin_threshold, summarise
 from training.tasks import Task, get_task
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -166,6 +168,16 @@ def dicom_survey(config: Config, task: Task, runner: Runner, threshold: float) -
     return out
 
 
+def _rule_text(config: Config, rule: str, negatives: int, positives: int) -> str:
+    ev = config.evaluate
+    fpr = (f"smallest threshold >= {ev.min_threshold} flagging at most {ev.target_fpr:.2%} of {negatives} "
+           "unaltered held-out train films")  # fmt: skip
+    if rule == "margin":
+        return (f"middle (log-odds) between that edge ({fpr}) and the lowest score of the {positives} held-out "
+                "positive films")  # fmt: skip
+    return fpr + (" (margin rule fell back: the held-out classes overlap)" if ev.threshold_rule == "margin" else "")
+
+
 def evaluate(config: Config, runner: Runner, model_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Calibrate the threshold, measure ``val``, run the checks; returns the report (see :func:`write_report`)."""
     task = get_task(config.task)
@@ -174,7 +186,12 @@ def evaluate(config: Config, runner: Runner, model_info: dict[str, Any] | None =
     cal = infer(calib, task, config.preprocessing, runner)
     cal_scores = task.scores(cal["outputs"])
     cal_neg = np.array([not task.is_positive(int(y)) for y in cal["label"]], dtype=bool)
-    threshold = choose_threshold(cal_scores[cal_neg], config.evaluate.target_fpr, config.evaluate.min_threshold)
+    ev = config.evaluate
+    rule = "fpr"
+    if ev.threshold_rule == "margin":
+        threshold, rule = margin_threshold(cal_scores[cal_neg], cal_scores[~cal_neg], ev.target_fpr, ev.min_threshold)
+    else:
+        threshold = choose_threshold(cal_scores[cal_neg], ev.target_fpr, ev.min_threshold)
     calibration = _group_metrics(task, cal, np.ones(len(cal["label"]), bool), threshold)
 
     films = val_films(config, task)
@@ -228,10 +245,7 @@ def evaluate(config: Config, runner: Runner, model_info: dict[str, Any] | None =
         "labels": list(task.labels),
         "positive_labels": list(task.positive_labels),
         "threshold": threshold,
-        "threshold_rule": (
-            f"smallest threshold >= {config.evaluate.min_threshold} flagging at most "
-            f"{config.evaluate.target_fpr:.2%} of {int(cal_neg.sum())} unaltered held-out train films"
-        ),
+        "threshold_rule": _rule_text(config, rule, int(cal_neg.sum()), int((~cal_neg).sum())),
         "calibration": calibration,
         "val": {"pooled": pooled, "source_mean": macro, "worst_source": worst_values, "per_source": per_source},
         "val_films": int(len(set(res["rel"].tolist()))),

@@ -40,6 +40,26 @@ def choose_threshold(negative_scores: np.ndarray, target_fpr: float, floor: floa
     return float(max(floor, np.nextafter(above, np.inf)))
 
 
+def margin_threshold(
+    negative_scores: np.ndarray, positive_scores: np.ndarray, target_fpr: float, floor: float
+) -> tuple[float, str]:
+    """The middle, in log-odds, of the gap between what :func:`choose_threshold` allows and the lowest positive.
+
+    A threshold at the very edge of the negatives (the ``fpr`` rule) keeps recall but holds back every good film that
+    scores a little higher than the calibration films did, and the calibration set of a rare source is small. When the
+    held-out positives leave room above that edge, the threshold moves to the middle of the room. Returns the
+    threshold and which rule set it.
+    """
+    low = choose_threshold(negative_scores, target_fpr, floor)
+    pos = np.asarray(positive_scores, dtype=np.float64)
+    if len(pos) == 0 or pos.min() <= low:
+        return low, "fpr"
+    high = float(pos.min())
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    lo, hi = np.clip([low, high], 1e-6, 1 - 1e-6)
+    return float(1 / (1 + np.exp(-(logit(lo) + logit(hi)) / 2))), "margin"
+
+
 def summarise(
     labels: np.ndarray,
     predicted: np.ndarray | None,

@@ -2,7 +2,7 @@
 
 ``python -m training atypical [--config atypical]`` (or :func:`run`):
 
-1. load ``runs/view/model.pt`` (the backbone; train ``view`` first);
+1. load the shipped ``view`` model's run (``runs/view-ft/model.pt``, as ``models/view/manifest.json`` records it);
 2. embed the train split's frontal chest films that were not held out (decoded and preprocessed exactly as the gate
    does, ``unit`` input) and fit a source-balanced Gaussian (:func:`training.detectors.atypical.fit_gaussian`);
 3. threshold = the source-balanced quantile of the held-out train frontal films that flags ``evaluate.target_fpr`` of
@@ -32,7 +32,7 @@ from service.datasets import REPO_ROOT, LabelledFilm, labels, select
 from service.decode import DecodeError, auto_window, decode_file
 from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
 from service.preprocess import PreprocessSpec, preprocess
-from training.config import Config, load_config
+from training.config import Config, config_from_dict, load_config
 from training.data import cap
 from training.detectors.atypical import Atypicality, fit_gaussian
 from training.detectors.corrupt import CORRUPTIONS
@@ -101,10 +101,21 @@ def weighted_quantile_threshold(scores: np.ndarray, weights: np.ndarray, target:
     return float(np.nextafter(s[k], np.inf))
 
 
+def shipped_backbone_config(config: Config, task_name: str) -> Config:
+    """The config of the backbone run that is *shipped* (``models/<task>/manifest.json`` records it), so that the
+    atypical score is built on the very network the gate runs as ``view``; ``training/configs/<task>.yaml`` when
+    nothing is shipped yet."""
+    try:
+        shipped = load_manifest(config.models_path / task_name).extra["config"]
+        return config_from_dict(shipped)
+    except (OSError, ValueError, KeyError):
+        return load_config(task_name)
+
+
 def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
     torch.set_num_threads(config.train.threads)
     task = get_task(config.task)
-    backbone_cfg = load_config(getattr(task, "backbone_task", "view"))
+    backbone_cfg = shipped_backbone_config(config, getattr(task, "backbone_task", "view"))
     backbone_path = backbone_run or backbone_cfg.run_path
     view, blob = load_trained(backbone_path)
     run = config.run_path

@@ -149,7 +149,27 @@ def pediatric_extra(config: Config, runner: Runner, threshold: float) -> dict[st
             for src in sorted({f.source for f, _ in films})
         }
         out[name] = entry
-    return out
+    return {"checks": out, "spine_by_age": _spine_by_age(task, runner, spec, threshold)}
+
+
+SPINE_AGE_BANDS = ((0, 12), (12, 16), (16, 18), (18, 20), (20, 200))
+
+
+def _spine_by_age(task: Task, runner: Runner, spec: PreprocessSpec, threshold: float) -> list[dict[str, Any]]:
+    """The ``spine`` val films (not chest films: outside the gate's use of this model) by age band, called child."""
+    films = _pixels([f for f in labels() if f.split == "val" and f.source == "spine" and f.age is not None])
+    if not films:
+        return []
+    s, _ = _score(task, runner, spec, [p for _, p in films])
+    ages = np.array([float(f.age) for f, _ in films])  # type: ignore[arg-type]
+    rows = []
+    for lo, hi in SPINE_AGE_BANDS:
+        m = (ages >= lo) & (ages < hi)
+        if m.any():
+            right = (s[m] >= threshold) == (ages[m] < 18)
+            rows.append({"ages": f"{lo}-{hi - 1}" if hi < 200 else f"{lo}+", "films": int(m.sum()),
+                         "called_child": int((s[m] >= threshold).sum()), "right": int(right.sum())})  # fmt: skip
+    return rows
 
 
 def flip_extra(config: Config, runner: Runner, threshold: float) -> dict[str, Any]:
@@ -221,9 +241,20 @@ def markdown(task_name: str, extra: dict[str, Any]) -> str:
             "| films | n | called child | rate | per source |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for name, m in extra.items():
+        for name, m in extra["checks"].items():
             ps = ", ".join(f"{s} {v['flagged']}/{v['n']}" for s, v in m["per_source"].items())
             lines.append(f"| {name} | {m['n']} | {m['flagged']} | {_pct(m['rate'])} | {ps} |")
+        lines += [
+            "",
+            "The `spine` val films (thoraco-lumbar films of the scoliosis set, children and young adults; trained on "
+            "only to break the hospital shortcut) by age. They are outside the gate's use of this model: the gate "
+            "drops the image model's `pediatric` on films that are `not-frontal-chest` (`policy.outranks`), so a "
+            "spine film is quarantined as not-frontal-chest, and as pediatric only by the age in its header.",
+            "",
+            "| ages | films | called child | right |",
+            "| --- | --- | --- | --- |",
+        ]
+        lines += [f"| {r['ages']} | {r['films']} | {r['called_child']} | {r['right']} |" for r in extra["spine_by_age"]]
     elif task_name == "flip":
         lines += [
             "Per source at the shipped threshold (val frontal films, each as it came and mirrored):",

@@ -34,7 +34,7 @@ def headline(name: str, extra: dict) -> dict:
             "frontal_mirrored_flagged": extra["frontal_mirrored"]["rate"],
         }
     if name == "pediatric":
-        return {"shortcut_checks": {k: v["rate"] for k, v in extra.items()}}
+        return {"shortcut_checks": {k: v["rate"] for k, v in extra["checks"].items()}}
     if name == "flip":
         return {"per_source_accuracy": {k: v["accuracy"] for k, v in extra["per_source"].items()}}
     return {}
