@@ -17,6 +17,8 @@ import pytest
 from service.datasets import LabelledFilm, select
 from tests.detectors.conftest import pixels
 
+UPSIDE_DOWN = "images/nih-cxr14/no_finding_00003490_011.jpg"  # stored turned 180 degrees (data.exclude in configs)
+
 
 def allowed(rate: float, n: int) -> int:
     return math.floor(rate * n + 1e-9)
@@ -54,6 +56,10 @@ def test_view_keeps_out_laterals_other_radiographs_and_non_radiographs(detector,
     assert len(laterals) >= 10 and all(laterals), "every real val lateral film must be kept out"
     wrongly = [f.rel for f, h in zip(frontal, view.flagged(images(frontal)), strict=True) if h]
     assert len(wrongly) <= allowed(0.005, len(frontal)), f"frontal films flagged: {wrongly}"
+    # The pooled rate is mostly children's films (one hospital); the goal must hold for adult films on their own too.
+    adults = [f for f in frontal if f.pediatric != "yes" and f.rel != UPSIDE_DOWN]
+    adults_flagged = [r for r in wrongly if r in {f.rel for f in adults}]
+    assert len(adults_flagged) <= allowed(0.005, len(adults)), f"adult frontal films flagged: {adults_flagged}"
 
 
 def test_view_names_the_kind(detector):
@@ -66,24 +72,39 @@ def test_view_names_the_kind(detector):
     assert all(fd.predicted == "lateral-chest" for f, fd in zip(films, found, strict=True) if f.kind == "lateral-chest")
 
 
-# The issue's goal is 98% per source. It is NOT met on these two sources (see models/flip/MODEL_CARD.md: a situs
-# inversus film and films whose anatomy is hidden); there the test guards the shipped figure against regressions.
-FLIP_KNOWN_SHORT = {"nih-cxr14": 0.96, "vqa-rad": 0.92}
+# The issue's goal is 98% (pooled, reported per source). Two sources stay under 98% (see models/flip/MODEL_CARD.md:
+# one NIH patient with a white-out right hemithorax, two films; a vqa-rad situs inversus film); there the test
+# guards the shipped figure against regressions.
+FLIP_KNOWN_SHORT = {"nih-cxr14": 0.977, "vqa-rad": 0.95}
 
 
-def test_flip_per_source(detector, frontal):
+def test_flip_pooled_and_per_source(detector, frontal):
     flip = detector("flip")
-    ims = images(frontal)
+    films = [f for f in frontal if f.rel != UPSIDE_DOWN]  # turned 180 degrees: left out as for orientation
+    ims = images(films)
     unaltered = flip.flagged(ims)
     mirrored = flip.flagged([np.ascontiguousarray(p[:, ::-1]) for p in ims])
-    assert int(unaltered.sum()) <= allowed(0.01, len(frontal)), "too many unaltered films called flipped"
-    sources = np.array([f.source for f in frontal])
+    assert int(unaltered.sum()) <= allowed(0.01, len(films)), "too many unaltered films called flipped"
+    pooled = (int((~unaltered).sum()) + int(mirrored.sum())) / (2 * len(films))
+    assert pooled >= 0.98, f"flip accuracy {pooled:.4f} pooled"
+    sources = np.array([f.source for f in films])
     for source in sorted(set(sources)):
         m = sources == source
         if m.sum() < 20:  # openi (6), radiopaedia (2): too few for a per-source rate; they count in the pool
             continue
         acc = (int((~unaltered[m]).sum()) + int(mirrored[m].sum())) / (2 * int(m.sum()))
         assert acc >= FLIP_KNOWN_SHORT.get(source, 0.98), f"flip accuracy {acc:.4f} on {source}"
+
+
+def test_shipped_flip_gives_a_film_and_its_mirror_complementary_scores(detector, frontal):
+    """models/flip is exported mirror-consistent (MirrorSwap): exactly one of a film and its mirror image is flipped
+    at a 0.5 threshold, on real films through the gate's preprocessing."""
+    flip = detector("flip")
+    ims = images(frontal[::50])
+    s0 = flip.scores(ims)
+    s1 = flip.scores([np.ascontiguousarray(p[:, ::-1]) for p in ims])
+    np.testing.assert_allclose(s0 + s1, 1.0, atol=1e-4)
+    assert s0.std() > 0.01
 
 
 def test_pediatric_per_source(detector, frontal):

@@ -19,7 +19,7 @@ from service.preprocess import preprocess
 from training.config import AugmentConfig, ConfigError, config_from_dict, load_config
 from training.evaluate import evaluate, onnx_runner, write_report
 from training.export import export, ship
-from training.metrics import choose_threshold, roc_auc
+from training.metrics import choose_threshold, margin_threshold, roc_auc
 from training.tasks import get_task
 from training.train import fit, load_trained
 
@@ -207,6 +207,33 @@ def test_auc_and_threshold():
     assert choose_threshold(neg, 0.0, 0.5) > 0.95  # nothing may be flagged
     assert 0.9 < choose_threshold(neg, 0.25, 0.5) <= 0.95  # one of four may be flagged
     assert choose_threshold(np.array([0.1, 0.2]), 0.0, 0.5) == 0.5  # never below the floor
+
+
+def test_margin_threshold_sits_in_the_middle_of_the_gap_or_falls_back():
+    neg = np.array([0.01, 0.02, 0.05])
+    t, rule = margin_threshold(neg, np.array([0.95, 0.99]), 0.0, 0.01)
+    edge = choose_threshold(neg, 0.0, 0.01)
+    assert rule == "margin" and edge < t < 0.95
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    assert logit(t) - logit(edge) == pytest.approx(logit(0.95) - logit(t))  # the middle, in log-odds
+    # a positive at or below the edge: the classes overlap there, recall first
+    assert margin_threshold(neg, np.array([0.04, 0.9]), 0.0, 0.01) == (edge, "fpr")
+    assert margin_threshold(neg, np.array([]), 0.0, 0.01) == (edge, "fpr")
+
+
+def test_mirror_swap_is_exactly_mirror_consistent():
+    """The exported flip model: a film and its mirror image get swapped logits, whatever the weights are."""
+    import torch
+
+    from training.model import FilmNet, MirrorSwap
+
+    torch.manual_seed(0)
+    net = MirrorSwap(FilmNet(2, (8, 16), 0.0)).eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.inference_mode():
+        a, b = net(x), net(torch.flip(x, dims=[3]))
+    assert torch.allclose(a, b.flip(1), atol=1e-5)
+    assert not torch.allclose(a[:, 0], a[:, 1])  # not trivially constant
 
 
 def test_synthetic_labels_are_the_transform_and_nothing_else():

@@ -29,6 +29,7 @@ from service.decode import DecodeError, decode_file
 from service.preprocess import PreprocessSpec, preprocess
 from training.augment import display_augment, film_augment
 from training.config import AugmentConfig, Config
+from training.data import val_films
 from training.detectors.degrade import square_stretch
 from training.evaluate import Runner
 from training.tasks import Task, get_task
@@ -175,7 +176,7 @@ def _spine_by_age(task: Task, runner: Runner, spec: PreprocessSpec, threshold: f
 def flip_extra(config: Config, runner: Runner, threshold: float) -> dict[str, Any]:
     task = get_task("flip")
     spec = config.preprocessing
-    films = _pixels(task.films(labels(), "val"))
+    films = _pixels(val_films(config, task))  # data.exclude applies, as in evaluation.md
     s0, _ = _score(task, runner, spec, [p for _, p in films])
     s1, _ = _score(task, runner, spec, [np.ascontiguousarray(p[:, ::-1]) for _, p in films])
     per_source = {}
