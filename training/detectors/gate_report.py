@@ -185,8 +185,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"films quarantined. {only_ped} of them only for `pediatric`: with an age in the DICOM header the gate "
         "uses the age instead of the image model (service/policy.py), so these would be accepted; films without "
         "an age in labels.csv (vqa-rad, openi) may really be children.",
-        "- Several detectors often flag the same wrong film (other radiographs are also 'rotated' or 'flipped' for "
-        "detectors trained on chest films only): only `not-frontal-chest` is the reason that matters there.",
+        "- On films that are `not-frontal-chest` the default policy drops the chest-only reasons (`flipped`, "
+        "`pediatric`, `atypical`; `policy.outranks`). `rotated` and `inverted` stay listed (detectors trained on chest "
+        "films also fire on a knee): there `not-frontal-chest` is the reason that matters.",
     ]
     lines += ["", "## Reasons over all films", ""]
     lines += [f"- `{k}`: {v}" for k, v in summary["reasons"].items()]
