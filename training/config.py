@@ -93,6 +93,9 @@ class ModelConfig:
 
     widths: tuple[int, ...] = (16, 32, 64, 128, 192)
     dropout: float = 0.1
+    # Export the network wrapped in training.model.MirrorSwap (film and mirror image, logits swapped and averaged):
+    # exactly mirror-consistent at twice the cost; only for tasks whose labels swap under mirroring (flip).
+    mirror_swap: bool = False
 
 
 @dataclass(frozen=True)

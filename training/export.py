@@ -87,7 +87,7 @@ def parity(config: Config, model: Any, onnx_path: Path) -> dict[str, Any]:
 def export(config: Config) -> Path:
     """run_dir/model.pt -> run_dir/model.onnx (checked) and run_dir/parity.json."""
     trained, _ = load_trained(config.run_path)
-    model = get_task(config.task).serving_model(trained)
+    model = get_task(config.task).serving_model(trained, config.model.mirror_swap)
     tmp = config.run_path / "model.onnx.tmp"
     export_onnx(model, config.preprocessing.size, tmp)
     result = parity(config, model, tmp)

@@ -51,9 +51,9 @@ class Task:
     film_kinds: tuple[str, ...] = ("frontal-chest",)
     film_filter: Callable[[LabelledFilm], bool] | None = None
     kind: str = "classifier"
-    # A two-label task whose labels swap when the film is mirrored left-right (``flip``): the exported model scores
-    # the film and its mirror image and is exactly consistent (:class:`training.model.MirrorSwap`).
-    mirror_swap: bool = False
+    # A two-label task whose labels swap when the film is mirrored left-right (``flip``): its exported model may score
+    # the film and its mirror image and be exactly consistent (``model.mirror_swap``, training.model.MirrorSwap).
+    mirror_pair: bool = False
 
     # ------------------------------------------------------------------ which films
     def films(self, rows: Sequence[LabelledFilm], split: str) -> list[LabelledFilm]:
@@ -108,10 +108,14 @@ class Task:
     def positive_index(self) -> list[int]:
         return [self.labels.index(p) for p in self.positive_labels]
 
-    def serving_model(self, net: Any) -> Any:
+    def serving_model(self, net: Any, mirror_swap: bool = False) -> Any:
         """The module that is exported and evaluated: the trained network, or a wrapper around it."""
-        if not self.mirror_swap:
+        if not mirror_swap:
             return net
+        if not self.mirror_pair:
+            from training.config import ConfigError
+
+            raise ConfigError(f"model.mirror_swap: task {self.name} has no labels that swap under mirroring")
         from training.model import MirrorSwap
 
         return MirrorSwap(net)

@@ -7,8 +7,8 @@ gastric bubble under the left diaphragm, liver on the right) and burned-in marke
 by itself). Mirrored films are the commonest error in the literature and the one that falls most across hospitals,
 so evaluation is per source.
 
-The exported model is mirror-consistent (``mirror_swap``): it scores the film and its mirror image, so a film and
-its mirror image always get complementary scores and the network's left-right biases cancel.
+``model.mirror_swap`` exports the network mirror-consistent (it scores the film and its mirror image, so the two
+always get complementary scores) at twice the cost.
 """
 
 from __future__ import annotations
@@ -38,6 +38,6 @@ TASK = register(
         ),
         film_kinds=("frontal-chest",),
         transforms=(_identity, _mirror),
-        mirror_swap=True,
+        mirror_pair=True,
     )
 )
