@@ -101,9 +101,12 @@ def test_inspect_gives_the_reason_for_each_kind(shipped, tmp_path):
 
     adult = _first("frontal-chest", "nih-cxr14", "no").path
     cv2.imwrite(str(mirrored), cv2.imread(str(adult), cv2.IMREAD_UNCHANGED)[:, ::-1])
+    washed = tmp_path / "washed-out.png"  # a film exposed or windowed so that almost nothing is left of it
+    cv2.imwrite(str(washed), (217 + 0.1 * cv2.imread(str(adult), cv2.IMREAD_GRAYSCALE)).astype(np.uint8))
     cases = [
         (adult, "accept", None),
         (mirrored, "quarantine", "flipped"),
+        (washed, "quarantine", "atypical"),
         (_first("lateral-chest", "chexpert").path, "quarantine", "not-frontal-chest"),
         (val_subset("other-radiograph", 1, ("cephalogram",))[0].path, "quarantine", "not-frontal-chest"),
         (val_subset("not-radiograph", 1, ("vqa-rad",))[0].path, "quarantine", "not-frontal-chest"),
@@ -121,3 +124,5 @@ def test_inspect_gives_the_reason_for_each_kind(shipped, tmp_path):
         assert line["decision"] == decision, (path.name, line)
         if reason:
             assert reason in line["reasons"], (path.name, line)
+        if reason == "not-frontal-chest":  # the chest-only reasons are dropped there (policy.outranks)
+            assert not {"flipped", "pediatric", "atypical"} & set(line["reasons"]), (path.name, line)
