@@ -134,3 +134,22 @@ def test_atypical_is_calibrated_and_catches_what_is_unlike_a_frontal_film(detect
         hit = atyp.flagged([im.astype(np.float32) for im in ims])
         assert hit.mean() >= 0.9, f"atypical caught {hit.mean():.2f} of {name} films"
     assert atyp.flagged(images(val("not-radiograph"))).mean() >= 0.95
+
+
+def test_atypical_is_built_on_the_shipped_view_network():
+    """atypical embeds the view network's features: retraining view without rebuilding atypical must fail here."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.detectors.conftest import MODELS
+
+    view_version = json.loads((MODELS / "view" / "manifest.json").read_text())["version"]
+    backbone = json.loads((MODELS / "atypical" / "manifest.json").read_text())["extra"]["backbone"]
+    assert backbone == f"view {view_version}"
+    view = [numpy_helper.to_array(i) for i in onnx.load(str(MODELS / "view" / "model.onnx")).graph.initializer]
+    atyp = [numpy_helper.to_array(i) for i in onnx.load(str(MODELS / "atypical" / "model.onnx")).graph.initializer]
+    convs = [w for w in view if w.ndim == 4]  # the convolution kernels (BatchNorm folded in at export)
+    assert len(convs) >= 10
+    assert all(any(a.shape == w.shape and np.array_equal(a, w) for a in atyp) for w in convs)
