@@ -15,13 +15,14 @@ import os
 import re
 import string
 import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from service.typed_config import ConfigError, build
 
 ENV_CONFIG = "FILMGATE_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -35,10 +36,6 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 # The config travels to the worker process by pickle; read-only mappings are rebuilt from plain dicts.
 copyreg.pickle(types.MappingProxyType, lambda m: (types.MappingProxyType, (dict(m),)))
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and the fix."""
 
 
 # ------------------------------------------------------------------------------------------------- sections
@@ -236,7 +233,7 @@ def parse_config(data: Any, source: str = "<dict>") -> Config:
         raise ConfigError("the top level must be a mapping of sections (listener, spool, ...)")
     data = dict(data)
     dests = data.pop("destinations", None)
-    cfg = _build(Config, data, "", skip={"destinations", "source"})
+    cfg = build(Config, data, "", skip={"destinations", "source"})
     if dests is not None:
         cfg = dataclasses.replace(cfg, destinations=_build_destinations(dests))
     return validate(dataclasses.replace(cfg, source=source))
@@ -256,60 +253,8 @@ def _build_destinations(data: Any) -> tuple[Any, ...]:
             raise ConfigError(f"{key}.type: must be one of {sorted(DESTINATION_TYPES)}, got {kind!r}")
         if "name" in spec:
             raise ConfigError(f"{key}.name: the name is the mapping key; remove 'name'")
-        out.append(_build(DESTINATION_TYPES[kind], {**spec, "name": str(name)}, key + ".", skip=set()))
+        out.append(build(DESTINATION_TYPES[kind], {**spec, "name": str(name)}, key + ".", skip=set()))
     return tuple(out)
-
-
-def _build(cls: type, data: Any, prefix: str, skip: set[str] | None = None) -> Any:
-    section = prefix.rstrip(".") or "configuration"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{section}: must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in (skip or set())}
-    unknown = set(data) - set(fields)
-    if unknown:
-        bad = sorted(str(k) for k in unknown)[0]
-        raise ConfigError(f"{prefix}{bad}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: required key is missing")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(f"{key}: must be a string, got {value!r}")
-        return str(value)
-    if origin is tuple:
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        if isinstance(value, str | Mapping) or not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: must be a list, got {value!r}")
-        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict) or origin is typing.get_origin(Mapping[str, float]):
-        k_tp, v_tp = typing.get_args(tp)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
-        return types.MappingProxyType({str(k): _coerce(v_tp, v, f"{key}.{k}") for k, v in value.items()})
-    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a programming error
 
 
 # ------------------------------------------------------------------------------------------------- checks

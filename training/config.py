@@ -8,8 +8,6 @@ calibrated. Errors name the offending key and what is allowed, so a typo fails b
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +16,9 @@ from typing import Any
 import yaml
 
 from service.preprocess import PreprocessSpec
+from service.typed_config import ConfigError, build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ConfigError(ValueError):
-    """The YAML does not describe a valid run; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -177,77 +172,8 @@ def _repo_path(value: str) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key)
-    if tp is PreprocessSpec:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a mapping with size, resize, normalize")
-        try:
-            return PreprocessSpec.from_dict(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{key}: {exc}") from exc
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'the config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key(s) {sorted(where + k for k in unknown)}; allowed under {prefix or 'the top level'}: "
-            f"{sorted(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        kwargs[name] = _convert(hints[name], value, key)
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"missing required key(s) {sorted(missing)} under {prefix or 'the top level'}")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
-
-
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    config = _build(Config, data, "")
+    config = build(Config, data)
     from training.tasks import get_task  # late import: tasks import heavy modules
 
     get_task(config.task)  # unknown task names fail here, naming the registered ones

@@ -138,8 +138,12 @@ def test_interrupted_fit_resumes_to_the_same_weights(tmp_path, data_dir, monkeyp
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.stepz"):
         config_from_dict({"task": "orientation", "train": {"stepz": 3}})
-    with pytest.raises(ConfigError, match=r"train\.steps must be an integer"):
+    with pytest.raises(ConfigError, match=r"train\.steps: must be an integer"):
         config_from_dict({"task": "orientation", "train": {"steps": "many"}})
+    with pytest.raises(ConfigError, match=r"^evaluate: threshold_rule must be fpr or margin"):
+        config_from_dict({"task": "view", "evaluate": {"threshold_rule": "best"}})
+    with pytest.raises(ConfigError, match="model.mirror_swap"):
+        get_task("view").serving_model(object(), mirror_swap=True)
     with pytest.raises(ConfigError, match="registered"):
         config_from_dict({"task": "no-such-task"})
     with pytest.raises(ConfigError, match="preprocessing"):

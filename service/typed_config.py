@@ -1,0 +1,96 @@
+"""A YAML mapping -> a frozen dataclass, with errors that name the key: the one loader behind both configurations.
+
+The gate's configuration (:mod:`service.config`) and a training run's (:mod:`training.config`) are typed, frozen
+dataclasses read from YAML. Both need the same things: unknown keys refused with the allowed ones listed, every value
+checked against its annotation (``bool``, ``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]``,
+``Mapping[str, X]``, nested dataclasses, and types that build themselves through a ``from_dict`` classmethod, such
+as :class:`service.preprocess.PreprocessSpec`), and a message that starts with the dotted key
+(``train.steps: must be an integer, got 'many'``) so a typo fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the fix."""
+
+
+def build(cls: type, data: Any, prefix: str = "", skip: set[str] | None = None) -> Any:
+    """``data`` (a mapping) -> ``cls(**...)``; ``prefix`` is the dotted path of ``data`` with a trailing dot.
+
+    Fields named in ``skip`` are neither read nor allowed (the caller builds them itself). A ``ValueError`` or
+    ``TypeError`` raised by the dataclass (its ``__post_init__`` checks) becomes a :class:`ConfigError` naming
+    the section.
+    """
+    section = prefix.rstrip(".") or "configuration"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{section}: must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in (skip or set())}
+    unknown = set(data) - set(fields)
+    if unknown:
+        bad = sorted(str(k) for k in unknown)[0]
+        raise ConfigError(f"{prefix}{bad}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = coerce(hints[name], data[name], f"{prefix}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{section}: {exc}") from exc
+
+
+def coerce(tp: Any, value: Any, key: str) -> Any:
+    """One value checked (and converted where lossless: int -> float, number -> str) against its annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(inner[0], value, key)
+    if isinstance(tp, type) and callable(getattr(tp, "from_dict", None)):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        try:
+            return tp.from_dict(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key}: {exc}") from exc
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key + ".")  # type: ignore[arg-type]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: must be a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str | Mapping) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: must be a list, got {value!r}")
+        return tuple(coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or origin is typing.get_origin(Mapping[str, float]):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
+        return types.MappingProxyType({str(k): coerce(args[1], v, f"{key}.{k}") for k, v in value.items()})
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a programming error
