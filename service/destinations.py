@@ -4,7 +4,8 @@ Every destination receives the bytes exactly as they were received (the spooled 
 either stores them durably or raises, so the worker never reports as delivered what was not. The DICOM destination
 first puts the instance in a durable outbox (that is its "delivered" for the worker), then a forwarder thread sends
 it with retries and exponential back-off; after the last retry the instance is moved to a dead-letter folder with a
-note, never dropped.
+note, never dropped. The retry count of an instance lives in a JSON sidecar beside it in the outbox
+(``<name>.retry.json``), so a restart continues the count (and tries at once) instead of starting it again.
 """
 
 from __future__ import annotations
@@ -137,8 +138,30 @@ class DicomDestination:
                 self._forward(path, files)
         self._close()
 
+    @staticmethod
+    def _retry_file(path: Path) -> Path:
+        return path.with_name(path.stem + ".retry.json")
+
+    def _attempts_so_far(self, path: Path) -> int:
+        """Failed attempts recorded by an earlier run (0 when none, or when the sidecar cannot be read)."""
+        try:
+            state = json.loads(self._retry_file(path).read_text())
+            return max(0, int(state["attempts"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _record_failure(self, path: Path, attempts: int, error: str, delay: float) -> None:
+        now = time.time()
+        state = {"destination": self.name, "attempts": attempts, "last_error": error, "last_at": _iso(now),
+                 "next_at": _iso(now + delay)}  # fmt: skip
+        write_durably(self._retry_file(path), (json.dumps(state) + "\n").encode(), fsync=self.fsync)
+
+    def _forget(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._retry_file(path).unlink()
+
     def _forward(self, path: Path, upcoming: list[Path]) -> None:
-        attempt = 0
+        attempt = self._attempts_so_far(path)
         labels = {"destination": self.name}
         while True:
             metrics.DELIVERY_ATTEMPTS.labels(**labels).inc()
@@ -155,6 +178,7 @@ class DicomDestination:
             if error is None:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
+                self._forget(path)
                 return
             metrics.DELIVERY_FAILURES.labels(**labels).inc()
             attempt += 1
@@ -162,6 +186,7 @@ class DicomDestination:
                 self._dead_letter(path, error, attempt)
                 return
             delay = min(self.cfg.backoff_initial * self.cfg.backoff_factor ** (attempt - 1), self.cfg.backoff_max)
+            self._record_failure(path, attempt, error, delay)
             log.warning("destination %s: attempt %d failed (%s); retrying in %.1f s", self.name, attempt, error, delay)
             if self._stop.wait(delay):
                 return  # shutting down: the instance stays in the outbox
@@ -171,6 +196,7 @@ class DicomDestination:
         place(path, self.dead / path.name, fsync=self.fsync)
         write_durably(self.dead / (path.stem + ".json"), (json.dumps(note) + "\n").encode(), fsync=self.fsync)
         path.unlink()
+        self._forget(path)
         metrics.DEAD_LETTERS.labels(destination=self.name).inc()
         log.error("destination %s: gave up after %d attempts (%s); moved to %s", self.name, attempts, error, self.dead)
 

@@ -71,3 +71,46 @@ def test_forwarding_with_a_peer_down_part_of_the_time(tmp_path, made_films, mode
     finally:
         pacs.stop()
         assert gate.stop() == 0
+
+
+def test_a_restart_continues_the_retry_count_from_the_outbox_sidecar(tmp_path, made_films):
+    """The retry count of an instance waiting for a DICOM node survives a restart (the spool's JSON sidecar): with
+    one retry allowed, an instance that failed once before the restart goes to the dead-letter folder after one more
+    failed attempt, instead of starting the count (and its back-off) again."""
+    import json
+    import shutil
+    import time
+
+    from service.config import DicomDestinationConfig
+    from service.destinations import DicomDestination
+    from service.spool import Spool
+
+    cfg = DicomDestinationConfig(name="nowhere", ae_title="NOWHERE", host="127.0.0.1", port=free_port(), retries=1,
+                                 backoff_initial=60.0, timeout=5)  # fmt: skip
+    spool = Spool(tmp_path / "spool")
+    first = DicomDestination(cfg, spool)
+    film = tmp_path / "film.dcm"
+    shutil.copyfile(made_films[0].path, film)
+    queued = first.outbox / "film.dcm"
+    shutil.copyfile(film, queued)
+    sidecar = first.outbox / "film.retry.json"
+    first.start()
+    wait_for(sidecar.exists, 30, "the first failed attempt recorded")
+    first.stop(10)
+    state = json.loads(sidecar.read_text())
+    assert state["attempts"] == 1 and state["destination"] == "nowhere" and "last_error" in state
+    assert queued.exists(), "a failed instance stays in the outbox"
+
+    second = DicomDestination(cfg, Spool(tmp_path / "spool"))
+    started = time.monotonic()
+    second.start()
+    try:
+        dead = second.dead / "film.dcm"
+        wait_for(dead.exists, 30, "dead letter after the one retry left")
+        assert time.monotonic() - started < 30, "the restart must not wait out the 60 s back-off again"
+        note = json.loads((second.dead / "film.json").read_text())
+        assert note["attempts"] == 2
+        assert not queued.exists() and not sidecar.exists()
+        assert sha(dead.read_bytes()) == sha(film.read_bytes())
+    finally:
+        second.stop(10)
