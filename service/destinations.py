@@ -255,6 +255,8 @@ DESTINATIONS: dict[type, Callable[[Any, Spool], Destination]] = {
 
 
 def build(configs: Any, spool: Spool) -> dict[str, Destination]:
+    for c in configs:
+        metrics.declare_destination(c.name, forwards=isinstance(c, DicomDestinationConfig))
     return {c.name: DESTINATIONS[type(c)](c, spool) for c in configs}
 
 

@@ -195,6 +195,7 @@ class Listener:
         _receive_into(spool.tmp)
 
     def start(self) -> None:
+        metrics.declare_store_statuses()
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_open),
             (evt.EVT_C_STORE, self._on_store),

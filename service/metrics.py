@@ -6,6 +6,7 @@ transfer syntax names and DICOM status codes. Never a UID, a name or an ID.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
@@ -55,6 +56,37 @@ def ae_label(title: object) -> str:
             return "other"
         _AE_LABELS.add(text)
     return text
+
+
+# ------------------------------------------------------------------------------------------------- zero samples
+# A labelled counter has no series until its first event, so a rate by reason or a "dead letters > 0" alert sees "no
+# data" rather than 0. Known label values are declared up front (0) instead: statuses at start, destinations when
+# built, and each sender's decisions and reasons on its first instance.
+
+STORE_FAILURE_STATUSES = ("0xA700", "0xC210")
+_DECLARED_SENDERS: set[str] = set()
+
+
+def declare_store_statuses() -> None:
+    for status in STORE_FAILURE_STATUSES:
+        STORE_FAILURES.labels(status=status)
+
+
+def declare_destination(name: str, forwards: bool) -> None:
+    """Zero samples for a configured destination (retries and dead letters only exist for forwarding ones)."""
+    for counter in (DELIVERY_ATTEMPTS, DELIVERY_FAILURES, *((DELIVERY_RETRIES, DEAD_LETTERS) if forwards else ())):
+        counter.labels(destination=name)
+
+
+def declare_sender(calling_ae: str, reasons: Iterable[str]) -> None:
+    """Zero samples for a sender's two outcomes and every reason the gate can raise, once per sender."""
+    if calling_ae in _DECLARED_SENDERS:
+        return
+    _DECLARED_SENDERS.add(calling_ae)
+    for outcome in ("accept", "quarantine"):
+        DECISIONS.labels(outcome=outcome, calling_ae=calling_ae)
+    for reason in reasons:
+        QUARANTINE_REASONS.labels(reason=reason, calling_ae=calling_ae)
 
 
 # ------------------------------------------------------------------------------------------------- across processes

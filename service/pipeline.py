@@ -59,6 +59,11 @@ class Pipeline:
         self.detectors = detectors
         self.destinations = destinations
         self.store_times = store_times if store_times is not None else {}
+        # every reason a decision can carry: the policy's order, the loaded detectors' reasons, the header rules
+        self._known_reasons = tuple(dict.fromkeys([
+            *cfg.policy.reason_order, *(d.manifest.reason for d in detectors.detectors), "undecodable", "modality",
+            "pediatric",
+        ]))  # fmt: skip
         w = cfg.workers
         self._decode_q: queue.Queue = queue.Queue(maxsize=w.queue_size)
         self._infer_q: queue.Queue = queue.Queue(maxsize=max(w.queue_size, w.max_batch))
@@ -322,6 +327,7 @@ class Pipeline:
             self._retry_later(item.path)
             return
         self.spool.finish(item.path)
+        metrics.declare_sender(item.calling_ae, self._known_reasons)
         metrics.DECISIONS.labels(outcome=d.outcome, calling_ae=item.calling_ae).inc()
         for reason in d.reasons:
             metrics.QUARANTINE_REASONS.labels(reason=reason, calling_ae=item.calling_ae).inc()

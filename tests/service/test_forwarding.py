@@ -37,6 +37,9 @@ def test_forwarding_with_a_peer_down_part_of_the_time(tmp_path, made_films, mode
         routes={"accept": ["pacs", "nowhere"], "quarantine": ["pacs", "nowhere"]},
     ).start()
     try:
+        m = gate.metrics()  # declared at start: 0, not absent, before anything happens
+        assert m['filmgate_dead_letters_total{destination="nowhere"}'] == 0
+        assert m['filmgate_delivery_failures_total{destination="pacs"}'] == 0
         first, second = made_films[:5], made_films[5:10]
         expected = {f.uid: sha(dataset_bytes(f.path.read_bytes())) for f in first + second}
 

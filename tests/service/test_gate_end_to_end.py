@@ -239,6 +239,11 @@ def test_metrics_count_what_was_sent(run, gate, made_films):
                 reasons[reason] += 1
         for reason, n in reasons.items():
             assert m[f'filmgate_quarantine_reasons_total{{calling_ae="{aet}",reason="{reason}"}}'] == n
+        # every reason the gate can raise has a series for each sender, 0 until it first occurs (no "no data")
+        for reason in ("rotated", "inverted", "flipped", "not-frontal-chest", "pediatric", "atypical", "undecodable",
+                       "modality"):  # fmt: skip
+            assert m[f'filmgate_quarantine_reasons_total{{calling_ae="{aet}",reason="{reason}"}}'] == reasons[reason]
+    assert m['filmgate_store_failures_total{status="0xA700"}'] == 0  # declared at start, no failure to write
     assert m["filmgate_store_seconds_count"] >= n_test
     assert m["filmgate_end_to_end_seconds_count"] >= len(run["records"])
     assert any(k.startswith("filmgate_model_info{") and 'model="orientation"' in k for k in m)
