@@ -96,10 +96,17 @@ class Node:
         self._stop.set()
 
     def wait(self) -> None:
+        max_age = self.cfg.spool.stale_tmp_seconds
+        next_sweep = time.monotonic() + min(60.0, max_age / 4)
         while not self._stop.wait(0.5):
             for worker in self.workers:
                 if not worker.alive():
                     self._restart_worker(worker)
+            if time.monotonic() >= next_sweep and self.spool is not None:
+                next_sweep = time.monotonic() + min(60.0, max_age / 4)
+                removed = self.spool.sweep_tmp(max_age)
+                if removed:
+                    log.info("removed %d partial file(s) of aborted transfers from the spool's tmp/", removed)
 
     def _restart_worker(self, worker: Any) -> None:
         log.error("the worker process %s died (exit code %s); restarting it", worker.name, worker.proc.exitcode)

@@ -76,6 +76,9 @@ class ListenerConfig:
 class SpoolConfig:
     path: str = "var/spool"
     fsync: bool = True
+    # A file under tmp/ untouched this long is the remains of an aborted transfer (a live one is written to at least
+    # every listener.network_timeout): removed while the node runs, not only at the next start.
+    stale_tmp_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -312,6 +315,11 @@ def validate(cfg: Config) -> Config:
     for reason, dropped in cfg.policy.outranks.items():
         if reason in dropped:
             raise ConfigError(f"policy.outranks.{reason}: a reason cannot outrank itself; remove it from its list")
+    if cfg.spool.stale_tmp_seconds < 2 * cfg.listener.network_timeout:
+        raise ConfigError(
+            f"spool.stale_tmp_seconds: must be at least twice listener.network_timeout "
+            f"({2 * cfg.listener.network_timeout:g} s), or a slow live transfer could be removed"
+        )
     if cfg.policy.pediatric_age_years <= 0:
         raise ConfigError("policy.pediatric_age_years: must be > 0")
     if cfg.policy.modality_rule and not cfg.policy.modalities:

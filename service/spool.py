@@ -2,7 +2,7 @@
 
 Layout under the spool folder::
 
-    tmp/        partial writes (removed at start)
+    tmp/        partial writes (removed at start, and while running once untouched for spool.stale_tmp_seconds)
     incoming/   acknowledged instances waiting for a worker
     claimed/<worker>/  instances a worker is processing (moved back to incoming/ at start, or when that worker dies)
     outbox/<destination>/       instances waiting for a DICOM destination
@@ -150,6 +150,18 @@ class Spool:
             n += 1
         if n and self.fsync:
             fsync_dir(self.incoming)
+        return n
+
+    def sweep_tmp(self, older_than: float) -> int:
+        """Remove files under tmp/ not written to for ``older_than`` seconds: what aborted transfers left (a live
+        transfer writes to its file at least every network timeout). Returns how many were removed."""
+        limit = time.time() - older_than
+        n = 0
+        for p in self.tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if p.stat().st_mtime < limit:
+                    p.unlink()
+                    n += 1
         return n
 
     def pending(self) -> list[Path]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.config import ListenerConfig, SenderRule
 from service.listener import HEALTHCHECK_AE, sender_allowed
 from service.spool import Spool, calling_ae_of, received_at, safe_component, uid_of
+from tests.service.conftest import Gate, wait_for
 
 
 def test_persist_claim_finish_and_recover(tmp_path):
@@ -49,3 +52,43 @@ def test_allow_list_rules_match_title_and_host():
     assert not sender_allowed(rules, "OTHER", "10.2.3.4")
     assert sender_allowed(rules, HEALTHCHECK_AE, "127.0.0.1")
     assert not sender_allowed(rules, HEALTHCHECK_AE, "10.2.3.4")
+
+
+def test_the_running_node_removes_what_aborted_transfers_left_in_tmp(tmp_path):
+    """A partial file under spool/tmp that nobody writes to any more (an aborted transfer) goes while the node runs;
+    one that is still being written to (a live, slow transfer) stays."""
+    import os
+    import threading
+    import time
+
+    gate = Gate.create(tmp_path, spool={"stale_tmp_seconds": 2.0}, listener={"network_timeout": 1.0}).start()
+    tmp = tmp_path / "spool" / "tmp"
+    stale, live = tmp / "aborted-transfer", tmp / "live-transfer"
+    stale.write_bytes(b"half a dataset")
+    os.utime(stale, (time.time() - 10, time.time() - 10))
+    writing = threading.Event()
+
+    def keep_writing() -> None:
+        with open(live, "ab") as fh:
+            while not writing.wait(0.2):
+                fh.write(b"x")
+                fh.flush()
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    try:
+        wait_for(lambda: not stale.exists(), 30, "the stale partial file removed")
+        time.sleep(3)  # a few more sweeps
+        assert live.exists(), "a file still being written to must stay"
+        assert "removed 1 partial file" in gate.log()
+    finally:
+        writing.set()
+        writer.join(5)
+        assert gate.stop() == 0
+
+
+def test_stale_tmp_age_shorter_than_the_network_timeout_is_a_config_error():
+    from service.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="^spool.stale_tmp_seconds"):
+        parse_config({"spool": {"stale_tmp_seconds": 30}, "listener": {"network_timeout": 60}})
