@@ -75,7 +75,10 @@ def split_train(config: Config, task: Task) -> tuple[list[LabelledFilm], list[La
 
 
 def val_films(config: Config, task: Task) -> list[LabelledFilm]:
-    return cap(_without_exclusions(config, task.films(all_rows(config.data.folders), "val")), config.data.max_val_films)
+    films = task.films(all_rows(config.data.folders), "val")
+    if task.val_kinds is not None:
+        films = [f for f in films if f.kind in task.val_kinds]
+    return cap(_without_exclusions(config, films), config.data.max_val_films)
 
 
 def _without_exclusions(config: Config, films: Sequence[LabelledFilm]) -> list[LabelledFilm]:

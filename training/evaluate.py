@@ -203,7 +203,8 @@ def evaluate(config: Config, runner: Runner, model_info: dict[str, Any] | None =
     }
     ranked = {s: m for s, m in per_source.items() if m["films"] >= MIN_SOURCE_FILMS} or per_source
     keys = ("accuracy", "auc", "detection_accuracy", "recall", "fpr_unaltered")
-    macro = {k: float(np.mean([m[k] for m in ranked.values() if m[k] is not None])) for k in keys}
+    known = {k: [m[k] for m in ranked.values() if m[k] is not None] for k in keys}
+    macro = {k: float(np.mean(v)) if v else None for k, v in known.items()}  # None: no source has both classes
     worst = {
         "accuracy": min(ranked, key=lambda s: ranked[s]["accuracy"]),
         "auc": min(ranked, key=lambda s: ranked[s]["auc"] if ranked[s]["auc"] is not None else 1.0),

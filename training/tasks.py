@@ -54,6 +54,10 @@ class Task:
     # A two-label task whose labels swap when the film is mirrored left-right (``flip``): its exported model may score
     # the film and its mirror image and be exactly consistent (``model.mirror_swap``, training.model.MirrorSwap).
     mirror_pair: bool = False
+    # The kinds of film the gate uses this detector's verdict on, when narrower than what it trains on: val figures
+    # (and so the manifest's per-source metrics) cover these kinds; the rest is reported by the detector's extra
+    # evaluation. None: every kind it trains on.
+    val_kinds: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ which films
     def films(self, rows: Sequence[LabelledFilm], split: str) -> list[LabelledFilm]:

@@ -286,3 +286,15 @@ def test_cli_lists_tasks_and_reports_config_errors(capsys):
     assert "train.stepz" in capsys.readouterr().err
     assert main(["evaluate", "--config", "orientation", "--set", "run_dir=/nonexistent/run"]) == 2
     assert "run `python -m training export` first" in capsys.readouterr().err
+
+
+def test_pediatric_trains_on_spine_films_but_is_measured_where_the_gate_uses_it():
+    from training.data import split_train, val_films
+
+    config = load_config("pediatric-ft")
+    task = get_task("pediatric")
+    train, _ = split_train(config, task)
+    assert any(f.source == "spine" for f in train), "spine films of both classes are the anti-shortcut set"
+    val = val_films(config, task)
+    assert val and {f.kind for f in val} == {"frontal-chest"}
+    assert {"chexpert", "hannover", "kermany", "nih-cxr14"} <= {f.source for f in val}
