@@ -75,8 +75,8 @@ MEASURED = {
     "pediatric": (
         "Accuracy per source on the val frontal chest films (the only films on which the gate uses this model's "
         "verdict; the spine films it also trained on are shown by age below), and the shortcut checks: adult val "
-        "films made into 224 px and 160 px square JPEG copies (what the pediatric `kermany` copy looks like) must stay adult; children's full-resolution "
-        "films as 224 px copies must stay children."
+        "films made into 224 px and 160 px square JPEG copies (what the pediatric `kermany` copy looks like) must "
+        "stay adult; children's full-resolution films as 224 px copies must stay children."
     ),
 }
 
