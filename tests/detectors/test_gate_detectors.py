@@ -126,3 +126,21 @@ def test_inspect_gives_the_reason_for_each_kind(shipped, tmp_path):
             assert reason in line["reasons"], (path.name, line)
         if reason == "not-frontal-chest":  # the chest-only reasons are dropped there (policy.outranks)
             assert not {"flipped", "pediatric", "atypical"} & set(line["reasons"]), (path.name, line)
+
+
+def test_gate_report_decides_val_films_and_made_wrong_films_with_the_gate(shipped):
+    """The gate report's two measurements on a fixed sample: val films decided right, and wrong films made from
+    adult frontal films (collimated, zoomed, washed out, dark, blank, screenshots) kept out by the whole gate."""
+    from service.config import DetectorsConfig
+    from service.detectors import DetectorSet
+    from training.detectors.gate_report import decide_all, expected, made_wrong, summarise
+
+    detectors = DetectorSet.load(DetectorsConfig(models_dir=str(shipped), provider="cpu", intra_op_threads=1))
+    films = [f for kind in ("frontal-chest", "lateral-chest", "other-radiograph", "not-radiograph")
+             for f in val_subset(kind, 4)]  # fmt: skip
+    summary = summarise(decide_all(films, detectors))
+    assert summary["films"] == len(films) and summary["right"] >= 0.9 * len(films), summary["by_category"]
+    adults = [f for f in val_subset("frontal-chest", 6) if expected(f)[0] == "accept"]
+    assert len(adults) >= 10
+    for name, m in made_wrong(adults, detectors).items():
+        assert m["films"] == len(adults) and m["quarantined"] >= 0.9 * len(adults), (name, m)
