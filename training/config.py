@@ -39,6 +39,11 @@ class FolderSource:
     kind: str = "frontal-chest"
     split: str = "train"
     licence: str = ""
+    pediatric: str = ""  # yes (every film is a child's), no (an adult's), or "" (unknown): labels for `pediatric`
+
+    def __post_init__(self) -> None:
+        if self.pediatric not in ("yes", "no", ""):
+            raise ValueError(f"pediatric must be yes, no or empty, got {self.pediatric!r}")
 
 
 @dataclass(frozen=True)

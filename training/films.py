@@ -23,7 +23,9 @@ def film_id(film: LabelledFilm) -> str:
         return str(Path(film.path).resolve())
 
 
-def scan_folder(path: str | Path, source: str, kind: str, split: str, licence: str = "") -> list[LabelledFilm]:
+def scan_folder(
+    path: str | Path, source: str, kind: str, split: str, licence: str = "", pediatric: str = ""
+) -> list[LabelledFilm]:
     """Every film file under ``path`` (by suffix: PNG, JPEG, BMP, TIFF, WebP, DICOM) as a row."""
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
@@ -37,7 +39,7 @@ def scan_folder(path: str | Path, source: str, kind: str, split: str, licence: s
             body_part="",
             modality="",
             age=None,
-            pediatric="",
+            pediatric=pediatric,
             patient="",
             split=split,
             licence=licence,
@@ -52,5 +54,5 @@ def all_rows(folders: Sequence[object] = ()) -> list[LabelledFilm]:
     """labels.csv plus the configured folders (``DataConfig.folders``)."""
     rows = list(labels())
     for f in folders:
-        rows += scan_folder(f.path, f.source, f.kind, f.split, f.licence)  # type: ignore[attr-defined]
+        rows += scan_folder(f.path, f.source, f.kind, f.split, f.licence, f.pediatric)  # type: ignore[attr-defined]
     return rows

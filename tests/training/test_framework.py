@@ -193,6 +193,15 @@ def test_folders_of_films_join_the_training_rows(tmp_path, data_dir):
     assert sorted(f.path.name for f in extra) == ["chest.dcm", "film0.jpg", "film1.jpg", "film2.jpg"]
     pool = training_pool(config, get_task("inversion"), extra)
     assert len(pool.films) == 4 and pool.cache.image(0).max() <= 1.0
+    # a folder labelled for the labelled tasks: a hospital's children's films join pediatric's "child" class
+    kids = config_from_dict({"task": "pediatric", "data": {"cache_dir": str(tmp_path / "cache"), "folders": [
+        {"path": str(folder), "source": "hospital-x", "pediatric": "yes"}]}})  # fmt: skip
+    task = get_task("pediatric")
+    train, calib = split_train(kids, task)
+    theirs = [f for f in train + calib if f.source == "hospital-x"]
+    assert len(theirs) == 4 and {task.labels[task.label_of(f)] for f in theirs} == {"child"}
+    with pytest.raises(ConfigError, match=r"data\.folders\[0\].*pediatric must be yes, no or empty"):
+        config_from_dict({"task": "pediatric", "data": {"folders": [{"path": ".", "source": "x", "pediatric": "y"}]}})
 
 
 def test_auc_and_threshold():
