@@ -177,8 +177,34 @@ def compress(src: Path, dst: Path, syntax: str) -> Path:
         ds.save_as(tmp, enforce_file_format=True)
         normalise(tmp, dst)
         tmp.unlink()
+    elif syntax in ("htj2k", "htj2k-lossy"):
+        htj2k(src, dst, lossless=syntax == "htj2k")
     else:  # pragma: no cover
         raise ValueError(syntax)
+    return dst
+
+
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
+HTJ2K = "1.2.840.10008.1.2.4.203"
+
+
+def htj2k(src: Path, dst: Path, *, lossless: bool = True) -> Path:
+    """Re-encode an uncompressed grey DICOM as High-Throughput JPEG 2000 with OpenJPH's ``ojph_compress`` (Debian
+    openjph-tools; DCMTK 3.6.7 and the Python encoders here cannot write HTJ2K)."""
+    import cv2
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(src)
+    pgm, j2c = dst.with_suffix(".pgm"), dst.with_suffix(".j2c")
+    cv2.imwrite(str(pgm), ds.pixel_array.astype(np.uint16))
+    args = ["-reversible", "true"] if lossless else ["-reversible", "false", "-qstep", "0.001"]
+    subprocess.run(["ojph_compress", "-i", pgm, "-o", j2c, *args], check=True, capture_output=True, timeout=60)
+    ds.PixelData = encapsulate([j2c.read_bytes()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = HTJ2K_LOSSLESS if lossless else HTJ2K
+    ds.save_as(dst, enforce_file_format=True)
+    pgm.unlink()
+    j2c.unlink()
     return dst
 
 

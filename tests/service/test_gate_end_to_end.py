@@ -22,9 +22,12 @@ from service.datasets import select
 from tests.service.conftest import (
     CR_STORAGE,
     DCMTK_ENV,
+    HTJ2K,
+    HTJ2K_LOSSLESS,
     REPO,
     Gate,
     dataset_bytes,
+    htj2k,
     send_file_raw,
     sha,
     storescu,
@@ -326,3 +329,26 @@ def test_write_failure_answers_a700_and_the_node_recovers(run, gate, made_films)
     assert gate.metrics()['filmgate_store_failures_total{status="0xA700"}'] == 1
     assert send_file_raw(gate.dicom_port, made_films[0].path) == 0x0000
     assert gate.http_get("/readyz")[0] == 200
+
+
+@pytest.mark.parametrize("lossless", [True, False], ids=["htj2k-lossless", "htj2k-lossy"])
+def test_htj2k_films_are_stored_as_sent_decoded_and_decided(run, gate, made_films, tmp_path, lossless):
+    """High-Throughput JPEG 2000 (encoded by OpenJPH) sent by pynetdicom (DCMTK 3.6.7's storescu cannot propose it):
+    acknowledged, the received bytes delivered unchanged, decoded (no `undecodable`), and decided like the
+    uncompressed film it was made from."""
+    normal = next(f for f in made_films if f.note == "normal-1")
+    ht = htj2k(normal.path, tmp_path / "ht.dcm", lossless=lossless)
+    ds = pydicom.dcmread(ht)
+    uid = ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # a new instance
+    ds.save_as(ht, enforce_file_format=True)
+    assert send_file_raw(gate.dicom_port, ht) == 0x0000
+
+    def delivered() -> dict | None:
+        recs = [r for r in gate.sidecars() if r["sop_instance_uid"] == uid]
+        return recs[0] if recs else None
+
+    rec = wait_for(delivered, 60, "the HTJ2K film delivered")
+    assert rec["transfer_syntax"] == (HTJ2K_LOSSLESS if lossless else HTJ2K)
+    assert "undecodable" not in rec["reasons"]
+    assert rec["decision"] == run["by_uid"][normal.uid][0]["decision"] == normal.expect
+    assert sha(dataset_bytes(Path(rec["_path"]).read_bytes())) == sha(dataset_bytes(ht.read_bytes()))

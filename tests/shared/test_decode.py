@@ -214,3 +214,24 @@ def test_native_fast_path_matches_pydicom(bits_stored, signed, frames):
     ref_ds = read_dataset(buf.getvalue())
     ref_ds.pixel_array_options(index=0 if frames > 1 else None)
     assert np.array_equal(ours, ref_ds.pixel_array)
+
+
+@pytest.mark.parametrize("lossless", [True, False], ids=["htj2k-lossless", "htj2k-lossy"])
+def test_htj2k_films_decode_like_their_uncompressed_original(tmp_path, data_dir, lossless):
+    """High-Throughput JPEG 2000 (encoded by OpenJPH's ojph_compress): lossless decodes exactly, lossy closely."""
+    from service.datasets import select
+    from tests.service.conftest import HTJ2K, HTJ2K_LOSSLESS, film_pixels, htj2k, make_dicom
+
+    film = select(split="val", kind="frontal-chest", source="hannover")[0]
+    plain = tmp_path / "plain.dcm"
+    make_dicom(film_pixels(film.path), plain)
+    ht = htj2k(plain, tmp_path / "ht.dcm", lossless=lossless)
+    assert str(pydicom.dcmread(ht, stop_before_pixels=True).file_meta.TransferSyntaxUID) == (
+        HTJ2K_LOSSLESS if lossless else HTJ2K
+    )
+    a, b = decode_file(plain).pixels, decode_file(ht).pixels
+    assert a.shape == b.shape
+    if lossless:
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert float(np.abs(a - b).mean()) < 0.01 and not np.array_equal(a, b)
