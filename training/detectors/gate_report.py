@@ -156,6 +156,11 @@ def contact_sheet(rows: Sequence[dict[str, Any]], path: Path, tile: int = 160, c
     cv2.imwrite(str(path), grid)
 
 
+def _counts(counts: dict[str, int]) -> str:
+    """``{"rotated": 3, "flipped": 1}`` -> ``rotated 3, flipped 1`` (a table cell)."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     pct = lambda a, b: f"{100 * a / b:.2f}%" if b else "n/a"  # noqa: E731
     lines = [
@@ -175,7 +180,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cat, m in summary["by_category"].items():
-        reasons = ", ".join(f"{k} {v}" for k, v in m["reasons"].items())
+        reasons = _counts(m["reasons"])
         lines.append(
             f"| {cat} | {m['films']} | {m['expected']} | {m['accepted']} | {m['quarantined']} | "
             f"{m['right']} ({pct(m['right'], m['films'])}) | {reasons} |"
@@ -188,7 +193,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for src, m in summary["by_source"].items():
-        reasons = ", ".join(f"{k} {v}" for k, v in m["reasons"].items())
+        reasons = _counts(m["reasons"])
         lines.append(
             f"| {src} | {m['films']} | {m['right']} ({pct(m['right'], m['films'])}) | {m['wrongly_accepted']} | "
             f"{m['wrongly_quarantined']} | {reasons} |"
@@ -220,9 +225,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             "| --- | --- | --- | --- |",
         ]
         for name, m in meta["made_wrong"].items():
-            reasons = ", ".join(f"{k} {v}" for k, v in m["reasons"].items())
-            lines.append(f"| {name} | {m['films']} | {m['quarantined']} ({100 * m['quarantined'] / m['films']:.2f}%) "
-                         f"| {reasons} |")  # fmt: skip
+            lines.append(f"| {name} | {m['films']} | {m['quarantined']} ({pct(m['quarantined'], m['films'])}) | "
+                         f"{_counts(m['reasons'])} |")  # fmt: skip
     lines += ["", "## Reasons over all films", ""]
     lines += [f"- `{k}`: {v}" for k, v in summary["reasons"].items()]
     for title, key in (("Wrongly accepted", "wrongly_accepted"), ("Wrongly quarantined", "wrongly_quarantined")):
