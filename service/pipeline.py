@@ -28,7 +28,7 @@ from service.decode import DecodeError, decode_dataset, read_dataset
 from service.destinations import Delivery, Destination
 from service.detectors import DetectorSet
 from service.manifest import Finding
-from service.policy import Decision, Metadata, decide
+from service.policy import Decision, Metadata, decide, known_reasons
 from service.spool import Spool, calling_ae_of, received_at, uid_of
 
 log = logging.getLogger("filmgate.pipeline")
@@ -59,11 +59,7 @@ class Pipeline:
         self.detectors = detectors
         self.destinations = destinations
         self.store_times = store_times if store_times is not None else {}
-        # every reason a decision can carry: the policy's order, the loaded detectors' reasons, the header rules
-        self._known_reasons = tuple(dict.fromkeys([
-            *cfg.policy.reason_order, *(d.manifest.reason for d in detectors.detectors), "undecodable", "modality",
-            "pediatric",
-        ]))  # fmt: skip
+        self._known_reasons = known_reasons(cfg.policy, [d.manifest.reason for d in detectors.detectors])
         w = cfg.workers
         self._decode_q: queue.Queue = queue.Queue(maxsize=w.queue_size)
         self._infer_q: queue.Queue = queue.Queue(maxsize=max(w.queue_size, w.max_batch))

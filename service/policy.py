@@ -19,6 +19,9 @@ from service.config import PolicyConfig
 from service.manifest import Finding
 
 ACCEPT = "accept"
+# The reasons the rules raise themselves (the detectors' come from their manifests): every reason a decision can carry
+# is these plus the loaded detectors' (see :func:`known_reasons`).
+UNDECODABLE, MODALITY, PEDIATRIC = "undecodable", "modality", "pediatric"
 PLAUSIBLE_AGE_YEARS = (0.0, 120.0)  # a header age outside this is treated as missing
 QUARANTINE = "quarantine"
 
@@ -91,8 +94,8 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
         threshold = policy.thresholds.get(f.detector, f.threshold)
         flagged = f.score >= threshold
         judged.append(Finding(f.detector, f.reason, f.score, threshold, flagged, f.predicted, f.probabilities))
-        if flagged and f.reason == "pediatric" and header_age:
-            notes["pediatric"] = "image model overruled by the age in the header"
+        if flagged and f.reason == PEDIATRIC and header_age:
+            notes[PEDIATRIC] = "image model overruled by the age in the header"
         elif flagged:
             reasons.append(f.reason)
     raised = set(reasons)
@@ -101,15 +104,15 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
             for other in dropped:
                 if other in raised:
                     reasons.remove(other)
-                    notes[other] = f"not raised: only judged on frontal chest films, and this film is {reason}"
+                    notes[other] = f"not raised: outranked by {reason} (policy.outranks)"
     if metadata is not None:
         if metadata.decode_error:
-            reasons.append("undecodable")
+            reasons.append(UNDECODABLE)
             notes["error"] = metadata.decode_error
         if policy.modality_rule and metadata.is_dicom and metadata.modality not in policy.modalities:
-            reasons.append("modality")
+            reasons.append(MODALITY)
         if policy.pediatric_rule and age is not None and age < policy.pediatric_age_years:
-            reasons.append("pediatric")
+            reasons.append(PEDIATRIC)
     ordered = tuple(dict.fromkeys(sorted(reasons, key=lambda r: _reason_rank(r, policy.reason_order))))
     return Decision(
         outcome=QUARANTINE if ordered else ACCEPT,
@@ -119,6 +122,12 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
         age_years=age,
         notes=notes,
     )
+
+
+def known_reasons(policy: PolicyConfig, detector_reasons: Sequence[str]) -> tuple[str, ...]:
+    """Every reason a decision can carry under ``policy`` with these detectors, in ``policy.reason_order``."""
+    found = {UNDECODABLE, MODALITY, PEDIATRIC, *detector_reasons}
+    return tuple(sorted(found, key=lambda r: _reason_rank(r, policy.reason_order)))
 
 
 def _reason_rank(reason: str, order: Sequence[str]) -> tuple[int, str]:

@@ -141,9 +141,7 @@ class Spool:
 
     def recover(self) -> int:
         """At start: drop partial writes and hand claimed instances (the last run died holding them) back."""
-        for p in self.tmp.iterdir():
-            with contextlib.suppress(OSError):
-                p.unlink()
+        self.sweep_tmp(float("-inf"))  # every partial write, however recent: nothing is receiving yet
         n = 0
         for p in sorted(self.claimed_root.rglob(f"*{SUFFIX}")):
             os.replace(p, self.incoming / p.name)

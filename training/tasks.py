@@ -28,7 +28,7 @@ import numpy as np
 
 from service.datasets import LabelledFilm
 from training.augment import display_augment, film_augment
-from training.config import AugmentConfig
+from training.config import AugmentConfig, ConfigError
 from training.films import film_id
 
 
@@ -117,8 +117,6 @@ class Task:
         if not mirror_swap:
             return net
         if not self.mirror_pair:
-            from training.config import ConfigError
-
             raise ConfigError(f"model.mirror_swap: task {self.name} has no labels that swap under mirroring")
         from training.model import MirrorSwap
 
@@ -223,8 +221,6 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         _load_plugins()
     if name not in TASKS:
-        from training.config import ConfigError
-
         raise ConfigError(f"task: unknown task {name!r}; registered: {sorted(TASKS)} (see training/tasks.py)")
     return TASKS[name]
 

@@ -131,3 +131,11 @@ def test_a_reason_outranking_itself_is_a_config_error():
         parse_config({"policy": {"outranks": {"atypical": ["atypical"]}}})
     cfg = parse_config({"policy": {"outranks": {"not-frontal-chest": ["flipped"]}}})
     assert cfg.policy.outranks["not-frontal-chest"] == ("flipped",)
+
+
+def test_known_reasons_are_the_rules_and_the_detectors_in_policy_order():
+    from service.policy import known_reasons
+
+    assert known_reasons(PolicyConfig(), ["rotated", "smudged", "not-frontal-chest"]) == (
+        "undecodable", "modality", "rotated", "not-frontal-chest", "pediatric", "smudged",
+    )  # fmt: skip
