@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/detector_latency.py [--models orientation inversion] [--threads 1] [--seconds 2]
 
-Inputs are real val films through service.decode + service.preprocess. Besides milliseconds, it prints ratios against
+Inputs are real val films through filmgate.decode + filmgate.preprocess. Besides milliseconds, it prints ratios against
 baselines measured in the same run on the same machine, so figures compare across machines: detector time per film
 over the time to decode one real film (the gate's unavoidable per-film cost), and batch-16 per-film time over batch-1.
 The goal (issue 3): orientation + inversion together under 15 ms per film at batch 1 on one core.
@@ -21,10 +21,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.datasets import select  # noqa: E402
-from service.decode import decode_file  # noqa: E402
-from service.manifest import load_manifest  # noqa: E402
-from service.preprocess import preprocess  # noqa: E402
+from filmgate.datasets import select  # noqa: E402
+from filmgate.decode import decode_file  # noqa: E402
+from filmgate.manifest import load_manifest  # noqa: E402
+from filmgate.preprocess import preprocess  # noqa: E402
 
 GOAL_MS = 15.0
 

@@ -16,11 +16,11 @@ import threading
 import time
 from typing import Any
 
-from service import metrics
-from service.config import Config
-from service.http import HttpServer
-from service.listener import Listener
-from service.spool import Spool
+from filmgate import metrics
+from filmgate.config import Config
+from filmgate.http import HttpServer
+from filmgate.listener import Listener
+from filmgate.spool import Spool
 
 log = logging.getLogger("filmgate")
 
@@ -49,7 +49,7 @@ class Node:
         if recovered:
             log.info("recovered %d instances claimed by the previous run", recovered)
         if cfg.workers.processes:
-            from service.worker import WorkerProcess
+            from filmgate.worker import WorkerProcess
 
             self.workers = [WorkerProcess(cfg, i) for i in range(cfg.workers.processes)]
             for worker in self.workers:
@@ -70,9 +70,9 @@ class Node:
         log.info("ready (config %s)", cfg.source)
 
     def _start_threads(self, spool: Spool) -> Any:
-        from service.destinations import build as build_destinations
-        from service.detectors import DetectorSet
-        from service.pipeline import Pipeline
+        from filmgate.destinations import build as build_destinations
+        from filmgate.detectors import DetectorSet
+        from filmgate.pipeline import Pipeline
 
         detectors = DetectorSet.load(self.cfg.detectors)
         self.destinations = build_destinations(self.cfg.destinations, spool)

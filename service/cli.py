@@ -8,7 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from service.config import Config, ConfigError, load_config
+from filmgate.config import Config, ConfigError, load_config
 
 
 def setup_logging(level: str) -> None:
@@ -44,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
-    from service.app import serve
+    from filmgate.app import serve
 
     try:
         return serve(cfg)
@@ -64,9 +64,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     setup_logging("WARNING")
-    from service.inspect import inspect_files
+    from filmgate.inspect import inspect_files
 
-    return inspect_files(cfg, [Path(f) for f in args.files], sys.stdout)
+    return inspect_files(cfg, [Path(f) for f in args.files], sys.stdout, metadata_only=args.metadata_only)
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -77,7 +77,7 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
 
     host = "127.0.0.1" if cfg.listener.host in ("0.0.0.0", "", "::") else cfg.listener.host
     ok = True
-    from service.listener import HEALTHCHECK_AE
+    from filmgate.listener import HEALTHCHECK_AE
 
     ae = AE(ae_title=HEALTHCHECK_AE)
     ae.add_requested_context(Verification)
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="decide on DICOM/PNG/JPEG files; one JSON line per file")
     p.add_argument("files", nargs="+")
     p.add_argument("--config", help="YAML configuration file (models and policy)")
+    p.add_argument("--metadata-only", action="store_true", help="run without detectors (header rules only)")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("healthcheck", help="C-ECHO the node and GET /healthz; exit 0 when both answer")
     p.add_argument("--config", help="YAML configuration file")

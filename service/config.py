@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from service.typed_config import ConfigError, build
+from filmgate.typed_config import ConfigError, build
 
 ENV_CONFIG = "FILMGATE_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -103,7 +102,7 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class DetectorsConfig:
-    models_dir: str = "models"
+    models_dir: str = ""  # empty: the detectors installed with filmgate
     require: bool = True  # refuse to start without detectors (a wrong path must not mean "accept everything")
     provider: str = "auto"
     intra_op_threads: int = 1

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from service import metrics
-from service.config import DetectorsConfig
-from service.manifest import Finding, ModelManifest, discover
-from service.preprocess import PreprocessSpec, fit_square, normalize
+from filmgate import metrics
+from filmgate.config import DetectorsConfig
+from filmgate.manifest import Finding, ModelManifest, discover, resolve_models_dir
+from filmgate.preprocess import PreprocessSpec, fit_square, normalize
 
 log = logging.getLogger("filmgate.detectors")
 
@@ -89,7 +88,7 @@ class DetectorSet:
         """Load every detector under ``cfg.models_dir``. With ``detectors.require`` (the default for the node) an
         empty or missing folder is an error: a wrong path must not turn the gate into "accept everything"."""
         require = cfg.require if require is None else require
-        models_dir = Path(cfg.models_dir)
+        models_dir = resolve_models_dir(cfg.models_dir)
         if not models_dir.is_dir():
             if require:
                 raise RuntimeError(
@@ -129,7 +128,7 @@ class DetectorSet:
         """One decoded film -> its input tensor for every distinct spec (timed per model).
 
         The resize (the costly part on a DX-sized film) is done once per (size, resize) and shared by specs that only
-        differ in normalisation; the result is exactly :func:`service.preprocess.preprocess` for each spec.
+        differ in normalisation; the result is exactly :func:`filmgate.preprocess.preprocess` for each spec.
         """
         out = {}
         squares: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None, float]] = {}

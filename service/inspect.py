@@ -1,7 +1,7 @@
 """``filmgate inspect``: the gate's decode, detectors and policy on files, one JSON line per file.
 
 Researchers use it to check a film and we use it to evaluate, so it must be exactly the serving path: same decode,
-same preprocessing, same detectors, same :func:`service.policy.decide`. A plain image (PNG/JPEG) has no DICOM header,
+same preprocessing, same detectors, same :func:`filmgate.policy.decide`. A plain image (PNG/JPEG) has no DICOM header,
 so only the image detectors apply (no modality or age rules).
 """
 
@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from service.config import Config
-from service.decode import DecodeError, decode_bytes, decode_dataset, is_dicom_bytes, read_dataset
-from service.detectors import DetectorSet
-from service.policy import Metadata, decide
+from filmgate.config import Config
+from filmgate.decode import DecodeError, decode_bytes, decode_dataset, is_dicom_bytes, read_dataset
+from filmgate.detectors import DetectorSet
+from filmgate.policy import Metadata, decide
 
 
 def inspect_one(path: Path, detectors: DetectorSet, cfg: Config) -> dict:
@@ -59,10 +59,16 @@ def inspect_one(path: Path, detectors: DetectorSet, cfg: Config) -> dict:
     return out
 
 
-def inspect_files(cfg: Config, files: Sequence[Path], out: TextIO) -> int:
-    detectors = DetectorSet.load(cfg.detectors, require=False)
+def inspect_files(cfg: Config, files: Sequence[Path], out: TextIO, *, metadata_only: bool = False) -> int:
+    """Judge each file; exit status 2 when no detector loads, unless only the metadata rules were asked for (a
+    sweep that silently accepts everything is worse than one that stops)."""
+    try:
+        detectors = DetectorSet.load(cfg.detectors, require=cfg.detectors.require and not metadata_only)
+    except RuntimeError as exc:
+        print(f"filmgate inspect: {exc}; or pass --metadata-only", file=sys.stderr)
+        return 2
     if not detectors.detectors:
-        print(f"filmgate inspect: no detectors under {cfg.detectors.models_dir}; metadata rules only", file=sys.stderr)
+        print("filmgate inspect: no detectors loaded; metadata rules only", file=sys.stderr)
     for path in files:
         print(json.dumps(inspect_one(path, detectors, cfg)), file=out, flush=True)
     return 0

@@ -25,6 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from filmgate import metrics
+from filmgate.config import ListenerConfig, SenderRule
+from filmgate.spool import Spool
 from pydicom import dcmread
 from pydicom.uid import (
     HTJ2K,
@@ -48,10 +51,6 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
-
-from service import metrics
-from service.config import ListenerConfig, SenderRule
-from service.spool import Spool
 
 log = logging.getLogger("filmgate.listener")
 

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.preprocess import PreprocessSpec
+from filmgate.preprocess import PreprocessSpec
 
 MANIFEST_NAME = "manifest.json"
 DETECTOR_KINDS = ("classifier", "score")
@@ -228,6 +227,22 @@ def load_manifest(folder: Path, verify: bool = True) -> ModelManifest:
     if verify and manifest.sha256 and sha256_file(model_path) != manifest.sha256:
         raise ManifestError(f"{path}: sha256 of {manifest.file} does not match the manifest (file changed?)")
     return manifest
+
+
+def shipped_models_dir() -> Path:
+    """The detectors installed with filmgate (the package ``filmgate.models``, built from the repository's
+    ``models/``), so that the gate finds them wherever it runs, not only from the repository root."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("filmgate.models")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "models"  # a source checkout run without installing
+
+
+def resolve_models_dir(models_dir: str | Path) -> Path:
+    """``detectors.models_dir`` as configured, or the shipped models when it is empty."""
+    return Path(models_dir) if str(models_dir) else shipped_models_dir()
 
 
 def discover(models_dir: Path) -> list[tuple[Path, ModelManifest]]:

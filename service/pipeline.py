@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service import metrics
-from service.config import Config
-from service.decode import DecodeError, decode_dataset, read_dataset
-from service.destinations import Delivery, Destination
-from service.detectors import DetectorSet
-from service.manifest import Finding
-from service.policy import Decision, Metadata, decide, known_reasons
-from service.spool import Spool, calling_ae_of, received_at, uid_of
+from filmgate import metrics
+from filmgate.config import Config
+from filmgate.decode import DecodeError, decode_dataset, read_dataset
+from filmgate.destinations import Delivery, Destination
+from filmgate.detectors import DetectorSet
+from filmgate.manifest import Finding
+from filmgate.policy import Decision, Metadata, decide, known_reasons
+from filmgate.spool import Spool, calling_ae_of, received_at, uid_of
 
 log = logging.getLogger("filmgate.pipeline")
 _STOP = object()

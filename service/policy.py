@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.config import PolicyConfig
-from service.manifest import Finding
+from filmgate.config import PolicyConfig
+from filmgate.manifest import Finding
 
 ACCEPT = "accept"
 # The reasons the rules raise themselves (the detectors' come from their manifests): every reason a decision can carry

@@ -1,10 +1,11 @@
 """A YAML mapping -> a frozen dataclass, with errors that name the key: the one loader behind both configurations.
 
-The gate's configuration (:mod:`service.config`) and a training run's (:mod:`training.config`) are typed, frozen
+The gate's configuration (:mod:`filmgate.config`) and a training run's
+(:mod:`filmgate_training.config`) are typed, frozen
 dataclasses read from YAML. Both need the same things: unknown keys refused with the allowed ones listed, every value
 checked against its annotation (``bool``, ``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]``,
 ``Mapping[str, X]``, nested dataclasses, and types that build themselves through a ``from_dict`` classmethod, such
-as :class:`service.preprocess.PreprocessSpec`), and a message that starts with the dotted key
+as :class:`filmgate.preprocess.PreprocessSpec`), and a message that starts with the dotted key
 (``train.steps: must be an integer, got 'many'``) so a typo fails before anything starts.
 """
 

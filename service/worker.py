@@ -22,8 +22,8 @@ import threading
 import time
 from typing import Any
 
-from service import metrics
-from service.config import Config
+from filmgate import metrics
+from filmgate.config import Config
 
 log = logging.getLogger("filmgate.worker")
 
@@ -119,16 +119,16 @@ def _child_main(cfg: Config, index: int, stop: Any, ready: Any, store_q: Any, co
         # Receiving is a serial chain (the sender waits for each response); give it the CPU first. The workers
         # catch up from the durable spool, so a burst costs latency, not acknowledgements.
         os.nice(cfg.workers.nice)
-    from service.cli import setup_logging
+    from filmgate.cli import setup_logging
 
     setup_logging(cfg.logging.level)
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the decode threads; OpenCV's own pool only oversubscribes 2 cores
-    from service.destinations import build as build_destinations
-    from service.detectors import DetectorSet
-    from service.pipeline import Pipeline
-    from service.spool import Spool
+    from filmgate.destinations import build as build_destinations
+    from filmgate.detectors import DetectorSet
+    from filmgate.pipeline import Pipeline
+    from filmgate.spool import Spool
 
     try:
         spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync, worker=f"w{index}")

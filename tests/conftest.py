@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from service.datasets import data_root
+from filmgate.datasets import data_root
 
 
 @pytest.fixture(scope="session")

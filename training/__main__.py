@@ -1,5 +1,5 @@
-"""``python -m training``: see :mod:`training.cli`."""
+"""``python -m filmgate_training``: see :mod:`filmgate_training.cli`."""
 
-from training.cli import main
+from filmgate_training.cli import main
 
 raise SystemExit(main())

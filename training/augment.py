@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-
-from training.config import AugmentConfig
+from filmgate_training.config import AugmentConfig
 
 _WORDS = (
     "R", "L", "AP", "PA", "AP PORTABLE", "SUPINE", "ERECT", "PORTABLE", "UPRIGHT", "SEMI-ERECT", "LEFT", "RIGHT",

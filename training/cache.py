@@ -1,8 +1,8 @@
 """Decoded, reduced films kept on disk so that training epochs never decode again.
 
-Every film goes through :func:`service.decode.decode_file` (the gate's own pipeline) and is then reduced so that its
+Every film goes through :func:`filmgate.decode.decode_file` (the gate's own pipeline) and is then reduced so that its
 long side is at most ``long_side`` (INTER_AREA, aspect kept, never enlarged). Augmentation and
-:func:`service.preprocess.preprocess` run on these arrays at training time. The cache is one ``.npz`` per
+:func:`filmgate.preprocess.preprocess` run on these arrays at training time. The cache is one ``.npz`` per
 (film list, long side): float16 pixels concatenated, with offsets and shapes, keyed by the films' relative paths and
 file sizes so that a changed data folder builds a new cache instead of reusing a stale one.
 """
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
-from service.datasets import LabelledFilm, data_root
-from service.decode import DecodeError, decode_file
-from training.films import film_id
+from filmgate.datasets import LabelledFilm, data_root
+from filmgate.decode import DecodeError, decode_file
+from filmgate_training.films import film_id
 
 log = logging.getLogger(__name__)
 

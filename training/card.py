@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.manifest import ModelManifest
-from training.config import Config
-from training.evaluate import _num, _pct
-from training.tasks import get_task
+from filmgate.manifest import ModelManifest
+from filmgate_training.config import Config
+from filmgate_training.evaluate import _num, _pct
+from filmgate_training.tasks import get_task
 
 
 def upper95(k: int, n: int) -> float | None:
@@ -49,7 +49,7 @@ def model_card(
         f"{', '.join(f'`{x}`' for x in manifest.positive_labels)}; the gate quarantines with reason "
         f"`{manifest.reason}` when score >= **{manifest.threshold:.6g}**.",
         f"- Input `image` float32 (N, 1, {config.preprocessing.size}, {config.preprocessing.size}), dynamic batch: "
-        f"the film decoded by `service.decode` (grey [0, 1] as displayed), then `service.preprocess` with "
+        f"the film decoded by `filmgate.decode` (grey [0, 1] as displayed), then `filmgate.preprocess` with "
         f"`{config.preprocessing.to_dict()}`. Output `output`: logits.",
         "- Intended for frontal chest radiographs (that is what it was trained on). On other films its output means "
         "little: the view detector is responsible for keeping those out.",
@@ -166,6 +166,6 @@ def model_card(
         "- The val films are mostly pediatric (kermany); adult sources have 21-89 val films each, so a per-source "
         "false-positive rate below ~1% cannot be demonstrated for them individually.",
         "",
-        "Reproduce: `python -m training all --config training/configs/" + f"{manifest.name}.yaml`.",
+        "Reproduce: `python -m filmgate_training all --config training/configs/" + f"{manifest.name}.yaml`.",
     ]
     return "\n".join(lines) + "\n"

@@ -1,14 +1,14 @@
-"""``python -m training``: build the cache, fit, export, evaluate and ship detectors from a YAML config.
+"""``python -m filmgate_training``: build the cache, fit, export, evaluate and ship detectors from a YAML config.
 
-python -m training tasks                          # the registered tasks
-python -m training fit --config orientation       # train (resumes from runs/<task>/checkpoint.pt)
-python -m training export --config orientation    # ONNX + parity check -> runs/<task>/model.onnx
-python -m training evaluate --config orientation  # threshold + val report (on the ONNX file)
-python -m training ship --config orientation      # -> models/<task>/ (model, manifest, card, report)
-python -m training all --config orientation       # all of the above
-python -m training finish --config view           # issue-4 extra evaluation + card (view, flip, pediatric);
+python -m filmgate_training tasks                          # the registered tasks
+python -m filmgate_training fit --config orientation       # train (resumes from runs/<task>/checkpoint.pt)
+python -m filmgate_training export --config orientation    # ONNX + parity check -> runs/<task>/model.onnx
+python -m filmgate_training evaluate --config orientation  # threshold + val report (on the ONNX file)
+python -m filmgate_training ship --config orientation      # -> models/<task>/ (model, manifest, card, report)
+python -m filmgate_training all --config orientation       # all of the above
+python -m filmgate_training finish --config view           # issue-4 extra evaluation + card (view, flip, pediatric);
                                                   # --config atypical builds the atypical score from runs/view
-python -m training gate-report [--docs]           # the val split decided as the gate would (issue 4, item 6)
+python -m filmgate_training gate-report [--docs]           # the val split decided as the gate would (issue 4, item 6)
 --set train.steps=100 overrides any key (the value is read as YAML).
 """
 
@@ -21,8 +21,7 @@ import sys
 from typing import Any
 
 import yaml
-
-from training.config import Config, ConfigError, load_config
+from filmgate_training.config import Config, ConfigError, load_config
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -36,24 +35,26 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_fit(config: Config, args: argparse.Namespace) -> None:
-    from training.train import fit
+    from filmgate_training.train import fit
 
     fit(config, resume=not args.restart)
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> None:
-    from training.export import export
+    from filmgate_training.export import export
 
     print(f"exported {export(config)}")
 
 
 def cmd_evaluate(config: Config, args: argparse.Namespace) -> None:
-    from service.manifest import sha256_file
-    from training.evaluate import evaluate, onnx_runner, write_report
+    from filmgate.manifest import sha256_file
+    from filmgate_training.evaluate import evaluate, onnx_runner, write_report
 
     onnx_path = config.run_path / "model.onnx"
     if not onnx_path.is_file():
-        raise FileNotFoundError(f"{onnx_path}: run `python -m training export` first (evaluation runs the ONNX file)")
+        raise FileNotFoundError(
+            f"{onnx_path}: run `python -m filmgate_training export` first (evaluation runs the ONNX file)"
+        )
     report = evaluate(config, onnx_runner(onnx_path, config.train.threads), {"sha256": sha256_file(onnx_path)})
     js, md = write_report(report, config.run_path)
     p = report["val"]["pooled"]
@@ -66,7 +67,7 @@ def cmd_evaluate(config: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_ship(config: Config, args: argparse.Namespace) -> None:
-    from training.export import ship
+    from filmgate_training.export import ship
 
     print(f"shipped {ship(config)}")
 
@@ -77,8 +78,8 @@ def cmd_all(config: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_cache(config: Config, args: argparse.Namespace) -> None:
-    from training.data import split_train, training_pool
-    from training.tasks import get_task
+    from filmgate_training.data import split_train, training_pool
+    from filmgate_training.tasks import get_task
 
     task = get_task(config.task)
     train, _ = split_train(config, task)
@@ -97,7 +98,7 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m filmgate_training", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("tasks", help="list the registered tasks")
     report = sub.add_parser("gate-report", help="the whole val split decided as the gate would (issue 4)")
@@ -116,16 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "gate-report":
-        from training.detectors.gate_report import main as gate_report
+        from filmgate_training.detectors.gate_report import main as gate_report
 
         extra = [*(["--out", args.out] if args.out else []), *(["--models", args.models] if args.models else [])]
         return gate_report(extra + (["--docs"] if args.docs else []))
     if args.command == "finish":
-        from training.detectors.finish import main as finish_main
+        from filmgate_training.detectors.finish import main as finish_main
 
         return finish_main(["--config", args.config, *(x for kv in args.set for x in ("--set", kv))])
     if args.command == "tasks":
-        from training.tasks import registered
+        from filmgate_training.tasks import registered
 
         for name, task in registered().items():
             print(f"{name}: {task.kind}, labels {list(task.labels)}, reason {task.reason}")

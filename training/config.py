@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from service.preprocess import PreprocessSpec
-from service.typed_config import ConfigError, build
+from filmgate.preprocess import PreprocessSpec
+from filmgate.typed_config import ConfigError, build
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,11 +88,12 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The small CNN (see :mod:`training.model`)."""
+    """The small CNN (see :mod:`filmgate_training.model`)."""
 
     widths: tuple[int, ...] = (16, 32, 64, 128, 192)
     dropout: float = 0.1
-    # Export the network wrapped in training.model.MirrorSwap (film and mirror image, logits swapped and averaged):
+    # Export the network wrapped in filmgate_training.model.MirrorSwap (film and mirror image, logits
+    # swapped and averaged):
     # exactly mirror-consistent at twice the cost; only for tasks whose labels swap under mirroring (flip).
     mirror_swap: bool = False
 
@@ -179,7 +179,7 @@ def _repo_path(value: str) -> Path:
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     config = build(Config, data)
-    from training.tasks import get_task  # late import: tasks import heavy modules
+    from filmgate_training.tasks import get_task  # late import: tasks import heavy modules
 
     get_task(config.task)  # unknown task names fail here, naming the registered ones
     return config

@@ -1,8 +1,8 @@
 """Films for a task: the training pool (cached, source-balanced) and the exact serving path for evaluation.
 
-Training reads reduced films from :mod:`training.cache` and builds each input with the gate's own
-:func:`service.preprocess.preprocess`. Evaluation does not use the cache at all: it decodes every film with
-:func:`service.decode.decode_file`, applies the task's variant, and preprocesses, exactly as the gate would see it.
+Training reads reduced films from :mod:`filmgate_training.cache` and builds each input with the gate's own
+:func:`filmgate.preprocess.preprocess`. Evaluation does not use the cache at all: it decodes every film with
+:func:`filmgate.decode.decode_file`, applies the task's variant, and preprocesses, exactly as the gate would see it.
 
 Sampling balances sources: a source with ``n`` films gets a share proportional to ``n ** source_balance``, so the
 4,600 pediatric 224-px ``kermany`` copies do not drown the few hundred adult films of each other hospital.
@@ -16,15 +16,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.datasets import LabelledFilm
-from service.decode import DecodeError, decode_file
-from service.preprocess import PreprocessSpec, preprocess
-from training.augment import display_augment, film_augment
-from training.cache import FilmCache, build_cache
-from training.config import AugmentConfig, Config
-from training.films import all_rows, film_id
-from training.tasks import Example, Task, in_holdout
+from filmgate.datasets import LabelledFilm
+from filmgate.decode import DecodeError, decode_file
+from filmgate.preprocess import PreprocessSpec, preprocess
+from filmgate_training.augment import display_augment, film_augment
+from filmgate_training.cache import FilmCache, build_cache
+from filmgate_training.config import AugmentConfig, Config
+from filmgate_training.films import all_rows, film_id
+from filmgate_training.tasks import Example, Task, in_holdout
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Evaluate a trained detector exactly as the gate would see films, choose its threshold, write the report.
 
 1. Threshold: the task's films of the *train* split that were held out of training (patient-grouped, see
-   :func:`training.tasks.in_holdout`) are scored as they came; the threshold is the smallest one (at least
+   :func:`filmgate_training.tasks.in_holdout`) are scored as they came; the threshold is the smallest one (at least
    ``evaluate.min_threshold``) that flags at most ``evaluate.target_fpr`` of them; with ``evaluate.threshold_rule:
    margin`` (labelled tasks) it moves to the middle of the gap up to the lowest held-out positive
-   (:func:`training.metrics.margin_threshold`). ``val`` is never used to choose it.
+   (:func:`filmgate_training.metrics.margin_threshold`). ``val`` is never used to choose it.
 2. ``val``: every film in every variant (for orientation: as it came and turned 90/180/270) through
    ``decode_file`` -> variant -> ``preprocess`` -> model. Pooled, per source, the source-averaged mean and the worst
    source: AUC, accuracy, precision, recall, confusion matrix, and the false-positive rate on unaltered films.
@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.datasets import LabelledFilm, data_root, select
-from service.decode import DecodeError, decode_file
-from service.preprocess import PreprocessSpec, preprocess
-from training.config import AugmentConfig, Config
-from training.data import EvalItem, eval_items, split_train, val_films
-from training.films import film_id
-from training.metrics import choose_threshold, margin_threshold, summarise
-from training.tasks import Task, get_task
+from filmgate.datasets import LabelledFilm, data_root, select
+from filmgate.decode import DecodeError, decode_file
+from filmgate.preprocess import PreprocessSpec, preprocess
+from filmgate_training.config import AugmentConfig, Config
+from filmgate_training.data import EvalItem, eval_items, split_train, val_films
+from filmgate_training.films import film_id
+from filmgate_training.metrics import choose_threshold, margin_threshold, summarise
+from filmgate_training.tasks import Task, get_task
 
 Runner = Callable[[np.ndarray], np.ndarray]
 MIN_SOURCE_FILMS = 5  # sources with fewer val films are reported but not ranked as "worst"

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
-from training.config import Config
-from training.data import eval_items, split_train, val_films
-from training.evaluate import onnx_runner, torch_runner
-from training.films import all_rows
-from training.tasks import get_task
-from training.train import load_trained
+from filmgate.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
+from filmgate_training.config import Config
+from filmgate_training.data import eval_items, split_train, val_films
+from filmgate_training.evaluate import onnx_runner, torch_runner
+from filmgate_training.films import all_rows
+from filmgate_training.tasks import get_task
+from filmgate_training.train import load_trained
 
 OPSET = 17
 
@@ -119,7 +118,7 @@ def _training_data(config: Config) -> list[dict[str, Any]]:
 
 def ship(config: Config) -> Path:
     """Copy the evaluated ONNX model to models/<task>/ with manifest, model card and evaluation report."""
-    from training.card import model_card
+    from filmgate_training.card import model_card
 
     task = get_task(config.task)
     run = config.run_path

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.datasets import LabelledFilm, data_root, labels
-from service.decode import IMAGE_SUFFIXES
+from filmgate.datasets import LabelledFilm, data_root, labels
+from filmgate.decode import IMAGE_SUFFIXES
 
 FILM_SUFFIXES = (*IMAGE_SUFFIXES, ".dcm", ".dicom")
 

@@ -11,7 +11,7 @@ families exist:
   augmented but not transformed; evaluation shows each film once, as it came.
 
 Both give ``classifier`` detectors (logits over ``labels``; score = softmax mass of ``positive_labels``, the same rule
-as :meth:`service.manifest.ModelManifest.scores`). A ``score`` detector (one number per film, e.g. an
+as :meth:`filmgate.manifest.ModelManifest.scores`). A ``score`` detector (one number per film, e.g. an
 out-of-distribution distance) subclasses :class:`Task` with ``kind = "score"``, ``num_outputs = 1`` and its own
 :meth:`Task.loss`. Register a new task with :func:`register`; the YAML config names it by ``task:``.
 """
@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from service.datasets import LabelledFilm
-from training.augment import display_augment, film_augment
-from training.config import AugmentConfig, ConfigError
-from training.films import film_id
+from filmgate.datasets import LabelledFilm
+from filmgate_training.augment import display_augment, film_augment
+from filmgate_training.config import AugmentConfig, ConfigError
+from filmgate_training.films import film_id
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ class Task:
     film_filter: Callable[[LabelledFilm], bool] | None = None
     kind: str = "classifier"
     # A two-label task whose labels swap when the film is mirrored left-right (``flip``): its exported model may score
-    # the film and its mirror image and be exactly consistent (``model.mirror_swap``, training.model.MirrorSwap).
+    # the film and its mirror image and be exactly consistent (``model.mirror_swap``,
+    # filmgate_training.model.MirrorSwap).
     mirror_pair: bool = False
     # The kinds of film the gate uses this detector's verdict on, when narrower than what it trains on: val figures
     # (and so the manifest's per-source metrics) cover these kinds; the rest is reported by the detector's extra
@@ -118,7 +118,7 @@ class Task:
             return net
         if not self.mirror_pair:
             raise ConfigError(f"model.mirror_swap: task {self.name} has no labels that swap under mirroring")
-        from training.model import MirrorSwap
+        from filmgate_training.model import MirrorSwap
 
         return MirrorSwap(net)
 
@@ -209,11 +209,11 @@ def register(task: Task) -> Task:
 
 
 def _load_plugins() -> None:
-    """Import ``training.detectors`` (the issue-4 detectors register themselves there) when it exists."""
+    """Import ``filmgate_training.detectors`` (the issue-4 detectors register themselves there) when it exists."""
     try:
-        importlib.import_module("training.detectors")
+        importlib.import_module("filmgate_training.detectors")
     except ModuleNotFoundError as exc:
-        if exc.name != "training.detectors":
+        if exc.name != "filmgate_training.detectors":
             raise
 
 

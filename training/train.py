@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from training.config import REPO_ROOT, Config
-from training.data import make_batch, split_train, training_pool
-from training.model import FilmNet, build_model, count_parameters
-from training.tasks import get_task
+from filmgate_training.config import REPO_ROOT, Config
+from filmgate_training.data import make_batch, split_train, training_pool
+from filmgate_training.model import FilmNet, build_model, count_parameters
+from filmgate_training.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def load_trained(run_path: Path, device: str = "cpu") -> tuple[FilmNet, dict[str
     """The finished model of a run (eval mode) and its metadata."""
     path = run_path / "model.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained model; run `python -m training fit` first")
+        raise FileNotFoundError(f"{path}: no trained model; run `python -m filmgate_training fit` first")
     blob = torch.load(path, map_location=device, weights_only=False)
     model = build_model(blob["num_outputs"], tuple(blob["widths"]), blob["dropout"])
     model.load_state_dict(blob["state_dict"])

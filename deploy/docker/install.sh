@@ -17,5 +17,5 @@ if "$venv/bin/python" -c "import torch" 2>/dev/null; then
     echo "install.sh: torch is installed in the runtime environment; it belongs to the 'train' extra only" >&2
     exit 1
 fi
-"$venv/bin/python" -c "import onnxruntime, pydicom, pynetdicom, service"
+"$venv/bin/python" -c "import onnxruntime, pydicom, pynetdicom, filmgate"
 test -x "$venv/bin/filmgate"

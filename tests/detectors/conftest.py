@@ -1,6 +1,6 @@
 """Shared helpers for the detector tests: the shipped models, a fixed val subset, and real-film inference.
 
-Films are read from the data folder (``service.datasets.data_root``) and go through the gate's own decode and
+Films are read from the data folder (``filmgate.datasets.data_root``) and go through the gate's own decode and
 preprocessing, then through onnxruntime: the tests check what the gate will actually compute.
 """
 
@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from service.datasets import LabelledFilm, select
-from service.decode import decode_file
-from service.manifest import ModelManifest, load_manifest
-from service.preprocess import preprocess_batch
+from filmgate.datasets import LabelledFilm, select
+from filmgate.decode import decode_file
+from filmgate.manifest import ModelManifest, load_manifest
+from filmgate.preprocess import preprocess_batch
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "models"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filmgate.datasets import select
 
-from service.datasets import select
 from tests.detectors.conftest import MODELS, val_subset
 from tests.service.conftest import REPO, Gate, film_pixels, make_dicom, normalise, storescu
 
@@ -113,7 +113,7 @@ def test_inspect_gives_the_reason_for_each_kind(shipped, tmp_path):
         (_first("frontal-chest", "kermany").path, "quarantine", "pediatric"),
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "inspect", *(str(p) for p, _, _ in cases)],
+        [sys.executable, "-m", "filmgate.cli", "inspect", *(str(p) for p, _, _ in cases)],
         cwd=REPO, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -131,9 +131,9 @@ def test_inspect_gives_the_reason_for_each_kind(shipped, tmp_path):
 def test_gate_report_decides_val_films_and_made_wrong_films_with_the_gate(shipped):
     """The gate report's two measurements on a fixed sample: val films decided right, and wrong films made from
     adult frontal films (collimated, zoomed, washed out, dark, blank, screenshots) kept out by the whole gate."""
-    from service.config import DetectorsConfig
-    from service.detectors import DetectorSet
-    from training.detectors.gate_report import decide_all, expected, made_wrong, summarise
+    from filmgate.config import DetectorsConfig
+    from filmgate.detectors import DetectorSet
+    from filmgate_training.detectors.gate_report import decide_all, expected, made_wrong, summarise
 
     detectors = DetectorSet.load(DetectorsConfig(models_dir=str(shipped), provider="cpu", intra_op_threads=1))
     films = [f for kind in ("frontal-chest", "lateral-chest", "other-radiograph", "not-radiograph")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from service.config import PolicyConfig
-from service.manifest import Finding
-from service.policy import Metadata, decide
+from filmgate.config import PolicyConfig
+from filmgate.manifest import Finding
+from filmgate.policy import Metadata, decide
 
 
 def child_finding(score: float = 0.97) -> Finding:

@@ -26,11 +26,10 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
+from filmgate.datasets import select
+from filmgate.decode import decode_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-from service.datasets import select
-from service.decode import decode_file
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = Path(os.environ.get("FILMGATE_TEST_MODELS", REPO / "models"))
@@ -290,7 +289,7 @@ class Gate:
     def start(self, wait: bool = True) -> Gate:
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "serve", "--config", str(self.config_path)],
+                [sys.executable, "-m", "filmgate.cli", "serve", "--config", str(self.config_path)],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -470,9 +469,8 @@ class Receiver:
         return 0x0000
 
     def start(self) -> None:
+        from filmgate.listener import TRANSFER_SYNTAXES
         from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-        from service.listener import TRANSFER_SYNTAXES
 
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0

@@ -23,7 +23,7 @@ def test_waiting_films_are_batched_with_the_same_scores(tmp_path, made_films, mo
         assert gate.stop() == 0
     assert max(r["timings_ms"]["batch"] for r in records.values()) > 1, "several waiting films form one batch"
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "inspect", *[str(f.path) for f in films]],
+        [sys.executable, "-m", "filmgate.cli", "inspect", *[str(f.path) for f in films]],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={"FILMGATE_CONFIG": str(gate.config_path), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
@@ -39,11 +39,10 @@ def test_waiting_films_are_batched_with_the_same_scores(tmp_path, made_films, mo
 def test_shared_resize_gives_exactly_the_training_tensor(made_films, models_dir):
     """The gate resizes once per (size, resize) and normalises per model; that must equal preprocess() per spec."""
     import numpy as np
-
-    from service.config import DetectorsConfig
-    from service.decode import decode_file
-    from service.detectors import DetectorSet
-    from service.preprocess import preprocess
+    from filmgate.config import DetectorsConfig
+    from filmgate.decode import decode_file
+    from filmgate.detectors import DetectorSet
+    from filmgate.preprocess import preprocess
 
     detectors = DetectorSet.load(DetectorsConfig(models_dir=str(models_dir)))
     pixels = decode_file(made_films[0].path).pixels

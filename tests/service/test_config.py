@@ -6,8 +6,7 @@ import subprocess
 import sys
 
 import pytest
-
-from service.config import (
+from filmgate.config import (
     Config,
     ConfigError,
     DicomDestinationConfig,
@@ -15,6 +14,7 @@ from service.config import (
     load_config,
     parse_config,
 )
+
 from tests.service.conftest import REPO
 
 
@@ -22,7 +22,7 @@ def test_defaults_match_the_contract(monkeypatch):
     monkeypatch.delenv("FILMGATE_CONFIG", raising=False)
     cfg = load_config(None)
     assert cfg.listener.ae_title == "FILMGATE" and cfg.listener.port == 11112 and cfg.http.port == 9108
-    assert cfg.spool.path == "var/spool" and cfg.detectors.models_dir == "models"
+    assert cfg.spool.path == "var/spool" and cfg.detectors.models_dir == ""
     assert cfg.listener.allow_list and cfg.listener.allow[0].hosts == ("127.0.0.0/8", "::1")
     assert [d.path for d in cfg.destinations] == ["var/out/accept", "var/out/quarantine"]
     assert cfg.policy.modalities == ("CR", "DX") and cfg.policy.pediatric_age_years == 10
@@ -86,7 +86,7 @@ def test_check_config_command(tmp_path):
     good.write_text("listener: {port: 11113}\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text("listener: {port: 11113, bind: 0.0.0.0}\n")
-    run = [sys.executable, "-m", "service.cli", "check-config"]
+    run = [sys.executable, "-m", "filmgate.cli", "check-config"]
     ok = subprocess.run([*run, str(good)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "OK" in ok.stdout
     ko = subprocess.run([*run, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -97,7 +97,7 @@ def test_serve_refuses_an_invalid_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("policy: {pediatric_age_years: -1}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--config", str(bad)],
+        [sys.executable, "-m", "filmgate.cli", "serve", "--config", str(bad)],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "policy.pediatric_age_years" in proc.stderr
@@ -116,7 +116,7 @@ def test_serve_refuses_to_start_without_detectors(tmp_path):
         f"detectors: {{models_dir: {tmp_path / 'nothing'}}}\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--config", str(cfg)],
+        [sys.executable, "-m", "filmgate.cli", "serve", "--config", str(cfg)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0

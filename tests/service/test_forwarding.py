@@ -84,9 +84,9 @@ def test_a_restart_continues_the_retry_count_from_the_outbox_sidecar(tmp_path, m
     import shutil
     import time
 
-    from service.config import DicomDestinationConfig
-    from service.destinations import DicomDestination
-    from service.spool import Spool
+    from filmgate.config import DicomDestinationConfig
+    from filmgate.destinations import DicomDestination
+    from filmgate.spool import Spool
 
     cfg = DicomDestinationConfig(name="nowhere", ae_title="NOWHERE", host="127.0.0.1", port=free_port(), retries=1,
                                  backoff_initial=60.0, timeout=5)  # fmt: skip

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from filmgate.datasets import select
 from pydicom.uid import generate_uid
 
-from service.datasets import select
 from tests.service.conftest import (
     CR_STORAGE,
     DCMTK_ENV,
@@ -271,7 +271,7 @@ def test_no_patient_data_in_logs(run, gate, made_films):
 
 def test_healthcheck_command(gate):
     ok = subprocess.run(
-        [sys.executable, "-m", "service.cli", "healthcheck", "--config", str(gate.config_path)],
+        [sys.executable, "-m", "filmgate.cli", "healthcheck", "--config", str(gate.config_path)],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -285,7 +285,7 @@ def test_inspect_command(made_films, data_dir, models_dir):
     junk = Path(normal.path).with_name("junk.bin")
     junk.write_bytes(b"not an image at all" * 10)
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "inspect", str(normal.path), str(rot.path), str(ct.path), str(png),
+        [sys.executable, "-m", "filmgate.cli", "inspect", str(normal.path), str(rot.path), str(ct.path), str(png),
          str(junk)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from service.config import PolicyConfig
-from service.manifest import Finding
-from service.policy import Metadata, age_in_years, decide, parse_age
+from filmgate.config import PolicyConfig
+from filmgate.manifest import Finding
+from filmgate.policy import Metadata, age_in_years, decide, parse_age
 
 ADULT_DX = Metadata(modality="DX", patient_age="045Y")
 
@@ -95,7 +94,7 @@ def test_header_facts_come_first_and_the_order_is_configurable():
 
 
 def test_reason_order_naming_a_reason_twice_is_a_config_error():
-    from service.config import ConfigError, parse_config
+    from filmgate.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="policy.reason_order"):
         parse_config({"policy": {"reason_order": ["rotated", "rotated"]}})
@@ -125,7 +124,7 @@ def test_not_frontal_chest_outranks_the_chest_only_detector_reasons():
 
 
 def test_a_reason_outranking_itself_is_a_config_error():
-    from service.config import ConfigError, parse_config
+    from filmgate.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="policy.outranks.atypical"):
         parse_config({"policy": {"outranks": {"atypical": ["atypical"]}}})
@@ -134,7 +133,7 @@ def test_a_reason_outranking_itself_is_a_config_error():
 
 
 def test_known_reasons_are_the_rules_and_the_detectors_in_policy_order():
-    from service.policy import known_reasons
+    from filmgate.policy import known_reasons
 
     assert known_reasons(PolicyConfig(), ["rotated", "smudged", "not-frontal-chest"]) == (
         "undecodable", "modality", "rotated", "not-frontal-chest", "pediatric", "smudged",

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from filmgate.config import ListenerConfig, SenderRule
+from filmgate.listener import HEALTHCHECK_AE, sender_allowed
+from filmgate.spool import Spool, calling_ae_of, received_at, safe_component, uid_of
 
-from service.config import ListenerConfig, SenderRule
-from service.listener import HEALTHCHECK_AE, sender_allowed
-from service.spool import Spool, calling_ae_of, received_at, safe_component, uid_of
 from tests.service.conftest import Gate, wait_for
 
 
@@ -88,7 +88,7 @@ def test_the_running_node_removes_what_aborted_transfers_left_in_tmp(tmp_path):
 
 
 def test_stale_tmp_age_shorter_than_the_network_timeout_is_a_config_error():
-    from service.config import ConfigError, parse_config
+    from filmgate.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="^spool.stale_tmp_seconds"):
         parse_config({"spool": {"stale_tmp_seconds": 30}, "listener": {"network_timeout": 60}})

@@ -51,7 +51,7 @@ def test_tls_listener(tmp_path, made_films, models_dir):
         wait_for(lambda: len(gate.sidecars()) == 1, 60, "the film sent over TLS delivered")
         assert send_file_raw(gate.dicom_port, made_films[0].path) is None
         hc = subprocess.run(
-            [sys.executable, "-m", "service.cli", "healthcheck", "--config", str(gate.config_path)],
+            [sys.executable, "-m", "filmgate.cli", "healthcheck", "--config", str(gate.config_path)],
             cwd=REPO, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert hc.returncode == 0, hc.stdout + hc.stderr

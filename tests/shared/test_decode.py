@@ -8,10 +8,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from filmgate.decode import DecodeError, decode_bytes, decode_dataset, decode_file, read_dataset, window_to_unit
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-from service.decode import DecodeError, decode_bytes, decode_dataset, decode_file, read_dataset, window_to_unit
 
 
 def make_ds(pixels: np.ndarray, photometric: str = "MONOCHROME2", **elements) -> Dataset:
@@ -136,7 +135,7 @@ def test_fake_monochrome1_is_the_inverse_of_its_original(data_dir):
 
 
 def test_png_and_jpeg_decode(data_dir):
-    from service.datasets import select
+    from filmgate.datasets import select
 
     for film in select(split="val", kind="frontal-chest")[:3]:
         out = decode_file(film.path)
@@ -186,7 +185,7 @@ def test_large_film_is_reduced_before_the_grayscale_pipeline():
 
 
 def test_training_sized_films_are_not_reduced(data_dir):
-    from service.datasets import select
+    from filmgate.datasets import select
 
     for film in select(split="val", kind="frontal-chest", source="nih-cxr14")[:3]:
         out = decode_file(film.path)
@@ -199,7 +198,7 @@ def test_training_sized_films_are_not_reduced(data_dir):
 )
 def test_native_fast_path_matches_pydicom(bits_stored, signed, frames):
     """Uncompressed grey pixels read without pydicom's decoder equal pydicom's, garbage high bits included."""
-    from service.decode import stored_pixels
+    from filmgate.decode import stored_pixels
 
     rng = np.random.default_rng(bits_stored + frames)
     raw = rng.integers(0, 65536, (frames, 40, 48), dtype=np.uint16)  # high bits above Bits Stored set at random
@@ -219,7 +218,8 @@ def test_native_fast_path_matches_pydicom(bits_stored, signed, frames):
 @pytest.mark.parametrize("lossless", [True, False], ids=["htj2k-lossless", "htj2k-lossy"])
 def test_htj2k_films_decode_like_their_uncompressed_original(tmp_path, data_dir, lossless):
     """High-Throughput JPEG 2000 (encoded by OpenJPH's ojph_compress): lossless decodes exactly, lossy closely."""
-    from service.datasets import select
+    from filmgate.datasets import select
+
     from tests.service.conftest import HTJ2K, HTJ2K_LOSSLESS, film_pixels, htj2k, make_dicom
 
     film = select(split="val", kind="frontal-chest", source="hannover")[0]

@@ -6,9 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
-from service.manifest import ManifestError, ModelManifest, discover, load_manifest, sha256_file, write_manifest
-from service.preprocess import PreprocessSpec, preprocess, preprocess_batch
+from filmgate.manifest import ManifestError, ModelManifest, discover, load_manifest, sha256_file, write_manifest
+from filmgate.preprocess import PreprocessSpec, preprocess, preprocess_batch
 
 
 def test_letterbox_keeps_aspect_and_zeroes_padding():

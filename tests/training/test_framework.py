@@ -11,17 +11,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
-from service.datasets import select
-from service.decode import decode_file
-from service.manifest import load_manifest
-from service.preprocess import preprocess
-from training.config import AugmentConfig, ConfigError, config_from_dict, load_config
-from training.evaluate import evaluate, onnx_runner, write_report
-from training.export import export, ship
-from training.metrics import choose_threshold, margin_threshold, roc_auc
-from training.tasks import get_task
-from training.train import fit, load_trained
+from filmgate.datasets import select
+from filmgate.decode import decode_file
+from filmgate.manifest import load_manifest
+from filmgate.preprocess import preprocess
+from filmgate_training.config import AugmentConfig, ConfigError, config_from_dict, load_config
+from filmgate_training.evaluate import evaluate, onnx_runner, write_report
+from filmgate_training.export import export, ship
+from filmgate_training.metrics import choose_threshold, margin_threshold, roc_auc
+from filmgate_training.tasks import get_task
+from filmgate_training.train import fit, load_trained
 
 
 def tiny_config(tmp_path, task="orientation", seed=0, run="run"):
@@ -64,7 +63,7 @@ def test_tiny_fit_exports_loads_in_onnxruntime_and_ships(tmp_path, data_dir):
         out = session.run(["output"], {"image": np.zeros((n, 1, 64, 64), np.float32)})[0]
         assert out.shape == (n, 4)
 
-    from service.manifest import sha256_file
+    from filmgate.manifest import sha256_file
 
     report = evaluate(config, onnx_runner(onnx_path), {"sha256": sha256_file(onnx_path)})
     assert report["val_films"] == 3
@@ -109,7 +108,7 @@ def test_fit_is_reproducible(tmp_path, data_dir):
 
 
 def test_interrupted_fit_resumes_to_the_same_weights(tmp_path, data_dir, monkeypatch):
-    import training.train as train_module
+    import filmgate_training.train as train_module
 
     uninterrupted = torch.load(fit(tiny_config(tmp_path, run="whole")), weights_only=False)["state_dict"]
     real_make_batch, calls = train_module.make_batch, []
@@ -153,7 +152,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_excluded_rows_are_left_out_everywhere():
-    from training.data import split_train, val_films
+    from filmgate_training.data import split_train, val_films
 
     bad = "images/nih-cxr14/no_finding_00003490_011.jpg"
     plain = config_from_dict({"task": "orientation"})
@@ -170,7 +169,7 @@ def test_folders_of_films_join_the_training_rows(tmp_path, data_dir):
     """A folder of PNG/JPEG/DICOM films (another hospital, say) is read next to labels.csv."""
     import shutil
 
-    from training.data import split_train, training_pool
+    from filmgate_training.data import split_train, training_pool
 
     folder = tmp_path / "hospital"
     (folder / "sub").mkdir(parents=True)
@@ -237,8 +236,7 @@ def test_margin_threshold_sits_in_the_middle_of_the_gap_or_falls_back():
 def test_mirror_swap_is_exactly_mirror_consistent():
     """The exported flip model: a film and its mirror image get swapped logits, whatever the weights are."""
     import torch
-
-    from training.model import FilmNet, MirrorSwap
+    from filmgate_training.model import FilmNet, MirrorSwap
 
     torch.manual_seed(0)
     net = MirrorSwap(FilmNet(2, (8, 16), 0.0)).eval()
@@ -273,7 +271,7 @@ def test_synthetic_labels_are_the_transform_and_nothing_else():
 
 
 def test_augmentations_keep_films_valid():
-    from training.augment import display_augment, film_augment
+    from filmgate_training.augment import display_augment, film_augment
 
     img = decode_file(select(split="train", kind="frontal-chest", source="hannover")[0].path).pixels
     always = AugmentConfig(**{f: 1.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
@@ -285,7 +283,7 @@ def test_augmentations_keep_films_valid():
 
 
 def test_cli_lists_tasks_and_reports_config_errors(capsys):
-    from training.cli import main
+    from filmgate_training.cli import main
 
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
@@ -294,11 +292,11 @@ def test_cli_lists_tasks_and_reports_config_errors(capsys):
     assert main(["fit", "--config", "orientation", "--set", "train.stepz=10"]) == 2
     assert "train.stepz" in capsys.readouterr().err
     assert main(["evaluate", "--config", "orientation", "--set", "run_dir=/nonexistent/run"]) == 2
-    assert "run `python -m training export` first" in capsys.readouterr().err
+    assert "run `python -m filmgate_training export` first" in capsys.readouterr().err
 
 
 def test_pediatric_trains_on_spine_films_but_is_measured_where_the_gate_uses_it():
-    from training.data import split_train, val_films
+    from filmgate_training.data import split_train, val_films
 
     config = load_config("pediatric-ft")
     task = get_task("pediatric")

@@ -1,5 +1,5 @@
-"""The shipped orientation and inversion detectors, run exactly as the gate runs them (service.decode ->
-service.preprocess with the manifest's spec -> onnxruntime -> ModelManifest.findings), reach their goals.
+"""The shipped orientation and inversion detectors, run exactly as the gate runs them (filmgate.decode ->
+filmgate.preprocess with the manifest's spec -> onnxruntime -> ModelManifest.findings), reach their goals.
 
 The val subset is fixed (per source, films evenly spaced in path order, at most ``PER_SOURCE``) so the test is
 reproducible and fast; the full val figures are in ``models/<name>/evaluation.md``. Each allowance is the issue's
@@ -14,13 +14,12 @@ from collections import defaultdict
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from service.datasets import REPO_ROOT, data_root, select
-from service.decode import decode_file
-from service.manifest import load_manifest
-from service.preprocess import preprocess_batch
-from training.config import load_config
-from training.metrics import roc_auc
+from filmgate.datasets import REPO_ROOT, data_root, select
+from filmgate.decode import decode_file
+from filmgate.manifest import load_manifest
+from filmgate.preprocess import preprocess_batch
+from filmgate_training.config import load_config
+from filmgate_training.metrics import roc_auc
 
 MODELS = REPO_ROOT / "models"
 PER_SOURCE = 24

@@ -1,6 +1,7 @@
 """The detectors that need real labels or a trained backbone (issue 4): flip, view, pediatric, atypical.
 
-Each module registers its task in :mod:`training.tasks` when imported; importing this package registers them all.
+Each module registers its task in :mod:`filmgate_training.tasks` when imported; importing this
+package registers them all.
 """
 
-from training.detectors import atypical, flip, pediatric, view  # noqa: F401  (registration side effect)
+from filmgate_training.detectors import atypical, flip, pediatric, view  # noqa: F401  (registration side effect)

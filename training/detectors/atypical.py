@@ -24,10 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from filmgate_training.model import FilmNet
+from filmgate_training.tasks import Task, register
 from torch import nn
-
-from training.model import FilmNet
-from training.tasks import Task, register
 
 N_STATS = 5
 MID_STAGE = 7  # FilmNet.features[:7] ends after the 128-wide residual block (widths 16, 32, 64, 128, 192)
@@ -126,7 +125,7 @@ def _whitening(v: np.ndarray, shrink: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AtypicalTask(Task):
-    """A ``score`` task built from the trained ``view`` run; see :mod:`training.detectors.atypical_build`."""
+    """A ``score`` task built from the trained ``view`` run; see :mod:`filmgate_training.detectors.atypical_build`."""
 
     backbone_task: str = "view"
 

@@ -1,15 +1,16 @@
 """Build, calibrate, evaluate and ship the ``atypical`` score detector from a trained ``view`` run.
 
-``python -m training atypical [--config atypical]`` (or :func:`run`):
+``python -m filmgate_training atypical [--config atypical]`` (or :func:`run`):
 
 1. load the shipped ``view`` model's run (``runs/view-ft/model.pt``, as ``models/view/manifest.json`` records it);
 2. embed the train split's frontal chest films that were not held out (decoded and preprocessed exactly as the gate
-   does, ``unit`` input) and fit a source-balanced Gaussian (:func:`training.detectors.atypical.fit_gaussian`);
+   does, ``unit`` input) and fit a source-balanced Gaussian (:func:`filmgate_training.detectors.atypical.fit_gaussian`);
 3. threshold = the source-balanced quantile of the held-out train frontal films that flags ``evaluate.target_fpr`` of
    them (val never chooses it);
 4. export to ONNX (opset 17, dynamic batch), check torch vs onnxruntime on real val films;
 5. evaluate on the whole val split with that very ONNX file: frontal films flagged per source, other kinds caught,
-   synthetic wrong films (:mod:`training.detectors.corrupt`) caught, the real DICOM files, the most atypical val
+   synthetic wrong films (:mod:`filmgate_training.detectors.corrupt`) caught, the real DICOM files,
+   the most atypical val
    films; write ``evaluation.{json,md}`` and ship ``models/atypical/`` (manifest, model, card, evaluation).
 """
 
@@ -27,19 +28,18 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from service.datasets import REPO_ROOT, LabelledFilm, labels, select
-from service.decode import DecodeError, auto_window, decode_file
-from service.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
-from service.preprocess import PreprocessSpec, preprocess
-from training.config import Config, config_from_dict, load_config
-from training.data import cap
-from training.detectors.atypical import Atypicality, fit_gaussian
-from training.detectors.corrupt import CORRUPTIONS
-from training.evaluate import _jsonable, onnx_runner
-from training.export import OPSET, export_onnx
-from training.tasks import get_task, in_holdout
-from training.train import load_trained
+from filmgate.datasets import REPO_ROOT, LabelledFilm, labels, select
+from filmgate.decode import DecodeError, auto_window, decode_file
+from filmgate.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
+from filmgate.preprocess import PreprocessSpec, preprocess
+from filmgate_training.config import Config, config_from_dict, load_config
+from filmgate_training.data import cap
+from filmgate_training.detectors.atypical import Atypicality, fit_gaussian
+from filmgate_training.detectors.corrupt import CORRUPTIONS
+from filmgate_training.evaluate import _jsonable, onnx_runner
+from filmgate_training.export import OPSET, export_onnx
+from filmgate_training.tasks import get_task, in_holdout
+from filmgate_training.train import load_trained
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -258,8 +258,7 @@ def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None
 def _contact_sheets(folder: Path, spec: PreprocessSpec, adults: Sequence[LabelledFilm], top: Sequence[str]) -> None:
     """Images for people (git-ignored run folder): synthetic examples and the most atypical val frontal films."""
     import cv2
-
-    from service.datasets import data_root
+    from filmgate.datasets import data_root
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -395,7 +394,7 @@ def ship(config: Config, report: dict[str, Any]) -> Path:
     shutil.copyfile(run / "model.onnx", folder / "model.onnx")
     write_json_md(report, folder)
     write_manifest(folder, manifest)
-    from training.detectors.cards import atypical_card
+    from filmgate_training.detectors.cards import atypical_card
 
     (folder / "MODEL_CARD.md").write_text(atypical_card(config, manifest, report))
     load_manifest(folder)

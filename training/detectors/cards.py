@@ -1,20 +1,22 @@
 """Model cards for the issue-4 detectors: what each is for, how it was made and measured, and what it cannot do.
 
-The framework's card (:mod:`training.card`) describes self-supervised orientation/inversion models; these detectors
+The framework's card (:mod:`filmgate_training.card`) describes self-supervised
+orientation/inversion models; these detectors
 need their own words (labelled data, how few laterals there are, the pediatric shortcut, a distance score), so the
-card is written here from the same manifest and reports plus :mod:`training.detectors.extra_eval`.
+card is written here from the same manifest and reports plus :mod:`filmgate_training.detectors.extra_eval`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from service.manifest import ModelManifest
-from training.card import training_data_table
-from training.config import Config
+from filmgate.manifest import ModelManifest
+from filmgate_training.card import training_data_table
+from filmgate_training.config import Config
 
 MIRROR_SWAP = (
-    "The exported graph is mirror-consistent (`training.model.MirrorSwap`): it runs the network on the film and on its "
+    "The exported graph is mirror-consistent (`filmgate_training.model.MirrorSwap`): it runs the network on the film "
+    "and on its "
     "mirror image and averages the logits with the second pair swapped, so a film and its mirror image always get "
     "complementary scores and the network's own left-right biases cancel (two passes per film). "
 )
@@ -133,7 +135,7 @@ def _phases(config: Config) -> list[dict]:
     import json
     from pathlib import Path
 
-    from training.config import REPO_ROOT
+    from filmgate_training.config import REPO_ROOT
 
     chain: list[dict] = []
     base = config.train.init_from
@@ -168,9 +170,14 @@ def _init_line(config: Config) -> str:
 
 def _reproduce(config: Config, name: str) -> str:
     cfg = config.run_path.name  # the config file is named like its run folder (runs/flip-ft <- flip-ft.yaml)
-    earlier = [f"`python -m training fit --config {p['run'].rstrip('/').split('/')[-1]}`" for p in _phases(config)]
+    earlier = [
+        f"`python -m filmgate_training fit --config {p['run'].rstrip('/').split('/')[-1]}`" for p in _phases(config)
+    ]
     first = f"{', then '.join(earlier)} (earlier phases), then " if earlier else ""
-    return f"Reproduce: {first}`python -m training all --config {cfg}` then `python -m training finish --config {cfg}`."
+    return (
+        f"Reproduce: {first}`python -m filmgate_training all --config {cfg}` then "
+        f"`python -m filmgate_training finish --config {cfg}`."
+    )
 
 
 def classifier_card(
@@ -191,7 +198,7 @@ def classifier_card(
         f"{', '.join(f'`{x}`' for x in manifest.positive_labels)}; the gate quarantines with reason "
         f"`{manifest.reason}` when score >= **{manifest.threshold:.6g}**.",
         f"- Input `image` float32 (N, 1, {config.preprocessing.size}, {config.preprocessing.size}), dynamic batch: "
-        "the film decoded by `service.decode`, then `service.preprocess` with "
+        "the film decoded by `filmgate.decode`, then `filmgate.preprocess` with "
         f"`{config.preprocessing.to_dict()}`. Output `output`: logits.",
         "",
         "## Model",
@@ -322,7 +329,7 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         "films from a hospital with a very different look may score higher; check the per-source rates on your own "
         "films and override the threshold in the gate's config (`policy.thresholds.atypical`) if needed.",
         "- Depends on models/view: retraining view requires rebuilding this model "
-        "(`python -m training finish --config atypical`).",
+        "(`python -m filmgate_training finish --config atypical`).",
         "",
         "Full report: [evaluation.md](evaluation.md), machine-readable in evaluation.json.",
     ]

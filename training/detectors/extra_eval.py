@@ -23,16 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from service.datasets import LabelledFilm, labels
-from service.decode import DecodeError, decode_file
-from service.preprocess import PreprocessSpec, preprocess
-from training.augment import display_augment, film_augment
-from training.config import AugmentConfig, Config
-from training.data import val_films
-from training.detectors.degrade import square_stretch
-from training.evaluate import Runner
-from training.tasks import Task, get_task
+from filmgate.datasets import LabelledFilm, labels
+from filmgate.decode import DecodeError, decode_file
+from filmgate.preprocess import PreprocessSpec, preprocess
+from filmgate_training.augment import display_augment, film_augment
+from filmgate_training.config import AugmentConfig, Config
+from filmgate_training.data import val_films
+from filmgate_training.detectors.degrade import square_stretch
+from filmgate_training.evaluate import Runner
+from filmgate_training.tasks import Task, get_task
 
 
 def lower_bound(k: int, n: int, confidence: float = 0.95) -> float | None:

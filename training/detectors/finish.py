@@ -1,10 +1,11 @@
-"""After ``python -m training all --config <name>``: the issue-4 evaluation and model card for a shipped detector.
+"""After ``python -m filmgate_training all --config <name>``: the extra evaluation and model card of a detector.
 
-``python -m training.detectors.finish --config view|flip|pediatric`` runs :mod:`training.detectors.extra_eval` on
-``models/<name>/model.onnx``, writes ``extra.{json,md}`` there, adds the headline figures to the manifest's
-``metrics`` (through :func:`service.manifest.write_manifest`; the model file and its sha256 are unchanged) and
-replaces the generic model card with this detector's own (:mod:`training.detectors.cards`).
-``--config atypical`` builds, evaluates and ships the atypical score (:mod:`training.detectors.atypical_build`).
+``python -m filmgate_training.detectors.finish --config view|flip|pediatric`` runs
+:mod:`filmgate_training.detectors.extra_eval` on ``models/<name>/model.onnx``, writes ``extra.{json,md}`` there, adds
+the headline figures to the manifest's ``metrics`` (through :func:`filmgate.manifest.write_manifest`; the model file
+and its sha256 are unchanged) and replaces the generic model card with this detector's own
+(:mod:`filmgate_training.detectors.cards`). ``--config atypical`` builds, evaluates and ships the atypical score
+(:mod:`filmgate_training.detectors.atypical_build`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-from service.manifest import load_manifest, write_manifest
-from training.cli import _overrides
-from training.config import load_config
-from training.detectors.cards import classifier_card
-from training.detectors.extra_eval import run_extra
-from training.evaluate import onnx_runner
-from training.train import load_trained
+from filmgate.manifest import load_manifest, write_manifest
+from filmgate_training.cli import _overrides
+from filmgate_training.config import load_config
+from filmgate_training.detectors.cards import classifier_card
+from filmgate_training.detectors.extra_eval import run_extra
+from filmgate_training.evaluate import onnx_runner
+from filmgate_training.train import load_trained
 
 
 def headline(name: str, extra: dict) -> dict:
@@ -43,7 +44,7 @@ def headline(name: str, extra: dict) -> dict:
 def finish(name: str, overrides: dict | None = None, backbone_run: Path | None = None) -> None:
     config = load_config(name, overrides)
     if config.task == "atypical":
-        from training.detectors.atypical_build import run
+        from filmgate_training.detectors.atypical_build import run
 
         print(f"shipped {run(config, backbone_run)}")
         return
@@ -64,7 +65,9 @@ def finish(name: str, overrides: dict | None = None, backbone_run: Path | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.detectors.finish", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m filmgate_training.detectors.finish", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", required=True, help="view, flip, pediatric or atypical")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--backbone-run", type=Path, help="atypical only: the view run folder (default runs/view)")

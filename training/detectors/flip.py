@@ -14,8 +14,7 @@ always get complementary scores) at twice the cost.
 from __future__ import annotations
 
 import numpy as np
-
-from training.tasks import SyntheticTask, register
+from filmgate_training.tasks import SyntheticTask, register
 
 
 def _identity(img: np.ndarray) -> np.ndarray:

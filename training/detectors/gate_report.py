@@ -1,8 +1,8 @@
 """The gate report (issue 4, item 6): the whole ``val`` split decided as the gate would decide it.
 
-``python -m training.detectors.gate_report [--out runs/gate-report] [--models models]`` loads every shipped
-detector exactly as the gate does (:class:`service.detectors.DetectorSet`), decodes and prepares each val film with
-the gate's own code and decides with :func:`service.policy.decide` under the default policy. The films are PNG/JPEG
+``python -m filmgate_training.detectors.gate_report [--out runs/gate-report] [--models models]`` loads every shipped
+detector exactly as the gate does (:class:`filmgate.detectors.DetectorSet`), decodes and prepares each val film with
+the gate's own code and decides with :func:`filmgate.policy.decide` under the default policy. The films are PNG/JPEG
 without a DICOM header, so the metadata rules (modality, age) do not apply: this is the image models' own work, the
 hardest case for the pediatric rule (no age in the header).
 
@@ -27,13 +27,12 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from service.config import DetectorsConfig, PolicyConfig
-from service.datasets import LabelledFilm, data_root, labels
-from service.decode import DecodeError, decode_file
-from service.detectors import DetectorSet
-from service.policy import Metadata, decide
-from training.config import REPO_ROOT
+from filmgate.config import DetectorsConfig, PolicyConfig
+from filmgate.datasets import LabelledFilm, data_root, labels
+from filmgate.decode import DecodeError, decode_file
+from filmgate.detectors import DetectorSet
+from filmgate.policy import Metadata, decide
+from filmgate_training.config import REPO_ROOT
 
 
 def expected(film: LabelledFilm) -> tuple[str, str]:
@@ -64,9 +63,10 @@ def decide_all(films: Sequence[LabelledFilm], detectors: DetectorSet, batch: int
 
 
 def made_wrong(films: Sequence[LabelledFilm], detectors: DetectorSet) -> dict[str, Any]:
-    """Wrong films made from the adult val frontal films (:mod:`training.detectors.corrupt`: collimated, zoomed,
+    """Wrong films made from the adult val frontal films (:mod:`filmgate_training.detectors.corrupt`:
+    collimated, zoomed,
     washed out, dark, nearly blank, screenshots), each decided by the whole gate: how many it keeps out, and why."""
-    from training.detectors.corrupt import CORRUPTIONS
+    from filmgate_training.detectors.corrupt import CORRUPTIONS
 
     policy = PolicyConfig()
     pixels = [decode_file(f.path).pixels for f in films]
@@ -166,7 +166,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# Gate report: the val split decided as the gate decides",
         "",
-        f"Created {meta['created']} by `python -m training.detectors.gate_report`. Detectors: "
+        f"Created {meta['created']} by `python -m filmgate_training.detectors.gate_report`. Detectors: "
         + ", ".join(f"`{d['name']}` {d['version']}" for d in meta["detectors"])
         + ". Default policy; films are PNG/JPEG without a DICOM header, so only the image detectors decide (no "
         "modality or age rule).",
@@ -275,7 +275,7 @@ def run(out: Path, models: Path, docs: Path | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m training.detectors.gate_report", description=__doc__.split("\n")[0]
+        prog="python -m filmgate_training.detectors.gate_report", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "gate-report"), help="git-ignored run folder")
     parser.add_argument("--models", default=str(REPO_ROOT / "models"))

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.datasets import LabelledFilm
-from training.augment import display_augment, film_augment
-from training.config import AugmentConfig
-from training.detectors.degrade import low_resolution_copy
-from training.tasks import Example, LabelledTask
+from filmgate.datasets import LabelledFilm
+from filmgate_training.augment import display_augment, film_augment
+from filmgate_training.config import AugmentConfig
+from filmgate_training.detectors.degrade import low_resolution_copy
+from filmgate_training.tasks import Example, LabelledTask
 
 
 @dataclass(frozen=True)

@@ -5,21 +5,22 @@ children's chest films come from one hospital (Guangzhou, ``kermany`` and ``kerm
 224 px square copy, so a model could learn the hospital or the resolution. Guards:
 
 - every film is preprocessed the same way (the manifest's spec, as in the gate);
-- :func:`training.detectors.degrade.low_resolution_copy` turns films of *both* classes into 160-256 px JPEG copies,
+- :func:`filmgate_training.detectors.degrade.low_resolution_copy` turns films of *both* classes
+into 160-256 px JPEG copies,
   so that resolution carries no label;
 - the ``spine`` collection has children *and* adults from one source, so "which hospital" cannot explain it;
 - evaluation is per source, plus adult val films reduced to a 224 px square copy (must stay adult). The val figures
   cover frontal chest films, the only films on which the gate uses the model's verdict; the spine val films are
-  reported separately, by age (:mod:`training.detectors.extra_eval`).
+  reported separately, by age (:mod:`filmgate_training.detectors.extra_eval`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.datasets import LabelledFilm
-from training.detectors.labelled import MirroredLowResTask
-from training.tasks import register
+from filmgate.datasets import LabelledFilm
+from filmgate_training.detectors.labelled import MirroredLowResTask
+from filmgate_training.tasks import register
 
 ADULT_SOURCES = ("hannover",)  # adult collections whose rows carry no age
 CLASS_SHARE = {"adult": 0.5, "child": 0.5}

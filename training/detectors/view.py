@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.datasets import LabelledFilm
-from training.detectors.labelled import MirroredLowResTask
-from training.tasks import register
+from filmgate.datasets import LabelledFilm
+from filmgate_training.detectors.labelled import MirroredLowResTask
+from filmgate_training.tasks import register
 
 KINDS = ("frontal-chest", "lateral-chest", "other-radiograph", "not-radiograph")
 # Share of training samples per class. Frontal films are the negatives that decide the false-positive rate, so they
