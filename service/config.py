@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from filmgate.typed_config import ConfigError, build
 
 ENV_CONFIG = "FILMGATE_CONFIG"

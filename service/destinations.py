@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydicom.filereader import read_file_meta_info
+
 from filmgate import metrics
 from filmgate.config import DicomDestinationConfig, FolderDestinationConfig
 from filmgate.spool import Spool, place, safe_component, write_durably
-from pydicom.filereader import read_file_meta_info
 
 log = logging.getLogger("filmgate.destinations")
 # Warning statuses of a Storage SCP still mean the instance is stored (PS3.4 B.2.3).

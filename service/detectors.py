@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from filmgate import metrics
 from filmgate.config import DetectorsConfig
 from filmgate.manifest import Finding, ModelManifest, discover, resolve_models_dir

@@ -25,9 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from filmgate import metrics
-from filmgate.config import ListenerConfig, SenderRule
-from filmgate.spool import Spool
 from pydicom import dcmread
 from pydicom.uid import (
     HTJ2K,
@@ -51,6 +48,10 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
+
+from filmgate import metrics
+from filmgate.config import ListenerConfig, SenderRule
+from filmgate.spool import Spool
 
 log = logging.getLogger("filmgate.listener")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from filmgate.preprocess import PreprocessSpec
 
 MANIFEST_NAME = "manifest.json"

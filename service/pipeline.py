@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from filmgate import metrics
 from filmgate.config import Config
 from filmgate.decode import DecodeError, decode_dataset, read_dataset

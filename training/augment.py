@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+
 from filmgate_training.config import AugmentConfig
 
 _WORDS = (

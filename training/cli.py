@@ -21,6 +21,7 @@ import sys
 from typing import Any
 
 import yaml
+
 from filmgate_training.config import Config, ConfigError, load_config
 
 

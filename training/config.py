@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from filmgate.preprocess import PreprocessSpec
 from filmgate.typed_config import ConfigError, build
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from filmgate.datasets import LabelledFilm
 from filmgate.decode import DecodeError, decode_file
 from filmgate.preprocess import PreprocessSpec, preprocess

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from filmgate.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
 from filmgate_training.config import Config
 from filmgate_training.data import eval_items, split_train, val_films

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from filmgate.datasets import LabelledFilm
 from filmgate_training.augment import display_augment, film_augment
 from filmgate_training.config import AugmentConfig, ConfigError

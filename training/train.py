@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from filmgate_training.config import REPO_ROOT, Config
 from filmgate_training.data import make_batch, split_train, training_pool
 from filmgate_training.model import FilmNet, build_model, count_parameters

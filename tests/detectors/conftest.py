@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from filmgate.datasets import LabelledFilm, select
 from filmgate.decode import decode_file
 from filmgate.manifest import ModelManifest, load_manifest

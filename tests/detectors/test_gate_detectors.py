@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from filmgate.datasets import select
 
+from filmgate.datasets import select
 from tests.detectors.conftest import MODELS, val_subset
 from tests.service.conftest import REPO, Gate, film_pixels, make_dicom, normalise, storescu
 

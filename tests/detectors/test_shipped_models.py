@@ -13,8 +13,8 @@ from functools import cache
 import cv2
 import numpy as np
 import pytest
-from filmgate.datasets import LabelledFilm, select
 
+from filmgate.datasets import LabelledFilm, select
 from tests.detectors.conftest import pixels
 
 
@@ -22,7 +22,6 @@ def wrong_rows() -> set[str]:
     """Val films whose row is wrong for these checks (the NIH film stored upside down): the shipped flip model's
     ``data.exclude``, as its evaluation left them out."""
     from filmgate.manifest import load_manifest
-
     from tests.detectors.conftest import MODELS
 
     return {e["path"] for e in load_manifest(MODELS / "flip").extra["config"]["data"]["exclude"]}

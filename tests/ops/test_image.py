@@ -15,8 +15,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
-from filmgate.datasets import select
 
+from filmgate.datasets import select
 from tests.ops.conftest import DEPLOY, REPO, tool
 
 DOCKERFILE = REPO / "Dockerfile"

@@ -27,11 +27,11 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from filmgate.datasets import data_root
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from filmgate.datasets import data_root
 from tests.ops.conftest import (
     DEPLOY,
     REPO,

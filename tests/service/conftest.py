@@ -26,10 +26,11 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from filmgate.datasets import select
-from filmgate.decode import decode_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from filmgate.datasets import select
+from filmgate.decode import decode_file
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = Path(os.environ.get("FILMGATE_TEST_MODELS", REPO / "models"))
@@ -469,8 +470,9 @@ class Receiver:
         return 0x0000
 
     def start(self) -> None:
-        from filmgate.listener import TRANSFER_SYNTAXES
         from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        from filmgate.listener import TRANSFER_SYNTAXES
 
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0

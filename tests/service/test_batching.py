@@ -39,6 +39,7 @@ def test_waiting_films_are_batched_with_the_same_scores(tmp_path, made_films, mo
 def test_shared_resize_gives_exactly_the_training_tensor(made_films, models_dir):
     """The gate resizes once per (size, resize) and normalises per model; that must equal preprocess() per spec."""
     import numpy as np
+
     from filmgate.config import DetectorsConfig
     from filmgate.decode import decode_file
     from filmgate.detectors import DetectorSet

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from filmgate.config import (
     Config,
     ConfigError,
@@ -14,7 +15,6 @@ from filmgate.config import (
     load_config,
     parse_config,
 )
-
 from tests.service.conftest import REPO
 
 

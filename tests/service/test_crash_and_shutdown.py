@@ -7,11 +7,11 @@ import threading
 import time
 
 import pydicom
-from filmgate.spool import uid_of
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from filmgate.spool import uid_of
 from tests.service.conftest import Gate, wait_for
 
 

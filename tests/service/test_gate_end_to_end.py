@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from filmgate.datasets import select
 from pydicom.uid import generate_uid
 
+from filmgate.datasets import select
 from tests.service.conftest import (
     CR_STORAGE,
     DCMTK_ENV,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from filmgate.config import PolicyConfig
 from filmgate.manifest import Finding
 from filmgate.policy import Metadata, age_in_years, decide, parse_age

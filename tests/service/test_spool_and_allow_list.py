@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+
 from filmgate.config import ListenerConfig, SenderRule
 from filmgate.listener import HEALTHCHECK_AE, sender_allowed
 from filmgate.spool import Spool, calling_ae_of, received_at, safe_component, uid_of
-
 from tests.service.conftest import Gate, wait_for
 
 

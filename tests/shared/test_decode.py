@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from filmgate.decode import DecodeError, decode_bytes, decode_dataset, decode_file, read_dataset, window_to_unit
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from filmgate.decode import DecodeError, decode_bytes, decode_dataset, decode_file, read_dataset, window_to_unit
 
 
 def make_ds(pixels: np.ndarray, photometric: str = "MONOCHROME2", **elements) -> Dataset:
@@ -219,7 +220,6 @@ def test_native_fast_path_matches_pydicom(bits_stored, signed, frames):
 def test_htj2k_films_decode_like_their_uncompressed_original(tmp_path, data_dir, lossless):
     """High-Throughput JPEG 2000 (encoded by OpenJPH's ojph_compress): lossless decodes exactly, lossy closely."""
     from filmgate.datasets import select
-
     from tests.service.conftest import HTJ2K, HTJ2K_LOSSLESS, film_pixels, htj2k, make_dicom
 
     film = select(split="val", kind="frontal-chest", source="hannover")[0]

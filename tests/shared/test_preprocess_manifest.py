@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from filmgate.manifest import ManifestError, ModelManifest, discover, load_manifest, sha256_file, write_manifest
 from filmgate.preprocess import PreprocessSpec, preprocess, preprocess_batch
 

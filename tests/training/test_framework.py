@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+
 from filmgate.datasets import select
 from filmgate.decode import decode_file
 from filmgate.manifest import load_manifest
@@ -236,6 +237,7 @@ def test_margin_threshold_sits_in_the_middle_of_the_gap_or_falls_back():
 def test_mirror_swap_is_exactly_mirror_consistent():
     """The exported flip model: a film and its mirror image get swapped logits, whatever the weights are."""
     import torch
+
     from filmgate_training.model import FilmNet, MirrorSwap
 
     torch.manual_seed(0)

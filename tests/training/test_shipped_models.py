@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 import onnxruntime as ort
 import pytest
+
 from filmgate.datasets import REPO_ROOT, data_root, select
 from filmgate.decode import decode_file
 from filmgate.manifest import load_manifest

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
+
 from filmgate_training.model import FilmNet
 from filmgate_training.tasks import Task, register
-from torch import nn
 
 N_STATS = 5
 MID_STAGE = 7  # FilmNet.features[:7] ends after the 128-wide residual block (widths 16, 32, 64, 128, 192)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from filmgate.datasets import REPO_ROOT, LabelledFilm, labels, select
 from filmgate.decode import DecodeError, auto_window, decode_file
 from filmgate.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
@@ -258,6 +259,7 @@ def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None
 def _contact_sheets(folder: Path, spec: PreprocessSpec, adults: Sequence[LabelledFilm], top: Sequence[str]) -> None:
     """Images for people (git-ignored run folder): synthetic examples and the most atypical val frontal films."""
     import cv2
+
     from filmgate.datasets import data_root
 
     folder.mkdir(parents=True, exist_ok=True)

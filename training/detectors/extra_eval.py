@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from filmgate.datasets import LabelledFilm, labels
 from filmgate.decode import DecodeError, decode_file
 from filmgate.preprocess import PreprocessSpec, preprocess

@@ -14,6 +14,7 @@ always get complementary scores) at twice the cost.
 from __future__ import annotations
 
 import numpy as np
+
 from filmgate_training.tasks import SyntheticTask, register
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from filmgate.config import DetectorsConfig, PolicyConfig
 from filmgate.datasets import LabelledFilm, data_root, labels
 from filmgate.decode import DecodeError, decode_file

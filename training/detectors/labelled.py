@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from filmgate.datasets import LabelledFilm
 from filmgate_training.augment import display_augment, film_augment
 from filmgate_training.config import AugmentConfig

@@ -1,0 +1,215 @@
+"""The one judge: a film in, its metadata, findings and decision out.
+
+Every consumer of the gate's verdict calls this module: the node's pipeline, ``filmgate inspect``, the sweep, the
+gate report, site calibration and the review console's re-judging. Judging is split in two steps so that the node can
+decode in several threads and batch inference in one:
+
+* :meth:`Judge.examine` reads and decodes one film (DICOM bytes or file, PNG, JPEG) and prepares its detector inputs;
+  it never raises for a bad film: the error is kept and becomes the ``undecodable`` reason.
+* :meth:`Judge.conclude` runs the detectors over a batch of examined films and applies the pure
+  :func:`filmgate.policy.decide`.
+
+:meth:`Judge.judge` and :meth:`Judge.judge_many` do both for callers that need no pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from filmgate.config import Config
+from filmgate.decode import DecodeError, decode_bytes, decode_dataset, is_dicom_bytes, read_dataset
+from filmgate.detectors import DetectorSet
+from filmgate.manifest import Finding
+from filmgate.policy import Decision, Metadata, decide
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", "")
+
+
+@dataclass
+class Examined:
+    """A film decoded and prepared, waiting for the detectors (mutable while it travels between stages)."""
+
+    metadata: Metadata
+    fields: dict[str, str] = field(default_factory=dict)  # StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID, ...
+    header: dict[str, str] = field(default_factory=dict)  # Modality, ViewPosition, BodyPartExamined, PatientAge
+    transfer_syntax: str = ""
+    pixels: np.ndarray | None = None  # grey [0, 1] as decoded (before each detector's own preprocessing)
+    inputs: dict[Any, np.ndarray] | None = None
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """What the gate concluded about one film."""
+
+    metadata: Metadata
+    findings: tuple[Finding, ...]
+    decision: Decision
+    fields: dict[str, str]
+    header: dict[str, str]
+    transfer_syntax: str
+    pixels: np.ndarray | None
+    error: str | None
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON line ``filmgate inspect`` prints (decision, reasons, scores, predicted classes, error)."""
+        d = self.decision
+        out: dict[str, Any] = {
+            "decision": d.outcome,
+            "reasons": list(d.reasons),
+            "scores": {k: round(v, 6) for k, v in d.scores.items()},
+        }
+        predicted = {f.detector: f.predicted for f in d.findings if f.predicted is not None}
+        if predicted:
+            out["predicted"] = predicted
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+HEADER_KEYS = ("Modality", "ViewPosition", "BodyPartExamined", "PatientAge")
+
+
+class Judge:
+    """The gate's decode, detectors and policy, bound to one configuration."""
+
+    def __init__(self, cfg: Config, detectors: DetectorSet) -> None:
+        self.cfg = cfg
+        self.detectors = detectors
+
+    @classmethod
+    def load(cls, cfg: Config, *, metadata_only: bool = False) -> Judge:
+        """Load the configured detectors (an error when none loads and ``detectors.require``, unless
+        ``metadata_only``)."""
+        require = cfg.detectors.require and not metadata_only
+        dets = DetectorSet([]) if metadata_only else DetectorSet.load(cfg.detectors, require=require)
+        return cls(cfg, dets)
+
+    # ------------------------------------------------------------------ step 1: decode and prepare
+
+    def examine(self, source: Path | bytes, *, suffix: str | None = None) -> Examined:
+        """Decode one film. ``source`` is a file or its bytes; ``suffix`` (".png", ".dcm", ...) tells plain images from
+        DICOM when the bytes do not (DICOM without a preamble)."""
+        t0 = time.perf_counter()
+        if isinstance(source, Path):
+            suffix = source.suffix.lower() if suffix is None else suffix
+            try:
+                data = source.read_bytes()
+            except OSError as exc:
+                ex = Examined(metadata=Metadata(is_dicom=False), error=f"cannot read the file: {exc.strerror}")
+                return self._failed(ex)
+        else:
+            data = source
+        suffix = (suffix or "").lower()
+        dicom = is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom", ".dic")
+        ex = Examined(metadata=Metadata(is_dicom=False))  # until a header is read: no header rules apply
+        try:
+            if dicom:
+                ds = read_dataset(data)
+                meta = getattr(ds, "file_meta", None)
+                ts = meta.get("TransferSyntaxUID") if meta is not None else None
+                ex.transfer_syntax = str(ts or "")
+                ex.fields = _fields(ds)
+                ex.header = {k: _text(ds, k) for k in HEADER_KEYS}
+                ex.metadata = Metadata.from_dataset(ds)
+                try:
+                    ex.pixels = decode_dataset(ds).pixels
+                except DecodeError as exc:
+                    ex.error = str(exc)
+                except Exception as exc:  # a decoder failing on hostile input is still just undecodable
+                    ex.error = f"{type(exc).__name__}: {exc}"
+                del ds
+            else:
+                ex.pixels = decode_bytes(data, suffix=suffix).pixels
+        except DecodeError as exc:
+            ex.error = str(exc)
+        ex.timings["decode"] = time.perf_counter() - t0
+        if ex.pixels is not None and self.detectors.detectors:
+            t1 = time.perf_counter()
+            ex.inputs = self.detectors.prepare(ex.pixels)
+            ex.timings["preprocess"] = time.perf_counter() - t1
+        return self._failed(ex) if ex.error else ex
+
+    @staticmethod
+    def _failed(ex: Examined) -> Examined:
+        ex.metadata = Metadata(**{**ex.metadata.__dict__, "decode_error": ex.error})
+        ex.inputs = None
+        return ex
+
+    # ------------------------------------------------------------------ step 2: detectors and policy
+
+    def conclude(self, batch: Sequence[Examined]) -> list[Judgement]:
+        """Run the detectors over every prepared film of ``batch`` at once, then decide each."""
+        ready = [ex for ex in batch if ex.inputs is not None]
+        findings: dict[int, list[Finding]] = {}
+        if ready:
+            t0 = time.perf_counter()
+            results = self.detectors.run([ex.inputs for ex in ready])  # type: ignore[misc]
+            per = (time.perf_counter() - t0) / len(ready)
+            for ex, found in zip(ready, results, strict=True):
+                findings[id(ex)] = found
+                ex.inputs = None
+                ex.timings["inference"] = per
+                ex.timings["batch"] = len(ready)
+        out = []
+        for ex in batch:
+            found = findings.get(id(ex), [])
+            decision = decide(found, ex.metadata, self.cfg.policy)
+            out.append(
+                Judgement(
+                    metadata=ex.metadata, findings=tuple(found), decision=decision, fields=ex.fields,
+                    header=ex.header, transfer_syntax=ex.transfer_syntax, pixels=ex.pixels, error=ex.error,
+                    timings=ex.timings,
+                )  # fmt: skip
+            )
+        return out
+
+    # ------------------------------------------------------------------ both
+
+    def judge(self, source: Path | bytes, *, suffix: str | None = None) -> Judgement:
+        return self.conclude([self.examine(source, suffix=suffix)])[0]
+
+    def judge_many(self, sources: Iterable[Path], *, batch: int = 8) -> Iterable[tuple[Path, Judgement]]:
+        """Judge files in batches of ``batch`` (in order); memory stays bounded by one batch."""
+        pending: list[tuple[Path, Examined]] = []
+        for path in sources:
+            pending.append((path, self.examine(path)))
+            if len(pending) >= batch:
+                yield from zip([p for p, _ in pending], self.conclude([e for _, e in pending]), strict=True)
+                pending = []
+        if pending:
+            yield from zip([p for p, _ in pending], self.conclude([e for _, e in pending]), strict=True)
+
+
+def _text(ds: Any, name: str) -> str:
+    try:
+        value = ds.get(name)
+    except Exception:
+        return ""
+    return str(value).strip() if value not in (None, "") else ""
+
+
+def _fields(ds: Any) -> dict[str, str]:
+    meta = getattr(ds, "file_meta", None)
+
+    def from_meta(name: str) -> str:
+        try:
+            return str(meta.get(name, "") or "") if meta is not None else ""
+        except Exception:
+            return ""
+
+    return {
+        "StudyInstanceUID": _text(ds, "StudyInstanceUID"),
+        "SeriesInstanceUID": _text(ds, "SeriesInstanceUID"),
+        "SOPInstanceUID": _text(ds, "SOPInstanceUID") or from_meta("MediaStorageSOPInstanceUID"),
+        "SOPClassUID": _text(ds, "SOPClassUID") or from_meta("MediaStorageSOPClassUID"),
+        "Modality": _text(ds, "Modality"),
+    }
