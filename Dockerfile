@@ -16,9 +16,12 @@ ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 # ---------------------------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-# Only what the wheel needs: the package sources and its metadata (the README is the long description).
+# Only what the wheel needs: the package sources (the gate, the training package without torch, the shipped models as
+# package data) and its metadata (the README is the long description).
 COPY pyproject.toml README.md ./
 COPY service/ service/
+COPY training/ training/
+COPY models/ models/
 COPY deploy/docker/install.sh /usr/local/bin/filmgate-install
 RUN filmgate-install /src /opt/filmgate/venv
 
@@ -33,6 +36,8 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service/ service/
+COPY training/ training/
+COPY models/ models/
 COPY deploy/docker/install.sh /usr/local/bin/filmgate-install
 RUN filmgate-install /src /opt/filmgate/venv python3
 
