@@ -47,6 +47,16 @@ class FolderSource:
 
 
 @dataclass(frozen=True)
+class ReviewSource:
+    """Corrections exported by a node's review console (``GET /api/labels.csv``, or a saved copy of it): the films a
+    site's reviewers relabelled for this config's task join the training rows (see filmgate_training.review)."""
+
+    labels: str  # a path, or the node's http(s)://.../api/labels.csv ($FILMGATE_REVIEW_AUTH = user:password)
+    source: str = "site-review"  # the source name of these films in the pool, the manifest and the model card
+    licence: str = "site"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which films, how they are cached and sampled."""
 
@@ -59,6 +69,7 @@ class DataConfig:
     workers: int = 2  # processes that decode films when the cache is built
     exclude: tuple[Exclusion, ...] = ()
     folders: tuple[FolderSource, ...] = ()  # more films beyond labels.csv
+    review: tuple[ReviewSource, ...] = ()  # relabelled films from review consoles (train split only)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from filmgate_training.augment import display_augment, film_augment
 from filmgate_training.cache import FilmCache, build_cache
 from filmgate_training.config import AugmentConfig, Config
 from filmgate_training.films import all_rows, film_id
+from filmgate_training.review import review_rows
 from filmgate_training.tasks import Example, Task, in_holdout
 
 
@@ -65,13 +66,16 @@ def source_weights(films: Sequence[LabelledFilm], balance: float) -> np.ndarray:
 
 
 def split_train(config: Config, task: Task) -> tuple[list[LabelledFilm], list[LabelledFilm]]:
-    """The task's train-split films, as (trained on, held out for calibration)."""
+    """The task's train-split films, as (trained on, held out for calibration). The review console's corrections
+    (``data.review``) are never capped by ``max_train_films``: they are what a site fine-tunes on."""
     films = _without_exclusions(config, task.films(all_rows(config.data.folders), "train"))
+    site = _without_exclusions(config, task.films(review_rows(config.data.review, task), "train"))
     frac = config.data.calibration_fraction
     train = [f for f in films if not in_holdout(f, frac)]
     calib = [f for f in films if in_holdout(f, frac)]
     limit = config.data.max_train_films
-    return cap(train, limit), cap(calib, None if limit is None else max(8, limit // 4))
+    train, calib = cap(train, limit), cap(calib, None if limit is None else max(8, limit // 4))
+    return train + [f for f in site if not in_holdout(f, frac)], calib + [f for f in site if in_holdout(f, frac)]
 
 
 def val_films(config: Config, task: Task) -> list[LabelledFilm]:

@@ -152,6 +152,11 @@ def ship(config: Config) -> Path:
         "evaluation": "evaluation.md",
     }
     training_data = _training_data(config)
+    folder = config.models_path / task.name
+    if config.data.review:  # a site fine-tune on the review console's corrections ships only if not worse on val
+        from filmgate_training.review import check_not_worse
+
+        check_not_worse(folder, metrics)
     manifest = ModelManifest(
         name=task.name,
         version=config.version,
@@ -182,7 +187,6 @@ def ship(config: Config) -> Path:
             "config": config.to_dict(),
         },
     )
-    folder = config.models_path / task.name
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, folder / "model.onnx")
     shutil.copyfile(report_path, folder / "evaluation.json")
