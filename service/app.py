@@ -70,16 +70,11 @@ class Node:
         log.info("ready (config %s)", cfg.source)
 
     def _start_threads(self, spool: Spool) -> Any:
-        from filmgate.destinations import build as build_destinations
-        from filmgate.detectors import DetectorSet
-        from filmgate.pipeline import Pipeline
+        from filmgate.assembly import build_pipeline
 
-        detectors = DetectorSet.load(self.cfg.detectors)
-        self.destinations = build_destinations(self.cfg.destinations, spool)
-        for dest in self.destinations.values():
-            dest.start()
         store_times: dict[str, float] = {}
-        self.pipeline = Pipeline(self.cfg, spool, detectors, self.destinations, store_times)
+        self.pipeline = build_pipeline(self.cfg, spool, forward=True, store_times=store_times)
+        self.destinations = self.pipeline.destinations
         self.pipeline.start()
 
         def on_stored(name: str, seconds: float) -> None:

@@ -9,24 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from filmgate.config import Config, ConfigError, load_config
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if level.upper() != "DEBUG":  # pynetdicom and pydicom log UIDs and values: keep them out unless debugging
-        logging.getLogger("pynetdicom").setLevel(logging.ERROR)
-        logging.getLogger("pydicom").setLevel(logging.ERROR)
-        import warnings
-
-        import pydicom.config
-
-        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-        warnings.filterwarnings("ignore", module=r"pynetdicom(\.|$)")
+from filmgate.runtime import setup_logging
 
 
 def _config(path: str | None) -> Config:

@@ -122,7 +122,8 @@ class PolicyConfig:
     # Order of reasons in a decision; the first one names the quarantine folder ({reason}). Facts read from the
     # header (undecodable, modality) come before model opinions: the chest detectors also fire on a CT slice.
     reason_order: tuple[str, ...] = (
-        "undecodable", "modality", "rotated", "inverted", "flipped", "not-frontal-chest", "pediatric", "atypical",
+        "undecodable", "detector-error", "modality", "rotated", "inverted", "flipped", "not-frontal-chest",
+        "pediatric", "atypical",
     )  # fmt: skip
     # Detector reasons that only mean something on a frontal chest film: when the film's findings raise the key
     # reason, the listed detector reasons are not raised (their scores stay in the sidecar, with a note). A knee film

@@ -7,13 +7,20 @@ decode in several threads and batch inference in one:
 * :meth:`Judge.examine` reads and decodes one film (DICOM bytes or file, PNG, JPEG) and prepares its detector inputs;
   it never raises for a bad film: the error is kept and becomes the ``undecodable`` reason.
 * :meth:`Judge.conclude` runs the detectors over a batch of examined films and applies the pure
-  :func:`filmgate.policy.decide`.
+  :func:`filmgate.policy.decide`. It never raises for a detector failure either: every film of the failed batch gets
+  the ``detector-error`` reason (the film may be fine; it is not called ``undecodable``).
+
+A film whose DICOM header cannot be read is judged as a film *without a header* (``Metadata(is_dicom=False)``): only
+``undecodable`` applies, no header rule (``modality``, the age) can be checked, and ``fields``/``header`` hold empty
+strings. The node, ``inspect`` and the sweep all follow this one rule. ``fields`` always has the same keys
+(:data:`FIELD_KEYS`), empty where the film does not say.
 
 :meth:`Judge.judge` and :meth:`Judge.judge_many` do both for callers that need no pipeline.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +36,7 @@ from filmgate.manifest import Finding
 from filmgate.policy import Decision, Metadata, decide
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", "")
+log = logging.getLogger("filmgate.judge")
 
 
 @dataclass
@@ -43,6 +51,8 @@ class Examined:
     inputs: dict[Any, np.ndarray] | None = None
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    source_ae: str = ""  # the file meta's Source Application Entity Title, where the film carries one
+    detector_error: str | None = None  # set by conclude() when the detectors failed on the film's batch
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class Judgement:
 
 
 HEADER_KEYS = ("Modality", "ViewPosition", "BodyPartExamined", "PatientAge")
+FIELD_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
 
 
 class Judge:
@@ -104,19 +115,24 @@ class Judge:
             try:
                 data = source.read_bytes()
             except OSError as exc:
-                ex = Examined(metadata=Metadata(is_dicom=False), error=f"cannot read the file: {exc.strerror}")
+                ex = Examined(
+                    metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""),
+                    error=f"cannot read the file: {exc.strerror}",
+                )  # fmt: skip
                 return self._failed(ex)
         else:
             data = source
         suffix = (suffix or "").lower()
         dicom = is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom", ".dic")
-        ex = Examined(metadata=Metadata(is_dicom=False))  # until a header is read: no header rules apply
+        # Until a header is read the film has none: no header rules apply, and the fields stay empty.
+        ex = Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""))
         try:
             if dicom:
                 ds = read_dataset(data)
                 meta = getattr(ds, "file_meta", None)
                 ts = meta.get("TransferSyntaxUID") if meta is not None else None
                 ex.transfer_syntax = str(ts or "")
+                ex.source_ae = _text(meta, "SourceApplicationEntityTitle") if meta is not None else ""
                 ex.fields = _fields(ds)
                 ex.header = {k: _text(ds, k) for k in HEADER_KEYS}
                 ex.metadata = Metadata.from_dataset(ds)
@@ -139,6 +155,13 @@ class Judge:
         return self._failed(ex) if ex.error else ex
 
     @staticmethod
+    def failed(error: str) -> Examined:
+        """An examined film that could not be looked at, for a caller whose own step failed (a decode process that
+        died, an internal error): it is concluded ``undecodable`` with ``error`` as its note."""
+        ex = Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""), error=error)
+        return Judge._failed(ex)
+
+    @staticmethod
     def _failed(ex: Examined) -> Examined:
         ex.metadata = Metadata(**{**ex.metadata.__dict__, "decode_error": ex.error})
         ex.inputs = None
@@ -147,27 +170,36 @@ class Judge:
     # ------------------------------------------------------------------ step 2: detectors and policy
 
     def conclude(self, batch: Sequence[Examined]) -> list[Judgement]:
-        """Run the detectors over every prepared film of ``batch`` at once, then decide each."""
+        """Run the detectors over every prepared film of ``batch`` at once, then decide each. A detector run that
+        raises gives every film of the batch the ``detector-error`` reason (logged once with its traceback)."""
         ready = [ex for ex in batch if ex.inputs is not None]
         findings: dict[int, list[Finding]] = {}
+        failed: str | None = None
         if ready:
             t0 = time.perf_counter()
-            results = self.detectors.run([ex.inputs for ex in ready])  # type: ignore[misc]
+            try:
+                results = self.detectors.run([ex.inputs for ex in ready])  # type: ignore[misc]
+            except Exception as exc:  # onnxruntime (or a model) failed: the films may be fine
+                log.exception("the detectors failed on a batch of %d film(s)", len(ready))
+                failed = f"detectors failed: {type(exc).__name__}: {exc}"
+                results = [[] for _ in ready]
             per = (time.perf_counter() - t0) / len(ready)
             for ex, found in zip(ready, results, strict=True):
                 findings[id(ex)] = found
                 ex.inputs = None
                 ex.timings["inference"] = per
                 ex.timings["batch"] = len(ready)
+                if failed:
+                    ex.detector_error = failed
         out = []
         for ex in batch:
             found = findings.get(id(ex), [])
-            decision = decide(found, ex.metadata, self.cfg.policy)
+            decision = decide(found, ex.metadata, self.cfg.policy, detector_error=ex.detector_error)
             out.append(
                 Judgement(
                     metadata=ex.metadata, findings=tuple(found), decision=decision, fields=ex.fields,
-                    header=ex.header, transfer_syntax=ex.transfer_syntax, pixels=ex.pixels, error=ex.error,
-                    timings=ex.timings,
+                    header=ex.header, transfer_syntax=ex.transfer_syntax, pixels=ex.pixels,
+                    error=ex.error or ex.detector_error, timings=ex.timings,
                 )  # fmt: skip
             )
         return out

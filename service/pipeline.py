@@ -1,4 +1,4 @@
-"""The workers: claim spooled instances, decode, detect (batched), decide, deliver.
+"""The workers: claim spooled instances, judge them (decode, detect in batches, decide: :mod:`filmgate.judge`), deliver.
 
 Stages run in their own threads, connected by small bounded queues, so the network thread only ever persists and a
 slow stage applies back-pressure instead of filling memory::
@@ -16,20 +16,18 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from pydicom.uid import UID
 
 from filmgate import metrics
 from filmgate.config import Config
-from filmgate.decode import DecodeError, decode_dataset, read_dataset
 from filmgate.destinations import Delivery, Destination
-from filmgate.detectors import DetectorSet
-from filmgate.manifest import Finding
-from filmgate.policy import Decision, Metadata, decide, known_reasons
-from filmgate.spool import Spool, calling_ae_of, received_at, uid_of
+from filmgate.judge import Examined, Judge, Judgement
+from filmgate.policy import known_reasons
+from filmgate.spool import SUFFIX, Spool, calling_ae_of, received_at, uid_of
 
 log = logging.getLogger("filmgate.pipeline")
 _STOP = object()
@@ -37,29 +35,29 @@ _STOP = object()
 
 @dataclass
 class Item:
-    """One instance travelling through the pipeline."""
+    """One instance travelling through the pipeline: where it is in the spool, what the listener knew of it, and the
+    judge's work on it (``examined`` after the decode stage, ``judgement`` after the inference stage)."""
 
     path: Path
     received: float
     calling_ae: str = "unknown"
-    fields: dict[str, str] = field(default_factory=dict)
-    metadata: Metadata | None = None
-    inputs: dict[Any, np.ndarray] | None = None
-    findings: list[Finding] = field(default_factory=list)
-    decision: Decision | None = None
-    transfer_syntax: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
+    examined: Examined | None = None
+    judgement: Judgement | None = None
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, spool: Spool, detectors: DetectorSet, destinations: dict[str, Destination],
+    """The node's stages around one :class:`~filmgate.judge.Judge`: decode threads call ``judge.examine``, the
+    inference thread ``judge.conclude`` on what waits, delivery threads hand each :class:`Judgement` to its route
+    (:meth:`_deliver`, the one place a judgement leaves the pipeline). Built by :func:`filmgate.assembly.build`."""
+
+    def __init__(self, cfg: Config, spool: Spool, judge: Judge, destinations: dict[str, Destination],
                  store_times: dict[str, float] | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.spool = spool
-        self.detectors = detectors
+        self.judge = judge
         self.destinations = destinations
         self.store_times = store_times if store_times is not None else {}
-        self._known_reasons = known_reasons(cfg.policy, [d.manifest.reason for d in detectors.detectors])
+        self._known_reasons = known_reasons(cfg.policy, [d.manifest.reason for d in judge.detectors.detectors])
         w = cfg.workers
         self._decode_q: queue.Queue = queue.Queue(maxsize=w.queue_size)
         self._infer_q: queue.Queue = queue.Queue(maxsize=max(w.queue_size, w.max_batch))
@@ -69,7 +67,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
-        self.models = detectors.describe()
+        self.models = judge.detectors.describe()
 
     # ------------------------------------------------------------------------------------------ life cycle
 
@@ -144,7 +142,9 @@ class Pipeline:
                 took = True
                 with self._busy_lock:
                     self._busy += 1
-                item = Item(path=claimed, received=received_at(claimed.name))
+                ae = calling_ae_of(claimed.name)
+                item = Item(path=claimed, received=received_at(claimed.name),
+                            calling_ae=metrics.ae_label(ae) if ae else "unknown")  # fmt: skip
                 while True:
                     try:
                         self._decode_q.put(item, timeout=0.2)
@@ -179,53 +179,17 @@ class Pipeline:
                 self._decode(item)
             except Exception as exc:  # never lose an instance to a bug: quarantine it as undecodable
                 log.exception("unexpected error while decoding")
-                item.metadata = Metadata(decode_error=f"internal error: {exc}")
-                item.inputs = None
+                item.examined = Judge.failed(f"internal error: {exc}")
             self._infer_q.put(item)
 
     def _decode(self, item: Item) -> None:
-        t0 = time.perf_counter()
-        ts_label = "unknown"
-        item.calling_ae = metrics.ae_label(calling_ae_of(item.path.name) or "unknown")
-        item.fields = {"SOPInstanceUID": uid_of(item.path.name)}  # until the header says more
-        try:
-            ds = read_dataset(item.path)
-        except DecodeError as exc:
-            item.metadata = Metadata(decode_error=str(exc))
-            item.timings["decode"] = time.perf_counter() - t0
-            metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(item.timings["decode"])
-            return
-        meta = ds.file_meta
-        if not calling_ae_of(item.path.name) and meta.get("SourceApplicationEntityTitle"):
-            item.calling_ae = metrics.ae_label(meta.SourceApplicationEntityTitle)
-        ts = meta.get("TransferSyntaxUID")
-        ts_label = getattr(ts, "name", None) or str(ts or "unknown")
-        item.transfer_syntax = str(ts or "")
-        item.fields = {
-            "StudyInstanceUID": str(ds.get("StudyInstanceUID", "") or ""),
-            "SeriesInstanceUID": str(ds.get("SeriesInstanceUID", "") or ""),
-            "SOPInstanceUID": str(
-                ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "") or uid_of(item.path.name)
-            ),
-            "SOPClassUID": str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", "")),
-            "Modality": str(ds.get("Modality", "") or ""),
-        }
-        error = None
-        pixels = None
-        try:
-            pixels = decode_dataset(ds).pixels
-        except DecodeError as exc:
-            error = str(exc)
-        except Exception as exc:  # a decoder crashing on hostile input is still just undecodable
-            error = f"{type(exc).__name__}: {exc}"
-        item.metadata = Metadata.from_dataset(ds, decode_error=error)
-        item.timings["decode"] = time.perf_counter() - t0
-        metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(item.timings["decode"])
-        del ds
-        if pixels is not None:
-            t1 = time.perf_counter()
-            item.inputs = self.detectors.prepare(pixels)
-            item.timings["preprocess"] = time.perf_counter() - t1
+        """Decode stage: the judge examines the spooled file (never raises for a bad film)."""
+        ex = self.judge.examine(item.path, suffix=SUFFIX)
+        if item.calling_ae == "unknown" and ex.source_ae:  # a file the listener did not name (dropped in by hand)
+            item.calling_ae = metrics.ae_label(ex.source_ae)
+        item.examined = ex
+        ts_label = (UID(ex.transfer_syntax).name or ex.transfer_syntax) if ex.transfer_syntax else "unknown"
+        metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(ex.timings.get("decode", 0.0))
 
     def _infer_loop(self) -> None:
         w = self.cfg.workers
@@ -255,24 +219,13 @@ class Pipeline:
             self._deliver_q.put(_STOP)
 
     def _infer(self, batch: list[Item]) -> None:
-        ready = [it for it in batch if it.inputs is not None]
-        if ready:
-            t0 = time.perf_counter()
-            try:
-                results = self.detectors.run([it.inputs for it in ready])  # type: ignore[misc]
-            except Exception as exc:
-                log.exception("inference failed")
-                results = [[] for _ in ready]
-                for it in ready:
-                    it.metadata = Metadata(decode_error=f"inference failed: {exc}")
-            per = (time.perf_counter() - t0) / len(ready)
-            for it, findings in zip(ready, results, strict=True):
-                it.findings = findings
-                it.inputs = None
-                it.timings["inference"] = per
-                it.timings["batch"] = len(ready)
-        for it in batch:
-            it.decision = decide(it.findings, it.metadata, self.cfg.policy)
+        """Inference stage: the judge concludes on everything that waits together (one batch through the detectors;
+        a detector failure gives the batch ``detector-error``, never an exception here)."""
+        examined = [it.examined for it in batch]
+        assert all(ex is not None for ex in examined)
+        for it, judgement in zip(batch, self.judge.conclude(examined), strict=True):  # type: ignore[arg-type]
+            it.judgement = judgement
+            it.examined = None
 
     def _deliver_loop(self) -> None:
         while True:
@@ -288,11 +241,17 @@ class Pipeline:
             self._update_depth()
 
     def _deliver(self, item: Item) -> None:
-        d = item.decision
-        assert d is not None
+        """Delivery stage: the one place a :class:`Judgement` leaves the pipeline. Every destination of its route gets
+        the instance with its layout fields and sidecar record; then the spool forgets it and the metrics count it."""
+        j = item.judgement
+        assert j is not None
+        d = j.decision
         route = self.cfg.routes.accept if d.accepted else self.cfg.routes.quarantine
+        uids = dict(j.fields)
+        if not uids.get("SOPInstanceUID"):  # the header could not be read: the listener's name for it
+            uids["SOPInstanceUID"] = uid_of(item.path.name)
         fields = {
-            **item.fields,
+            **uids,
             "outcome": d.outcome,
             "reason": d.reasons[0] if d.reasons else "accepted",
             "reasons": "+".join(d.reasons) or "accepted",
@@ -300,13 +259,13 @@ class Pipeline:
             "date": time.strftime("%Y%m%d", time.gmtime(item.received)),
         }
         store = self.store_times.pop(item.path.name, None)
-        timings = {**({"store": store} if store is not None else {}), **item.timings}
+        timings = {**({"store": store} if store is not None else {}), **j.timings}
         record = {
-            "sop_instance_uid": item.fields.get("SOPInstanceUID", ""),
-            "sop_class_uid": item.fields.get("SOPClassUID", ""),
-            "study_instance_uid": item.fields.get("StudyInstanceUID", ""),
-            "modality": item.fields.get("Modality", ""),
-            "transfer_syntax": item.transfer_syntax,
+            "sop_instance_uid": uids.get("SOPInstanceUID", ""),
+            "sop_class_uid": uids.get("SOPClassUID", ""),
+            "study_instance_uid": uids.get("StudyInstanceUID", ""),
+            "modality": uids.get("Modality", ""),
+            "transfer_syntax": j.transfer_syntax,
             "calling_ae": item.calling_ae,
             **d.to_dict(),
             "models": self.models,
@@ -329,7 +288,7 @@ class Pipeline:
             metrics.QUARANTINE_REASONS.labels(reason=reason, calling_ae=item.calling_ae).inc()
         metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - item.received))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s -> %s %s", item.fields.get("SOPInstanceUID"), d.outcome, list(d.reasons))
+            log.debug("%s -> %s %s", uids.get("SOPInstanceUID"), d.outcome, list(d.reasons))
 
     def _retry_later(self, path: Path) -> None:
         timer = threading.Timer(self.cfg.workers.retry_delay, self.spool.release, args=(path,))

@@ -3,8 +3,9 @@
 Kept free of I/O and state so it can be tested exhaustively and reasoned about by the people who configure it.
 Reason names are stable strings users filter on; a detector contributes its manifest's ``reason`` (so later
 detectors plug in through their manifests alone), metadata rules contribute ``modality`` and ``pediatric``, and a
-film that cannot be decoded gets ``undecodable``. ``policy.outranks`` drops detector reasons that are moot for
-the film (a knee film is ``not-frontal-chest``; whether it is also "flipped" by a chest detector means nothing).
+film that cannot be decoded gets ``undecodable``, one the detectors failed on (an onnxruntime error: the film may be
+fine) gets ``detector-error``. ``policy.outranks`` drops detector reasons that are moot for the film (a knee film
+is ``not-frontal-chest``; whether it is also "flipped" by a chest detector means nothing).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ ACCEPT = "accept"
 # The reasons the rules raise themselves (the detectors' come from their manifests): every reason a decision can carry
 # is these plus the loaded detectors' (see :func:`known_reasons`).
 UNDECODABLE, MODALITY, PEDIATRIC = "undecodable", "modality", "pediatric"
+DETECTOR_ERROR = "detector-error"  # the detectors failed on the film: not the film's fault, so not ``undecodable``
 PLAUSIBLE_AGE_YEARS = (0.0, 120.0)  # a header age outside this is treated as missing
 QUARANTINE = "quarantine"
 
@@ -81,8 +83,13 @@ class Decision:
         }
 
 
-def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: PolicyConfig) -> Decision:
-    """Apply thresholds (config overrides manifest) and metadata rules; reasons keep a stable order."""
+def decide(
+    findings: Sequence[Finding], metadata: Metadata | None, policy: PolicyConfig, *, detector_error: str | None = None
+) -> Decision:
+    """Apply thresholds (config overrides manifest) and metadata rules; reasons keep a stable order.
+
+    ``detector_error`` is the error of a detector run that failed on this film: it is quarantined ``detector-error``
+    (with the error as a note) rather than judged on the findings it lacks."""
     reasons: list[str] = []
     notes: dict[str, str] = {}
     judged: list[Finding] = []
@@ -105,6 +112,9 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
                 if other in raised:
                     reasons.remove(other)
                     notes[other] = f"not raised: outranked by {reason} (policy.outranks)"
+    if detector_error:
+        reasons.append(DETECTOR_ERROR)
+        notes["error"] = detector_error
     if metadata is not None:
         if metadata.decode_error:
             reasons.append(UNDECODABLE)
@@ -126,7 +136,7 @@ def decide(findings: Sequence[Finding], metadata: Metadata | None, policy: Polic
 
 def known_reasons(policy: PolicyConfig, detector_reasons: Sequence[str]) -> tuple[str, ...]:
     """Every reason a decision can carry under ``policy`` with these detectors, in ``policy.reason_order``."""
-    found = {UNDECODABLE, MODALITY, PEDIATRIC, *detector_reasons}
+    found = {UNDECODABLE, DETECTOR_ERROR, MODALITY, PEDIATRIC, *detector_reasons}
     return tuple(sorted(found, key=lambda r: _reason_rank(r, policy.reason_order)))
 
 

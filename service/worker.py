@@ -119,29 +119,22 @@ def _child_main(cfg: Config, index: int, stop: Any, ready: Any, store_q: Any, co
         # Receiving is a serial chain (the sender waits for each response); give it the CPU first. The workers
         # catch up from the durable spool, so a burst costs latency, not acknowledgements.
         os.nice(cfg.workers.nice)
-    from filmgate.cli import setup_logging
+    from filmgate.runtime import setup_logging, single_threaded_native
 
     setup_logging(cfg.logging.level)
-    import cv2
-
-    cv2.setNumThreads(1)  # parallelism comes from the decode threads; OpenCV's own pool only oversubscribes 2 cores
-    from filmgate.destinations import build as build_destinations
-    from filmgate.detectors import DetectorSet
-    from filmgate.pipeline import Pipeline
+    single_threaded_native()
+    from filmgate.assembly import build_pipeline
     from filmgate.spool import Spool
 
+    store_times: dict[str, float] = {}
     try:
         spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync, worker=f"w{index}")
-        detectors = DetectorSet.load(cfg.detectors)
-        destinations = build_destinations(cfg.destinations, spool)
+        # One process forwards each outbox, or instances would be sent twice.
+        pipeline = build_pipeline(cfg, spool, forward=index == 0, store_times=store_times)
     except Exception:
         log.exception("worker start failed")
         os._exit(3)
-    store_times: dict[str, float] = {}
-    if index == 0:  # one process forwards each outbox, or instances would be sent twice
-        for dest in destinations.values():
-            dest.start()
-    pipeline = Pipeline(cfg, spool, detectors, destinations, store_times)
+    destinations = pipeline.destinations
     pipeline.start()
 
     def serve_metrics() -> None:

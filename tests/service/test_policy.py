@@ -137,5 +137,5 @@ def test_known_reasons_are_the_rules_and_the_detectors_in_policy_order():
     from filmgate.policy import known_reasons
 
     assert known_reasons(PolicyConfig(), ["rotated", "smudged", "not-frontal-chest"]) == (
-        "undecodable", "modality", "rotated", "not-frontal-chest", "pediatric", "smudged",
+        "undecodable", "detector-error", "modality", "rotated", "not-frontal-chest", "pediatric", "smudged",
     )  # fmt: skip
