@@ -179,6 +179,35 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class CorrectConfig:
+    """Corrected derived films (opt-in): a film whose only reasons are among ``reasons`` gets a derived instance with
+    the pixels put right, judged again, and routed to the accept destinations when it now passes."""
+
+    enabled: bool = False
+    reasons: tuple[str, ...] = ("rotated", "inverted", "flipped")
+
+
+@dataclass(frozen=True)
+class IocmConfig:
+    """IOCM rejection notes (opt-in): a Key Object Selection "Rejected for Quality Reasons" per study, for the
+    instances quarantined for ``reasons``, sent to the DICOM destination ``destination`` once the study is stable."""
+
+    enabled: bool = False
+    reasons: tuple[str, ...] = ("rotated", "inverted", "flipped")
+    destination: str = ""
+
+
+@dataclass(frozen=True)
+class StudiesConfig:
+    """Study summaries, made when a study has received no instance for ``stable_seconds``."""
+
+    enabled: bool = True
+    stable_seconds: float = 60.0
+    summary_file: bool = False  # also write <study folder>/study-summary.json in the accept route's folders
+    summary_layout: str = "{StudyInstanceUID}/study-summary.json"
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
 
@@ -204,6 +233,9 @@ class Config:
     )
     routes: RoutesConfig = field(default_factory=RoutesConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    correct: CorrectConfig = field(default_factory=CorrectConfig)
+    iocm: IocmConfig = field(default_factory=IocmConfig)
+    studies: StudiesConfig = field(default_factory=StudiesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -360,7 +392,38 @@ def validate(cfg: Config) -> Config:
         _check_port(cfg.http.port, "http.port")
     if cfg.logging.level.upper() not in LOG_LEVELS:
         raise ConfigError(f"logging.level: must be one of {LOG_LEVELS}, got {cfg.logging.level!r}")
+    _validate_study_features(cfg)
     return cfg
+
+
+CORRECTABLE_REASONS = ("rotated", "inverted", "flipped")
+
+
+def _validate_study_features(cfg: Config) -> None:
+    """correct, iocm and studies: reasons that exist, a real DICOM destination for the notes."""
+    for r in cfg.correct.reasons:
+        if r not in CORRECTABLE_REASONS:
+            raise ConfigError(f"correct.reasons: {r!r} cannot be corrected; choose from {list(CORRECTABLE_REASONS)}")
+    if cfg.iocm.enabled:
+        if not cfg.iocm.reasons:
+            raise ConfigError("iocm.reasons: empty while iocm.enabled is true; name the reasons that send a note")
+        dicom = [d.name for d in cfg.destinations if isinstance(d, DicomDestinationConfig)]
+        if cfg.iocm.destination not in dicom:
+            raise ConfigError(
+                f"iocm.destination: must name a destination of type dicom (the PACS that sends), got "
+                f"{cfg.iocm.destination!r}; dicom destinations: {dicom or 'none'}"
+            )
+        if not cfg.studies.enabled:
+            raise ConfigError("studies.enabled: rejection notes are sent per study; set it true when iocm.enabled")
+    _positive(cfg.studies.stable_seconds, "studies.stable_seconds")
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(cfg.studies.summary_layout) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"studies.summary_layout: bad template ({exc})") from exc
+    if set(names) - {"StudyInstanceUID"}:
+        raise ConfigError("studies.summary_layout: only the field {StudyInstanceUID} is known to a study summary")
+    if cfg.studies.summary_layout.startswith("/") or ".." in Path(cfg.studies.summary_layout).parts:
+        raise ConfigError("studies.summary_layout: must be a relative path inside the destination folder")
 
 
 def _check_ae(value: str, key: str) -> None:

@@ -42,6 +42,13 @@ DELIVERY_RETRIES = Counter("filmgate_delivery_retries", "Delivery attempts that 
 DELIVERY_FAILURES = Counter("filmgate_delivery_failures", "Failed delivery attempts", ["destination"])
 DEAD_LETTERS = Counter("filmgate_dead_letters", "Instances moved to the dead-letter folder", ["destination"])
 MODEL_INFO = Gauge("filmgate_model_info", "Loaded detectors (value 1)", ["model", "version", "provider"])
+STUDIES = Counter(
+    "filmgate_studies", "Study summaries made (usable: at least one film of the study accepted)", ["outcome"]
+)
+CORRECTED = Counter(
+    "filmgate_corrected", "Corrected derived films by result (accepted: passed the gate again)", ["result"]
+)
+REJECTION_NOTES = Counter("filmgate_rejection_notes", "IOCM rejection notes queued for sending", ["destination"])
 READY = Gauge("filmgate_ready", "1 while accepting associations, 0 while starting or draining")
 
 _AE_LABELS: set[str] = set()

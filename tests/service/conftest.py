@@ -264,10 +264,11 @@ class Gate:
         root: Path,
         accept_layout: str = "{SOPInstanceUID}.dcm",
         quarantine_layout: str = "{reasons}/{SOPInstanceUID}.dcm",
+        dicom_port: int | None = None,
         **overrides: dict,
     ) -> Gate:
         root.mkdir(parents=True, exist_ok=True)
-        dicom_port, http_port = free_port(), free_port()
+        dicom_port, http_port = dicom_port or free_port(), free_port()
         cfg = {
             "listener": {"ae_title": "FILMGATE", "host": "127.0.0.1", "port": dicom_port},
             "http": {"host": "127.0.0.1", "port": http_port},

@@ -1,0 +1,244 @@
+"""Tell the PACS and fix what can be fixed: corrected derived films, study summaries, IOCM rejection notes.
+
+Everything goes through the real node (`filmgate serve`), real DCMTK storescu, the shipped detectors and, for the
+rejection notes, a real Orthanc (the hospital PACS of deploy/orthanc/hospital.json). Every object the node makes is
+checked by dciodvfy (Debian dicom3tools).
+
+The films are real adult frontal films of the val split, stored as complete CR instances; the faulty ones are made
+from them (turned, mirrored, grey-inverted) as the detectors were trained to see them. A film is only used when the
+shipped detectors flag its faulty copy with that one reason (a precondition, checked through `filmgate inspect`'s
+judge), because what is tested here is what the node does with such a verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from filmgate.config import parse_config
+from filmgate.datasets import select
+from filmgate.judge import Judge
+from tests.ops.conftest import Orthanc, wait_until
+from tests.service.conftest import MODELS, Gate, film_pixels, free_port, storescu
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+FAULTS = {
+    "rotated": lambda px: np.rot90(px, 1),  # stored turned 90 degrees counter-clockwise
+    "flipped": lambda px: px[:, ::-1],
+    "inverted": lambda px: 4095 - px,
+}
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy is not installed (Debian dicom3tools; scripts/bootstrap installs it)"
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def make_cr(pixels: np.ndarray, path: Path, *, study_uid: str, series_uid: str, number: int) -> str:
+    """A complete CR Image instance (every Type 1 and 2 attribute of the IOD), 12-bit MONOCHROME2."""
+    uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CR_STORAGE
+    meta.MediaStorageSOPInstanceUID = uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Film", "TEST-0001", "19700101", "F"
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20240102", "101010", ""
+    ds.StudyID, ds.AccessionNumber = "1", "ACC0001"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CR", number, number
+    ds.BodyPartExamined, ds.ViewPosition, ds.Manufacturer = "CHEST", "PA", "filmgate tests"
+    ds.PatientAge = "054Y"
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImagerPixelSpacing = [0.2, 0.2]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return uid
+
+
+@pytest.fixture(scope="module")
+def judge() -> Judge:
+    return Judge.load(parse_config({"detectors": {"models_dir": str(MODELS)}}))
+
+
+@pytest.fixture(scope="module")
+def val_chest() -> dict[str, list[Path]]:
+    """Fixed val films (no randomness): adult frontal films of three hospitals, interleaved, and lateral films."""
+    frontal = [f for f in select(split="val", kind="frontal-chest") if f.pediatric == "no"]
+    by_source = [[f.path for f in frontal if f.source == s][:15] for s in ("hannover", "chexpert", "nih-cxr14")]
+    lateral = [f.path for f in select(split="val", kind="lateral-chest")][:1]
+    assert all(by_source) and lateral
+    return {"frontal": [p for group in zip(*by_source, strict=False) for p in group], "lateral": lateral}
+
+
+@pytest.fixture(scope="module")
+def films(val_chest, judge, tmp_path_factory) -> dict[str, tuple[Path, np.ndarray]]:
+    """One good frontal film and, for each fault, a film whose faulty copy the detectors flag for that reason alone."""
+    root = tmp_path_factory.mktemp("tell-and-fix")
+    found: dict[str, tuple[Path, np.ndarray]] = {}
+    study, series = generate_uid(), generate_uid()
+    for i, film in enumerate(val_chest["frontal"]):
+        px = film_pixels(film)
+        good = root / f"good-{i}.dcm"
+        make_cr(px, good, study_uid=study, series_uid=series, number=1)
+        if "good" not in found and judge.judge(good).decision.accepted:
+            found["good"] = (good, px)
+            continue
+        for fault, make in FAULTS.items():
+            if fault in found:
+                continue
+            path = root / f"{fault}-{i}.dcm"
+            make_cr(make(px), path, study_uid=study, series_uid=series, number=1)
+            if judge.judge(path).decision.reasons == (fault,) and judge.judge(good).decision.accepted:
+                found[fault] = (path, px)
+                break
+        if len(found) == 4:
+            return found
+    pytest.fail(f"the shipped detectors flag none of the val films for {set(FAULTS) - set(found)} alone")
+
+
+def _restudy(src: Path, dst: Path, study_uid: str) -> str:
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(dst, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def test_corrected_films_and_a_study_summary(tmp_path, films, val_chest, judge):
+    """Rotated, mirrored and inverted films of one study, with a good frontal and a lateral film: each faulty film
+    stays in quarantine and its corrected derived film, upright and normal by the detectors' own judgement, arrives
+    at the accept folder with references to its original and passes dciodvfy; once the study is stable, one summary
+    with the right counts is written beside the accepted films and counted."""
+    study = generate_uid()
+    sent = {}
+    for name in ("good", *FAULTS):
+        sent[name] = _restudy(films[name][0], tmp_path / f"{name}.dcm", study)
+    lateral_px = film_pixels(val_chest["lateral"][0])
+    make_cr(lateral_px, tmp_path / "lateral.dcm", study_uid=study, series_uid=generate_uid(), number=2)
+    sent["lateral"] = str(pydicom.dcmread(tmp_path / "lateral.dcm").SOPInstanceUID)
+
+    gate = Gate.create(
+        tmp_path / "gate",
+        accept_layout="{StudyInstanceUID}/{SOPInstanceUID}.dcm",
+        correct={"enabled": True},
+        studies={"stable_seconds": 1.0, "summary_file": True},
+    ).start()
+    storescu([tmp_path / f"{n}.dcm" for n in sent], gate.dicom_port)
+    delivered = gate.wait_delivered(len(sent) + len(FAULTS))
+
+    by_uid = {r["sop_instance_uid"]: r for r in delivered}
+    assert by_uid[sent["good"]]["_folder"] == "accept"
+    assert by_uid[sent["lateral"]]["reasons"] == ["not-frontal-chest"]
+    for fault in FAULTS:
+        original = by_uid[sent[fault]]
+        assert original["_folder"] == "quarantine" and original["reasons"] == [fault]
+        link = original["corrected"]
+        assert link["outcome"] == "accept", original
+        derived = by_uid[link["sop_instance_uid"]]
+        assert derived["_folder"] == "accept" and derived["derived_from"]["sop_instance_uid"] == sent[fault]
+        path = Path(derived["_path"])
+        assert dciodvfy_errors(path) == [], f"{fault}: dciodvfy errors"
+        ds = pydicom.dcmread(path)
+        assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == sent[fault]
+        assert ds.StudyInstanceUID == study
+        assert ds.SeriesInstanceUID != pydicom.dcmread(tmp_path / f"{fault}.dcm").SeriesInstanceUID
+        assert ds.DerivationDescription and ds.DerivationCodeSequence
+        again = judge.judge(path)  # the detectors' own judgement of the derived film
+        assert again.decision.accepted, (fault, again.decision)
+        predicted = {f.detector: f.predicted for f in again.findings}
+        assert predicted["orientation"] == "upright" and predicted["inversion"] == "normal"
+        assert predicted["flip"] == "normal"
+        upright = films[fault][1]
+        if fault == "inverted":
+            assert ds.PhotometricInterpretation == "MONOCHROME1"
+            assert np.array_equal(ds.pixel_array, 4095 - upright)
+        else:
+            assert np.array_equal(ds.pixel_array, upright), f"{fault}: pixels not put back exactly"
+
+    summary_path = gate.root / "accept" / study / "study-summary.json"
+    wait_until(summary_path.exists, 30, "the study summary")
+    summary = json.loads(summary_path.read_text())
+    assert summary["instances"] == 5
+    assert summary["outcomes"] == {"accept": 1 + len(FAULTS), "quarantine": 1 + len(FAULTS)}
+    assert summary["reasons"] == {"flipped": 1, "inverted": 1, "not-frontal-chest": 1, "rotated": 1}
+    assert summary["usable"] is True and summary["no_frontal_chest_accepted"] is False
+    corrected = {by_uid[sent[f]]["corrected"]["sop_instance_uid"] for f in FAULTS}
+    assert set(summary["accepted"]) == {sent["good"], *corrected}
+    assert len(summary["derived"]) == len(FAULTS)
+    metrics = gate.metrics()
+    assert metrics['filmgate_studies_total{outcome="usable"}'] == 1.0
+    assert metrics['filmgate_corrected_total{result="accepted"}'] == float(len(FAULTS))
+    assert gate.stop() == 0
+
+
+def test_a_quarantined_study_tells_the_pacs_by_an_iocm_rejection_note(tmp_path, films):
+    """With IOCM on for `rotated`, a study of a good film and a rotated one makes one Key Object Selection
+    "Rejected for Quality Reasons" that reaches the sending PACS (a real Orthanc), references the rotated instance
+    only, and passes dciodvfy; a study with nothing rejected makes no note."""
+    study, clean_study = generate_uid(), generate_uid()
+    good = _restudy(films["good"][0], tmp_path / "good.dcm", study)
+    rotated = _restudy(films["rotated"][0], tmp_path / "rotated.dcm", study)
+    _restudy(films["good"][0], tmp_path / "clean.dcm", clean_study)
+
+    port = free_port()
+    pacs = Orthanc.from_deploy("hospital", tmp_path / "orthanc", {"filmgate": {"Host": "127.0.0.1", "Port": port}})
+    try:
+        root = tmp_path / "gate"
+        gate = Gate.create(
+            root, dicom_port=port,
+            iocm={"enabled": True, "reasons": ["rotated"], "destination": "pacs"},
+            studies={"stable_seconds": 1.0},
+            destinations={
+                "accept": {"type": "folder", "path": str(root / "accept"), "layout": "{SOPInstanceUID}.dcm"},
+                "quarantine": {"type": "folder", "path": str(root / "quarantine"),
+                               "layout": "{reasons}/{SOPInstanceUID}.dcm"},
+                "pacs": {"type": "dicom", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port,
+                         "calling_ae": "FILMGATE", "retries": 3, "backoff_initial": 0.5},
+            },
+        ).start()  # fmt: skip
+        storescu([tmp_path / "good.dcm", tmp_path / "rotated.dcm", tmp_path / "clean.dcm"], gate.dicom_port)
+        gate.wait_delivered(3)
+
+        def notes() -> list[str]:
+            ids = pacs.get("/instances")
+            return [i for i in ids if pacs.get(f"/instances/{i}/simplified-tags")["Modality"] == "KO"]
+
+        found = wait_until(notes, 60, "a rejection note at the PACS")
+        assert len(found) == 1
+        tags = pacs.get(f"/instances/{found[0]}/tags?simplify")
+        assert tags["StudyInstanceUID"] == study and tags["PatientID"] == "TEST-0001"
+        title = tags["ConceptNameCodeSequence"][0]
+        assert (title["CodeValue"], title["CodingSchemeDesignator"]) == ("113001", "DCM")
+        evidence = tags["CurrentRequestedProcedureEvidenceSequence"][0]
+        referenced = [s["ReferencedSOPInstanceUID"] for series in evidence["ReferencedSeriesSequence"]
+                      for s in series["ReferencedSOPSequence"]]  # fmt: skip
+        assert referenced == [rotated] and good not in referenced
+        content = [i["ReferencedSOPSequence"][0]["ReferencedSOPInstanceUID"] for i in tags["ContentSequence"]
+                   if i.get("ValueType") == "IMAGE"]  # fmt: skip
+        assert content == [rotated]
+        kos = tmp_path / "note.dcm"
+        kos.write_bytes(pacs.get_bytes(f"/instances/{found[0]}/file"))
+        assert dciodvfy_errors(kos) == []
+        assert gate.metrics()['filmgate_rejection_notes_total{destination="pacs"}'] == 1.0
+        assert gate.stop() == 0
+    finally:
+        pacs.stop()
