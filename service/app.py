@@ -36,6 +36,7 @@ class Node:
         self.pipeline: Any = None  # Pipeline in thread mode
         self.destinations: dict = {}
         self.spool: Spool | None = None
+        self.studies: Any = None  # StudyWatcher: summaries of stable studies, rejection notes
 
     def _set_ready(self, value: bool) -> None:
         self.ready = value
@@ -64,6 +65,12 @@ class Node:
             self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: self.ready, self._metrics)
             self.http.start()
             log.info("metrics and health on http://%s:%d/metrics", cfg.http.host, self.http.port)
+        if cfg.studies.enabled:
+            from filmgate.followup import StudyWatcher, tracker_for
+
+            tracker = tracker_for(cfg, spool)
+            assert tracker is not None
+            self.studies = StudyWatcher(cfg, spool, tracker)
         self.listener = Listener(cfg.listener, spool, on_stored)
         self.listener.start()
         self._set_ready(True)
@@ -97,6 +104,8 @@ class Node:
             for worker in self.workers:
                 if not worker.alive():
                     self._restart_worker(worker)
+            if self.studies is not None:
+                self.studies.tick()
             if time.monotonic() >= next_sweep and self.spool is not None:
                 next_sweep = time.monotonic() + min(60.0, max_age / 4)
                 removed = self.spool.sweep_tmp(max_age)

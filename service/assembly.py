@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from filmgate.config import Config
 from filmgate.destinations import build as build_destinations
+from filmgate.followup import Aftercare, tracker_for
 from filmgate.judge import Judge
 from filmgate.pipeline import Pipeline
 from filmgate.spool import Spool
@@ -21,4 +22,7 @@ def build_pipeline(
     if forward:
         for dest in destinations.values():
             dest.start()
-    return Pipeline(cfg, spool, judge, destinations, store_times)
+    aftercare = None
+    if cfg.correct.enabled or cfg.studies.enabled:
+        aftercare = Aftercare(cfg, spool, judge, tracker_for(cfg, spool))
+    return Pipeline(cfg, spool, judge, destinations, store_times, aftercare)

@@ -185,6 +185,9 @@ class CorrectConfig:
 
     enabled: bool = False
     reasons: tuple[str, ...] = ("rotated", "inverted", "flipped")
+    # Detector reasons the fault itself raises (a turned or inverted chest film is often not recognised as one): a
+    # film with them is corrected too, and its derived film passes only if they went away with the fault.
+    also_when: tuple[str, ...] = ("not-frontal-chest",)
 
 
 @dataclass(frozen=True)

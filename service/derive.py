@@ -62,16 +62,22 @@ class Correction:
         return "filmgate: " + "; ".join(parts)
 
 
-def correction_for(decision: Decision, allowed: Iterable[str]) -> Correction | None:
-    """The correction that answers every reason of ``decision``, or None when a reason is not correctable (any
-    header rule, another detector, or a reason outside ``allowed``) or a detector's class does not say how."""
-    allowed = set(allowed) & set(CORRECTABLE)
+def correction_for(decision: Decision, allowed: Iterable[str], also_when: Iterable[str] = ()) -> Correction | None:
+    """The correction that answers the correctable reasons of ``decision``, or None.
+
+    At least one reason must be in ``allowed`` (and correctable), and every other reason in ``also_when``: detector
+    reasons that the fault itself raises (a turned or grey-inverted chest film is often not recognised as a chest
+    film: ``not-frontal-chest``). The derived film is judged again, so it passes only when those go away with the
+    fault. A header rule (modality, an age in the header, undecodable) or any other reason means no correction, and
+    so does a rotation whose class the orientation detector does not give."""
+    fixable = set(allowed) & set(CORRECTABLE)
     reasons = tuple(decision.reasons)
-    if decision.accepted or not reasons or not set(reasons) <= allowed:
+    to_fix = tuple(r for r in reasons if r in fixable)
+    if decision.accepted or not to_fix or not set(reasons) <= fixable | set(also_when):
         return None
     predicted = {f.detector: f.predicted for f in decision.findings}
     turns, mirror, invert = 0, False, False
-    for reason in reasons:
+    for reason in to_fix:
         cls = predicted.get(REASON_DETECTOR[reason])
         if reason == "rotated":
             if cls not in _ROTATIONS:
@@ -81,7 +87,7 @@ def correction_for(decision: Decision, allowed: Iterable[str]) -> Correction | N
             mirror = True
         elif reason == "inverted":
             invert = True
-    return Correction(quarter_turns=turns, mirror=mirror, invert=invert, reasons=reasons)
+    return Correction(quarter_turns=turns, mirror=mirror, invert=invert, reasons=to_fix)
 
 
 class NotCorrectable(ValueError):

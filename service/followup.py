@@ -79,7 +79,7 @@ class Aftercare:
         """The derived film when the decision allows a fix (None otherwise, or when the film's form does not)."""
         if not self.cfg.correct.enabled:
             return None
-        fix = correction_for(judgement.decision, self.cfg.correct.reasons)
+        fix = correction_for(judgement.decision, self.cfg.correct.reasons, self.cfg.correct.also_when)
         if fix is None:
             return None
         try:

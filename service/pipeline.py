@@ -25,6 +25,7 @@ from pydicom.uid import UID
 from filmgate import metrics
 from filmgate.config import Config
 from filmgate.destinations import Delivery, Destination
+from filmgate.followup import Aftercare
 from filmgate.judge import Examined, Judge, Judgement
 from filmgate.policy import known_reasons
 from filmgate.spool import SUFFIX, Spool, calling_ae_of, received_at, uid_of
@@ -51,8 +52,9 @@ class Pipeline:
     (:meth:`_deliver`, the one place a judgement leaves the pipeline). Built by :func:`filmgate.assembly.build`."""
 
     def __init__(self, cfg: Config, spool: Spool, judge: Judge, destinations: dict[str, Destination],
-                 store_times: dict[str, float] | None = None) -> None:  # fmt: skip
+                 store_times: dict[str, float] | None = None, aftercare: Aftercare | None = None) -> None:  # fmt: skip
         self.cfg = cfg
+        self.aftercare = aftercare
         self.spool = spool
         self.judge = judge
         self.destinations = destinations
@@ -242,11 +244,53 @@ class Pipeline:
 
     def _deliver(self, item: Item) -> None:
         """Delivery stage: the one place a :class:`Judgement` leaves the pipeline. Every destination of its route gets
-        the instance with its layout fields and sidecar record; then the spool forgets it and the metrics count it."""
+        the instance with its layout fields and sidecar record (and a corrected derived film, when one passes, goes
+        to the accept route beside it); then the study tracker notes it, the spool forgets it and the metrics count
+        it."""
         j = item.judgement
         assert j is not None
         d = j.decision
         route = self.cfg.routes.accept if d.accepted else self.cfg.routes.quarantine
+        fields, record = self._fields_and_record(j, item)
+        corrected = self.aftercare.correct(item.path, j) if self.aftercare else None
+        if corrected is not None:
+            record["corrected"] = {**corrected.links["derived"], "outcome": corrected.judgement.decision.outcome,
+                                   "reasons": list(corrected.judgement.decision.reasons)}  # fmt: skip
+        try:
+            for name in route:
+                self.destinations[name].deliver(Delivery(path=item.path, fields=fields, record=record))
+            if corrected is not None and corrected.judgement.decision.accepted:
+                d_fields, d_record = self._fields_and_record(corrected.judgement, item)
+                d_record.update(derived_from=corrected.links["derived_from"], derivation=corrected.description)
+                for name in self.cfg.routes.accept:
+                    self.destinations[name].deliver(Delivery(path=corrected.path, fields=d_fields, record=d_record))
+        except Exception as exc:
+            log.error("delivery of an instance to %s failed (%s); it will be retried", route, exc)
+            time.sleep(min(self.cfg.workers.retry_delay, 1.0))
+            self._retry_later(item.path)
+            return
+        if self.aftercare is not None:
+            try:
+                self.aftercare.note(item.path, j)
+                if corrected is not None:
+                    self.aftercare.note(corrected.path, corrected.judgement,
+                                        derived_from=corrected.links["derived_from"]["sop_instance_uid"])  # fmt: skip
+                    self.aftercare.done_with(corrected)
+            except Exception:  # the instance is delivered: a study note lost is a summary short, never a loop
+                log.exception("noting a delivered instance for its study failed")
+        self.spool.finish(item.path)
+        self.store_times.pop(item.path.name, None)
+        metrics.declare_sender(item.calling_ae, self._known_reasons)
+        metrics.DECISIONS.labels(outcome=d.outcome, calling_ae=item.calling_ae).inc()
+        for reason in d.reasons:
+            metrics.QUARANTINE_REASONS.labels(reason=reason, calling_ae=item.calling_ae).inc()
+        metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - item.received))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s -> %s %s", fields.get("SOPInstanceUID"), d.outcome, list(d.reasons))
+
+    def _fields_and_record(self, j: Judgement, item: Item) -> tuple[dict[str, str], dict[str, Any]]:
+        """The layout fields and the sidecar record of a judged instance, from one set of values."""
+        d = j.decision
         uids = dict(j.fields)
         if not uids.get("SOPInstanceUID"):  # the header could not be read: the listener's name for it
             uids["SOPInstanceUID"] = uid_of(item.path.name)
@@ -258,7 +302,7 @@ class Pipeline:
             "calling_ae": item.calling_ae,
             "date": time.strftime("%Y%m%d", time.gmtime(item.received)),
         }
-        store = self.store_times.pop(item.path.name, None)
+        store = self.store_times.get(item.path.name)
         timings = {**({"store": store} if store is not None else {}), **j.timings}
         record = {
             "sop_instance_uid": uids.get("SOPInstanceUID", ""),
@@ -273,22 +317,7 @@ class Pipeline:
             "decided_at": _iso(time.time()),
             "timings_ms": {k: round(v * 1000, 3) if k != "batch" else v for k, v in timings.items()},
         }
-        try:
-            for name in route:
-                self.destinations[name].deliver(Delivery(path=item.path, fields=fields, record=record))
-        except Exception as exc:
-            log.error("delivery of an instance to %s failed (%s); it will be retried", route, exc)
-            time.sleep(min(self.cfg.workers.retry_delay, 1.0))
-            self._retry_later(item.path)
-            return
-        self.spool.finish(item.path)
-        metrics.declare_sender(item.calling_ae, self._known_reasons)
-        metrics.DECISIONS.labels(outcome=d.outcome, calling_ae=item.calling_ae).inc()
-        for reason in d.reasons:
-            metrics.QUARANTINE_REASONS.labels(reason=reason, calling_ae=item.calling_ae).inc()
-        metrics.END_TO_END_SECONDS.observe(max(0.0, time.time() - item.received))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s -> %s %s", uids.get("SOPInstanceUID"), d.outcome, list(d.reasons))
+        return fields, record
 
     def _retry_later(self, path: Path) -> None:
         timer = threading.Timer(self.cfg.workers.retry_delay, self.spool.release, args=(path,))

@@ -68,17 +68,20 @@ class StudyTracker:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.stable_seconds = stable_seconds
         self._local = threading.local()
-        with self._db() as db:
-            db.executescript(_SCHEMA)
+        self._connection().executescript(_SCHEMA)
 
-    @contextlib.contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
+    def _connection(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
-        if db is None:
+        if db is None:  # one connection per thread (and so per process)
             db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self._local.db = db
+        return db
+
+    @contextlib.contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
