@@ -102,6 +102,26 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what one film may cost, so that a hostile or broken film costs that film, never the node.
+
+    A dataset larger than ``max_dataset_bytes`` (as received, or once a Deflated dataset is inflated, which is done
+    incrementally and stopped at the bound) and pixel data declaring more than ``max_pixels`` values (Rows x Columns
+    x frames x samples, and the size a JPEG / JPEG 2000 codestream header declares) are quarantined ``undecodable``
+    before anything is allocated for them. With ``decode_isolation`` each decode runs in a supervised child process
+    limited to ``decode_memory_bytes`` of address space and ``decode_timeout`` seconds: a decoder that crashes, panics,
+    loops or allocates without end costs its film (quarantined ``undecodable`` with a note), and the child is started
+    again.
+    """
+
+    max_dataset_bytes: int = 1 << 30  # 1 GiB
+    max_pixels: int = 1 << 28  # 268,435,456 values: a 16384 x 16384 film
+    decode_isolation: bool = True
+    decode_timeout: float = 60.0
+    decode_memory_bytes: int = 4 << 30  # address space of the decode child, 4 GiB
+
+
+@dataclass(frozen=True)
 class DetectorsConfig:
     models_dir: str = ""  # empty: the detectors installed with filmgate
     require: bool = True  # refuse to start without detectors (a wrong path must not mean "accept everything")
@@ -229,6 +249,7 @@ class Config:
     listener: ListenerConfig = field(default_factory=ListenerConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     detectors: DetectorsConfig = field(default_factory=DetectorsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     destinations: tuple[FolderDestinationConfig | DicomDestinationConfig, ...] = field(
@@ -339,6 +360,14 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"workers.{name}: must be >= 0")
     for name in ("poll_interval", "retry_delay"):
         _positive(getattr(w, name), f"workers.{name}")
+    lim = cfg.limits
+    for name in ("max_dataset_bytes", "max_pixels", "decode_timeout"):
+        _positive(getattr(lim, name), f"limits.{name}")
+    if lim.decode_memory_bytes < 512 << 20:
+        raise ConfigError(
+            "limits.decode_memory_bytes: must be at least 536870912 (512 MiB): the decode child's interpreter and "
+            f"libraries alone need that much address space, got {lim.decode_memory_bytes}"
+        )
     if cfg.detectors.provider not in PROVIDERS:
         raise ConfigError(f"detectors.provider: must be one of {PROVIDERS}, got {cfg.detectors.provider!r}")
     if cfg.detectors.intra_op_threads < 0:

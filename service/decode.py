@@ -15,23 +15,28 @@ displayed*. For DICOM that means, as separate pure steps (the order of the DICOM
 4. ``presentation_step``: MONOCHROME1 or Presentation LUT Shape INVERSE inverts, exactly once.
 
 Anything that cannot be turned into pixels raises :class:`DecodeError`; the gate turns that into the quarantine
-reason ``undecodable``.
+reason ``undecodable``. So does a film beyond the limits (``limits`` in the node's configuration): a dataset larger
+than ``max_bytes`` (a Deflated dataset is inflated incrementally and stopped at that bound, never inflated whole), and
+pixel data declaring more than ``max_pixels`` values, checked from Rows x Columns x frames x samples and from the size
+the first JPEG / JPEG-LS / JPEG 2000 codestream header declares, before a decoder allocates anything.
 """
 
 from __future__ import annotations
 
-import io
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import cv2
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from filmgate.dataset_io import DecodeError, read_dataset
+
+__all__ = ["DecodeError", "DecodedImage", "decode_bytes", "decode_dataset", "decode_file", "read_dataset"]
 
 # Long side (pixels) above which films are reduced before the grayscale pipeline: the training films were reduced to
 # a 512 px long side by their curators, so serving reduces the same way. None keeps the full resolution.
@@ -41,10 +46,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 # Above this many pixels the auto window reads every n-th pixel: the percentiles barely move and decode stays fast.
 _AUTO_WINDOW_SAMPLES = 1 << 18
-
-
-class DecodeError(Exception):
-    """The input cannot be turned into a grey image; the message says why (it becomes the sidecar's error)."""
+# Default of the node's ``limits.max_pixels``, for callers without a configuration (training, tools).
+MAX_PIXELS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -62,28 +65,79 @@ class DecodedImage:
 # --------------------------------------------------------------------------------------------------- reading
 
 
-def read_dataset(source: str | os.PathLike[str] | bytes | BinaryIO, *, stop_before_pixels: bool = False) -> Dataset:
-    """Read a DICOM dataset, tolerating files without preamble or file meta (old ACR-NEMA style files).
-
-    A dataset without a Transfer Syntax UID gets the one it was actually read with, so its pixels can be decoded.
-    """
-    if isinstance(source, bytes | bytearray | memoryview):
-        source = io.BytesIO(bytes(source))
+def check_pixel_budget(ds: Dataset, max_pixels: int | None = MAX_PIXELS) -> None:
+    """Refuse pixel data that would need more than ``max_pixels`` values, before any decoder allocates them: from
+    Rows x Columns x NumberOfFrames x SamplesPerPixel, and for compressed data from the size the first frame's
+    codestream header declares (which a decoder believes; it must also agree with Rows and Columns)."""
+    if max_pixels is None:
+        return
     try:
-        ds = pydicom.dcmread(source, force=True, stop_before_pixels=stop_before_pixels)
-    except Exception as exc:  # pydicom raises many types for garbage input
-        raise DecodeError(f"not a readable DICOM dataset: {exc}") from exc
-    if len(ds) == 0:
-        raise DecodeError("not a DICOM dataset: no elements could be read")
-    meta = ds.file_meta
-    if "TransferSyntaxUID" not in meta:
-        if ds.original_encoding[1] is False:  # little endian flag of (is_implicit_VR, is_little_endian)
-            meta.TransferSyntaxUID = ExplicitVRBigEndian
-        elif ds.original_encoding[0]:
-            meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        else:
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise DecodeError(f"Rows, Columns, NumberOfFrames or SamplesPerPixel missing or not a number ({exc})") from exc
+    if min(rows, cols, frames, samples) < 1:
+        raise DecodeError(f"pixel data of {cols}x{rows}, {frames} frame(s), {samples} sample(s): nothing to decode")
+    total = rows * cols * frames * samples
+    if total > max_pixels:
+        raise DecodeError(
+            f"pixel data declares {cols}x{rows} x {frames} frame(s) x {samples} sample(s) = {total} values, "
+            f"more than limits.max_pixels ({max_pixels})"
+        )
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None or not ts.is_encapsulated or "PixelData" not in ds:
+        return
+    size = codestream_size(_first_fragment(ds.PixelData))
+    if size is None:
+        return
+    width, height, components = size
+    if width * height * components * frames > max_pixels:
+        raise DecodeError(
+            f"the compressed pixel data declares {width}x{height} x {components} component(s), "
+            f"more than limits.max_pixels ({max_pixels})"
+        )
+    if (width, height) != (cols, rows):
+        raise DecodeError(f"the compressed pixel data declares {width}x{height} but Rows/Columns say {cols}x{rows}")
+
+
+def _first_fragment(pixel_data: bytes) -> bytes:
+    from pydicom.encaps import generate_fragments
+
+    try:
+        items = generate_fragments(pixel_data)
+        next(items)  # the Basic Offset Table
+        return next(items)[: 1 << 16]
+    except (StopIteration, ValueError, struct.error) as exc:
+        raise DecodeError(f"the encapsulated pixel data has no readable fragment ({exc})") from exc
+
+
+def codestream_size(head: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) declared by a JPEG 2000 (SIZ) or JPEG / JPEG-LS (SOFn) codestream header, or
+    None when ``head`` is neither (RLE, or a header cut off)."""
+    siz = head.find(b"\xff\x4f\xff\x51")  # SOC then SIZ, also inside a JP2 file's codestream box
+    if siz >= 0 and len(head) >= siz + 42:
+        xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", head, siz + 8)
+        (csiz,) = struct.unpack_from(">H", head, siz + 40)
+        return max(0, xsiz - xo), max(0, ysiz - yo), max(1, csiz)
+    if head[:2] != b"\xff\xd8":
+        return None
+    off = 2
+    while off + 4 <= len(head):
+        if head[off] != 0xFF:
+            return None
+        marker = head[off + 1]
+        if marker == 0xFF:  # fill byte
+            off += 1
+            continue
+        (length,) = struct.unpack_from(">H", head, off + 2)
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:  # SOFn, SOF55 (LS)
+            if off + 10 > len(head):
+                return None
+            height, width = struct.unpack_from(">HH", head, off + 5)
+            return width, height, max(1, head[off + 9])
+        off += 2 + length
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- DICOM steps
@@ -321,8 +375,12 @@ def _number(value: object, default: float | None) -> float | None:  # type: igno
         return default
 
 
-def decode_dataset(ds: Dataset, max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:
+def decode_dataset(
+    ds: Dataset, max_side: int | None = DETECTOR_MAX_SIDE, max_pixels: int | None = MAX_PIXELS
+) -> DecodedImage:
     """The whole DICOM pipeline: stored pixels -> reduce -> modality -> VOI -> presentation, to float32 [0, 1]."""
+    if "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        check_pixel_budget(ds, max_pixels)
     arr = stored_pixels(ds)
     steps: list[str] = []
     arr, step = reduce_step(arr, max_side)

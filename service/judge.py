@@ -25,11 +25,11 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from filmgate.config import Config
+from filmgate.config import Config, LimitsConfig
 from filmgate.decode import DecodeError, decode_bytes, decode_dataset, is_dicom_bytes, read_dataset
 from filmgate.detectors import DetectorSet
 from filmgate.manifest import Finding
@@ -89,83 +89,115 @@ HEADER_KEYS = ("Modality", "ViewPosition", "BodyPartExamined", "PatientAge")
 FIELD_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
 
 
+class Decoder(Protocol):
+    """Where :meth:`Judge.examine` decodes when not in its own thread (the node's supervised child process)."""
+
+    def decode(self, source: Path | bytes, *, suffix: str | None = None) -> Examined: ...
+
+
+def decode_film(source: Path | bytes, *, suffix: str | None = None, limits: LimitsConfig | None = None) -> Examined:
+    """Read and decode one film within ``limits``, without the detectors' inputs; never raises for a bad film (the
+    error is kept and becomes ``undecodable``). This is the part of judging that hostile input can crash, so the node
+    runs it in a supervised child process."""
+    limits = limits or LimitsConfig()
+    t0 = time.perf_counter()
+    if isinstance(source, Path):
+        suffix = source.suffix.lower() if suffix is None else suffix
+        try:
+            size = source.stat().st_size
+            if size > limits.max_dataset_bytes:
+                return failed(f"the file is larger than limits.max_dataset_bytes ({size} > {limits.max_dataset_bytes} "
+                              "bytes)")  # fmt: skip
+            data = source.read_bytes()
+        except OSError as exc:
+            return failed(f"cannot read the file: {exc.strerror}")
+    else:
+        data = source
+    suffix = (suffix or "").lower()
+    dicom = is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom", ".dic")
+    # Until a header is read the film has none: no header rules apply, and the fields stay empty.
+    ex = Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""))
+    try:
+        if dicom:
+            ds = read_dataset(data, max_bytes=limits.max_dataset_bytes)
+            del data
+            meta = getattr(ds, "file_meta", None)
+            ts = meta.get("TransferSyntaxUID") if meta is not None else None
+            ex.transfer_syntax = str(ts or "")
+            ex.source_ae = _text(meta, "SourceApplicationEntityTitle") if meta is not None else ""
+            ex.fields = _fields(ds)
+            ex.header = {k: _text(ds, k) for k in HEADER_KEYS}
+            ex.metadata = Metadata.from_dataset(ds)
+            try:
+                ex.pixels = decode_dataset(ds, max_pixels=limits.max_pixels).pixels
+            except DecodeError as exc:
+                ex.error = str(exc)
+            except Exception as exc:  # a decoder failing on hostile input is still just undecodable
+                ex.error = f"{type(exc).__name__}: {exc}"
+            finally:
+                del ds
+        else:
+            ex.pixels = decode_bytes(data, suffix=suffix).pixels
+    except DecodeError as exc:
+        ex.error = str(exc)
+    except BaseException as exc:  # MemoryError, a decoder's panic (pyo3 PanicException is a BaseException): a bad film
+        if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+            raise
+        ex.error = f"{type(exc).__name__}: {exc}"
+    ex.timings["decode"] = time.perf_counter() - t0
+    return _failed(ex) if ex.error else ex
+
+
+def failed(error: str) -> Examined:
+    """An examined film that could not be looked at (unreadable, beyond a limit, its decode process died): it is
+    concluded ``undecodable`` with ``error`` as its note."""
+    return _failed(Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""), error=error))
+
+
+def _failed(ex: Examined) -> Examined:
+    ex.metadata = Metadata(**{**ex.metadata.__dict__, "decode_error": ex.error})
+    ex.pixels = None
+    ex.inputs = None
+    return ex
+
+
 class Judge:
     """The gate's decode, detectors and policy, bound to one configuration."""
 
-    def __init__(self, cfg: Config, detectors: DetectorSet) -> None:
+    def __init__(self, cfg: Config, detectors: DetectorSet, decoder: Decoder | None = None) -> None:
         self.cfg = cfg
         self.detectors = detectors
+        self.decoder = decoder
 
     @classmethod
-    def load(cls, cfg: Config, *, metadata_only: bool = False) -> Judge:
+    def load(cls, cfg: Config, *, metadata_only: bool = False, decoder: Decoder | None = None) -> Judge:
         """Load the configured detectors (an error when none loads and ``detectors.require``, unless
         ``metadata_only``)."""
         require = cfg.detectors.require and not metadata_only
         dets = DetectorSet([]) if metadata_only else DetectorSet.load(cfg.detectors, require=require)
-        return cls(cfg, dets)
+        return cls(cfg, dets, decoder)
 
     # ------------------------------------------------------------------ step 1: decode and prepare
 
     def examine(self, source: Path | bytes, *, suffix: str | None = None) -> Examined:
-        """Decode one film. ``source`` is a file or its bytes; ``suffix`` (".png", ".dcm", ...) tells plain images from
-        DICOM when the bytes do not (DICOM without a preamble)."""
-        t0 = time.perf_counter()
-        if isinstance(source, Path):
-            suffix = source.suffix.lower() if suffix is None else suffix
-            try:
-                data = source.read_bytes()
-            except OSError as exc:
-                ex = Examined(
-                    metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""),
-                    error=f"cannot read the file: {exc.strerror}",
-                )  # fmt: skip
-                return self._failed(ex)
+        """Decode one film and prepare its detector inputs. ``source`` is a file or its bytes; ``suffix`` (".png",
+        ".dcm", ...) tells plain images from DICOM when the bytes do not (DICOM without a preamble). The decode runs
+        in ``decoder`` when one is given (the node's supervised decode child, :mod:`filmgate.sandbox`)."""
+        if self.decoder is not None:
+            ex = self.decoder.decode(source, suffix=suffix)
         else:
-            data = source
-        suffix = (suffix or "").lower()
-        dicom = is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom", ".dic")
-        # Until a header is read the film has none: no header rules apply, and the fields stay empty.
-        ex = Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""))
-        try:
-            if dicom:
-                ds = read_dataset(data)
-                meta = getattr(ds, "file_meta", None)
-                ts = meta.get("TransferSyntaxUID") if meta is not None else None
-                ex.transfer_syntax = str(ts or "")
-                ex.source_ae = _text(meta, "SourceApplicationEntityTitle") if meta is not None else ""
-                ex.fields = _fields(ds)
-                ex.header = {k: _text(ds, k) for k in HEADER_KEYS}
-                ex.metadata = Metadata.from_dataset(ds)
-                try:
-                    ex.pixels = decode_dataset(ds).pixels
-                except DecodeError as exc:
-                    ex.error = str(exc)
-                except Exception as exc:  # a decoder failing on hostile input is still just undecodable
-                    ex.error = f"{type(exc).__name__}: {exc}"
-                del ds
-            else:
-                ex.pixels = decode_bytes(data, suffix=suffix).pixels
-        except DecodeError as exc:
-            ex.error = str(exc)
-        ex.timings["decode"] = time.perf_counter() - t0
-        if ex.pixels is not None and self.detectors.detectors:
+            ex = decode_film(source, suffix=suffix, limits=self.cfg.limits)
+        if ex.pixels is not None and ex.error is None and self.detectors.detectors:
             t1 = time.perf_counter()
             ex.inputs = self.detectors.prepare(ex.pixels)
             ex.timings["preprocess"] = time.perf_counter() - t1
-        return self._failed(ex) if ex.error else ex
+        return ex
 
     @staticmethod
     def failed(error: str) -> Examined:
         """An examined film that could not be looked at, for a caller whose own step failed (a decode process that
         died, an internal error): it is concluded ``undecodable`` with ``error`` as its note."""
-        ex = Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""), error=error)
-        return Judge._failed(ex)
-
-    @staticmethod
-    def _failed(ex: Examined) -> Examined:
-        ex.metadata = Metadata(**{**ex.metadata.__dict__, "decode_error": ex.error})
-        ex.inputs = None
-        return ex
+        return failed(error)
 
     # ------------------------------------------------------------------ step 2: detectors and policy
 

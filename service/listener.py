@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from pydicom import dcmread
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -51,6 +50,7 @@ from pynetdicom.transport import AssociationSocket
 
 from filmgate import metrics
 from filmgate.config import ListenerConfig, SenderRule
+from filmgate.dataset_io import read_header
 from filmgate.spool import Spool
 
 log = logging.getLogger("filmgate.listener")
@@ -69,7 +69,7 @@ HEALTHCHECK_AE = "FILMGATE-HC"  # an AE title nobody can have: makes pynetdicom 
 def check_file(path: Path) -> tuple[str, int]:
     """Parse the header of a received file (meta + dataset, pixels not read); returns (SOP Instance UID, dataset
     size in bytes) or raises."""
-    ds = dcmread(path, force=True, stop_before_pixels=True)
+    ds = read_header(path)  # bounded: large values stay on disk, a Deflated dataset is inflated only this far
     uid = str(ds.get("SOPInstanceUID", "") or "").strip()
     if not uid or not str(ds.get("SOPClassUID", "") or "").strip():
         raise ValueError("no SOP Class/Instance UID in the dataset")

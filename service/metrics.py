@@ -41,6 +41,11 @@ DELIVERY_ATTEMPTS = Counter("filmgate_delivery_attempts", "Delivery attempts", [
 DELIVERY_RETRIES = Counter("filmgate_delivery_retries", "Delivery attempts that were retries", ["destination"])
 DELIVERY_FAILURES = Counter("filmgate_delivery_failures", "Failed delivery attempts", ["destination"])
 DEAD_LETTERS = Counter("filmgate_dead_letters", "Instances moved to the dead-letter folder", ["destination"])
+DECODE_RESTARTS = Counter(
+    "filmgate_decode_restarts",
+    "Decode child processes killed and started again (cause: crash, timeout); each cost one film",
+    ["cause"],
+)
 MODEL_INFO = Gauge("filmgate_model_info", "Loaded detectors (value 1)", ["model", "version", "provider"])
 STUDIES = Counter(
     "filmgate_studies", "Study summaries made (usable: at least one film of the study accepted)", ["outcome"]

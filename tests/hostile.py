@@ -1,0 +1,169 @@
+"""Makers of hostile and broken DICOM films, shared by the limit tests and the fault/fuzz harness.
+
+Every maker is deterministic for a given seed and writes small files (a deflate bomb is small on disk; what it
+declares or inflates to is what is large), so the tests never store films in the repository.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_fragments
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+DX = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def small_dataset(rows: int = 64, cols: int = 64, seed: int = 0, ts: str = ExplicitVRLittleEndian) -> Dataset:
+    """A valid little DX film (random 12-bit pixels), new UIDs."""
+    uid = generate_uid()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.file_meta.MediaStorageSOPClassUID = DX
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPClassUID, ds.SOPInstanceUID = DX, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientAge, ds.StudyDate = "DX", "045Y", "20240102"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.random.default_rng(seed).integers(0, 4095, (rows, cols)).astype(np.uint16).tobytes()
+    return ds
+
+
+def save(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def rle_film(seed: int = 0) -> Dataset:
+    ds = small_dataset(seed=seed)
+    ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
+    return ds
+
+
+def panicking_rle(path: Path, seed: int = 0) -> Path:
+    """An RLE film whose segment data make pylibjpeg-rle panic (pyo3 PanicException, a BaseException): byte flips in
+    the segments until the decoder panics (found within a few tries for every seed)."""
+    from pydicom.pixels import get_decoder  # noqa: F401 - the decoder plugins must be importable
+
+    ds = rle_film(seed)
+    frag = bytearray(list(generate_fragments(ds.PixelData))[1])
+    rng = random.Random(seed)
+    for _ in range(200):
+        bad = bytearray(frag)
+        for _ in range(5):
+            bad[rng.randrange(64, len(bad))] = rng.randrange(256)
+        ds.PixelData = encapsulate([bytes(bad)])
+        try:
+            ds.pixel_array_options(decoding_plugin="pylibjpeg")
+            ds.pixel_array  # noqa: B018
+        except Exception:
+            continue
+        except BaseException:  # the panic we are looking for
+            return save(ds, path)
+    raise AssertionError("no panicking RLE input found")
+
+
+def j2k_declaring(path: Path, width: int, height: int, *, header_too: bool = False, seed: int = 0) -> Path:
+    """A JPEG 2000 film whose codestream SIZ marker declares ``width`` x ``height`` (a decoder would allocate that);
+    Rows/Columns say 64x64 unless ``header_too``."""
+    ds = small_dataset(seed=seed)
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    frag = bytearray(list(generate_fragments(ds.PixelData))[1])
+    siz = frag.find(b"\xff\x4f\xff\x51")
+    struct.pack_into(">II", frag, siz + 8, width, height)
+    ds.PixelData = encapsulate([bytes(frag)])
+    if header_too:
+        ds.Rows, ds.Columns = height, width
+    return save(ds, path)
+
+
+def huge_header(path: Path, rows: int = 60000, cols: int = 60000, frames: int | None = None) -> Path:
+    """Uncompressed film whose Rows/Columns/NumberOfFrames declare a huge image over a tiny pixel buffer."""
+    ds = small_dataset()
+    ds.Rows, ds.Columns = rows, cols
+    if frames:
+        ds.NumberOfFrames = frames
+    return save(ds, path)
+
+
+def deflate_bomb(path: Path, inflated_bytes: int, *, seed: int = 0) -> Path:
+    """A valid Deflated Explicit VR Little Endian film with a private OB element of ``inflated_bytes`` zero bytes
+    before its pixel data: a few hundred kB on disk, ``inflated_bytes`` once inflated (streamed, never in memory)."""
+    ds = small_dataset(seed=seed, ts=DeflatedExplicitVRLittleEndian)
+    pixels = ds.PixelData
+    del ds.PixelData
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, Dataset(ds))
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with open(path, "wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fh, ds.file_meta)
+        fh.write(z.compress(body.getvalue()))
+        fh.write(z.compress(struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 8) + b"FILMGATE"))
+        fh.write(z.compress(struct.pack("<HH2sHI", 0x0009, 0x1010, b"OB", 0, inflated_bytes)))
+        chunk = bytes(1 << 20)
+        left = inflated_bytes
+        while left:
+            n = min(left, len(chunk))
+            fh.write(z.compress(chunk[:n]))
+            left -= n
+        fh.write(z.compress(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, len(pixels)) + pixels))
+        fh.write(z.flush())
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------- mutations
+
+
+def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    """One random mutation of a Part 10 file: byte flips, truncation, bad lengths, VR and syntax mismatches."""
+    kind = rng.choice(["flip", "flip-many", "truncate", "length", "vr", "syntax", "insert"])
+    buf = bytearray(data)
+    start = 132 if data[128:132] == b"DICM" else 0
+    if kind == "flip":
+        for _ in range(rng.randint(1, 4)):
+            buf[rng.randrange(start, len(buf))] ^= 1 << rng.randrange(8)
+    elif kind == "flip-many":
+        for _ in range(rng.randint(10, 200)):
+            buf[rng.randrange(start, len(buf))] = rng.randrange(256)
+    elif kind == "truncate":
+        del buf[rng.randrange(start + 1, len(buf)) :]
+    elif kind == "length":  # overwrite a 16- or 32-bit length field somewhere after the meta with a wild value
+        pos = rng.randrange(start, max(start + 1, len(buf) - 4))
+        struct.pack_into("<I", buf, pos, rng.choice([0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFF0, rng.randrange(1 << 32)]))
+    elif kind == "vr":  # replace a VR with another
+        vrs = [b"OB", b"OW", b"SQ", b"UN", b"US", b"UL", b"UI", b"DS", b"AE", b"??"]
+        spots = [i for i in range(start, len(buf) - 2) if bytes(buf[i : i + 2]) in vrs[:-1]]
+        if spots:
+            i = rng.choice(spots)
+            buf[i : i + 2] = rng.choice(vrs)
+    elif kind == "syntax":  # claim another transfer syntax in the meta than the dataset uses
+        for old in (ExplicitVRLittleEndian.encode(),):
+            i = buf.find(old + b"\x00")
+            if i >= 0:
+                new = rng.choice([ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless,
+                                  JPEG2000Lossless, "1.2.840.10008.1.2.2"]).encode()  # fmt: skip
+                new = new + b"\x00" * (len(old) + 1 - len(new)) if len(new) <= len(old) + 1 else new[: len(old) + 1]
+                buf[i : i + len(old) + 1] = new
+    else:
+        pos = rng.randrange(start, len(buf))
+        buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    return kind, bytes(buf)
