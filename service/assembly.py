@@ -8,6 +8,7 @@ from filmgate.destinations import build as build_destinations
 from filmgate.followup import Aftercare, tracker_for
 from filmgate.judge import Judge
 from filmgate.pipeline import Pipeline
+from filmgate.sandbox import DecodeSandbox
 from filmgate.spool import Spool
 
 
@@ -17,7 +18,10 @@ def build_pipeline(
     """Load the judge (an error when no detector loads and ``detectors.require``), build the destinations, and
     return the pipeline, not started. ``forward`` starts the DICOM destinations' forwarders: exactly one pipeline of
     a node forwards each outbox, or instances would be sent twice."""
-    judge = Judge.load(cfg)
+    decoder = None
+    if cfg.limits.decode_isolation:  # a crash or a runaway in a decoder costs one film, not this process
+        decoder = DecodeSandbox(cfg.limits, size=cfg.workers.decode_threads, log_level=cfg.logging.level)
+    judge = Judge.load(cfg, decoder=decoder)
     destinations = build_destinations(cfg.destinations, spool)
     if forward:
         for dest in destinations.values():

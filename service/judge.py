@@ -93,6 +93,7 @@ class Decoder(Protocol):
     """Where :meth:`Judge.examine` decodes when not in its own thread (the node's supervised child process)."""
 
     def decode(self, source: Path | bytes, *, suffix: str | None = None) -> Examined: ...
+    def close(self) -> None: ...
 
 
 def decode_film(source: Path | bytes, *, suffix: str | None = None, limits: LimitsConfig | None = None) -> Examined:

@@ -108,6 +108,8 @@ class Pipeline:
         handed = self.spool.release_all()
         if handed:
             log.info("%d claimed instances handed back to incoming/", handed)
+        if self.judge.decoder is not None:
+            self.judge.decoder.close()
         return drained
 
     @staticmethod
