@@ -47,7 +47,7 @@ ENV DEBIAN_FRONTEND=noninteractive
 # The interpreter the venv was built with; nothing else (CUDA and cuDNN come with the base image).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 \
+    && apt-get install -y --no-install-recommends python3 libopenjp2-7 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 filmgate \
     && useradd --system --uid 10001 --gid filmgate --home-dir /var/lib/filmgate --shell /usr/sbin/nologin filmgate \
@@ -75,7 +75,12 @@ CMD ["serve"]
 # Default target (last stage): CPU runtime. onnxruntime-gpu is what pyproject.toml installs on Linux x86_64; without
 # a GPU it runs on CPU and the node reports the provider in use (filmgate_model_info{provider=...}).
 FROM ${PYTHON_IMAGE} AS runtime
-RUN groupadd --system --gid 10001 filmgate \
+# libopenjp2: OpenJPEG for the reduced-resolution JPEG 2000 decode (filmgate.codecs, through glymur).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libopenjp2-7 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 filmgate \
     && useradd --system --uid 10001 --gid filmgate --home-dir /var/lib/filmgate --shell /usr/sbin/nologin filmgate \
     && install -d -o filmgate -g filmgate /var/lib/filmgate
 COPY --from=build /opt/filmgate/venv /opt/filmgate/venv

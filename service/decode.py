@@ -4,11 +4,14 @@ Training and serving must see identical pixels, otherwise a detector learns on o
 about another. Every film, DICOM or PNG/JPEG, becomes a float32 array in [0, 1] where 0 is black and 1 is white *as
 displayed*. For DICOM that means, as separate pure steps (the order of the DICOM grayscale pipeline, PS3.4 N.2):
 
-1. ``stored_pixels``: decode the first frame (pydicom with the pylibjpeg plugins), colour converted to grey;
-   ``reduce_step``: films larger than ``max_side`` (default :data:`DETECTOR_MAX_SIDE`, 512 px) are shrunk by an
-   integer box filter on the stored values. The detectors read 128 px inputs, the training films were themselves
-   reduced to a 512 px long side, and the grayscale pipeline on a 2048x2500 film costs ~20 ms at full size but
-   under 1 ms reduced;
+1. ``stored_pixels``: decode the first frame, colour converted to grey; ``reduce_step``: films larger than
+   ``max_side`` (default :data:`DETECTOR_MAX_SIDE`, 512 px) are shrunk by an integer box filter on the stored
+   values. The detectors read 128-192 px inputs, the training films were themselves reduced to a 512 px long side,
+   and the grayscale pipeline on a 2048x2500 film costs ~20 ms at full size but under 1 ms reduced. Compressed films
+   are decoded by :mod:`filmgate.codecs` where it has a fast decoder: JPEG 2000, HTJ2K and JPEG baseline at the
+   coarsest resolution level still at least as large as the reduced film (the reduce step then resamples to exactly
+   the size the full decode would have been reduced to), JPEG lossless and JPEG-LS by faster libraries; the rest by
+   pydicom with the pylibjpeg plugins;
 2. ``modality_step``: Modality LUT Sequence or Rescale Slope/Intercept;
 3. ``voi_step``: VOI LUT Sequence or Window Center/Width (LINEAR, LINEAR_EXACT, SIGMOID), else a robust
    percentile window, mapped to [0, 1];
@@ -37,6 +40,8 @@ from pydicom.pixels import apply_color_lut, apply_voi_lut
 from filmgate.dataset_io import DecodeError, read_dataset
 
 __all__ = ["DecodeError", "DecodedImage", "decode_bytes", "decode_dataset", "decode_file", "read_dataset"]
+
+from filmgate import codecs
 
 # Long side (pixels) above which films are reduced before the grayscale pipeline: the training films were reduced to
 # a 512 px long side by their curators, so serving reduces the same way. None keeps the full resolution.
@@ -143,8 +148,13 @@ def codestream_size(head: bytes) -> tuple[int, int, int] | None:
 # --------------------------------------------------------------------------------------------------- DICOM steps
 
 
-def stored_pixels(ds: Dataset) -> np.ndarray:
-    """Decode the first frame of ``ds`` to a 2-D array of stored values (grey) or luminance (colour images)."""
+def stored_pixels(ds: Dataset, max_side: int | None = None, *, fast: bool = True) -> np.ndarray:
+    """Decode the first frame of ``ds`` to a 2-D array of stored values (grey) or luminance (colour images).
+
+    With ``max_side`` a compressed film may come back smaller than Rows x Columns (decoded at a reduced resolution,
+    never below what :func:`reduce_step` reduces it to); ``fast=False`` always decodes in full with pydicom (the
+    reference the fast decoders are tested and benchmarked against).
+    """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DecodeError("the dataset has no pixel data")
     try:
@@ -154,6 +164,15 @@ def stored_pixels(ds: Dataset) -> np.ndarray:
     native = _native_grey_frame(ds)
     if native is not None:
         return native
+    if fast:
+        shape = _header_shape(ds)
+        target = reduce_target(shape, max_side) if shape is not None else None
+        decoded = codecs.decode_first_frame(ds, target[:2] if target else None)
+        if decoded is not None:
+            arr = decoded[0]
+            if arr.shape[0] < 8 or arr.shape[1] < 8:
+                raise DecodeError(f"image too small to judge: {arr.shape[1]}x{arr.shape[0]}")
+            return arr
     try:
         ds.pixel_array_options(
             index=0 if frames > 1 else None, decoding_plugin="pylibjpeg" if _has_pylibjpeg(ds) else ""
@@ -215,6 +234,13 @@ def _native_grey_frame(ds: Dataset) -> np.ndarray | None:
     return arr
 
 
+def _header_shape(ds: Dataset) -> tuple[int, int] | None:
+    try:
+        return int(ds.Rows), int(ds.Columns)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _has_pylibjpeg(ds: Dataset) -> bool:
     """True when the pylibjpeg plugin can decode this transfer syntax (we prefer it: measured faster than gdcm)."""
     from pydicom.pixels.decoders.base import get_decoder
@@ -233,21 +259,41 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
 
 
-def reduce_step(arr: np.ndarray, max_side: int | None) -> tuple[np.ndarray, str | None]:
+def reduce_target(shape: tuple[int, ...], max_side: int | None) -> tuple[int, int, int] | None:
+    """(rows, columns, factor) that :func:`reduce_step` brings a film of ``shape`` to, or None when it stays."""
+    if max_side is None or max(shape[:2]) <= max_side:
+        return None
+    factor = -(-max(shape[:2]) // max_side)
+    if shape[0] < factor or shape[1] < factor:
+        return None
+    return shape[0] // factor, shape[1] // factor, factor
+
+
+def reduce_step(
+    arr: np.ndarray, max_side: int | None, full_shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, str | None]:
     """Shrink by the smallest integer factor that brings the long side to ``max_side`` or less (box filter).
 
     Edge rows/columns beyond a multiple of the factor are dropped (fewer than the factor): that keeps OpenCV on
-    its fast exact-area path (about 4 ms instead of 14 ms for a 2048x2500 16-bit film).
+    its fast exact-area path (about 4 ms instead of 14 ms for a 2048x2500 16-bit film). ``full_shape`` is the
+    film's size when ``arr`` was decoded at a reduced resolution: the result then has exactly the size the full
+    film would have been reduced to (an area resample from the decoded level), so every later step and detector
+    sees the same geometry whichever decoder ran.
     """
-    if max_side is None or max(arr.shape) <= max_side:
+    full = tuple(full_shape) if full_shape is not None else arr.shape[:2]
+    target = reduce_target(full, max_side)
+    if target is None:
         return arr, None
-    factor = -(-max(arr.shape) // max_side)
-    h, w = arr.shape[0] // factor * factor, arr.shape[1] // factor * factor
-    if h < factor or w < factor:
-        return arr, None
+    th, tw, factor = target
     src = arr if arr.dtype in (np.uint8, np.uint16, np.int16, np.float32) else arr.astype(np.float32)
-    small = cv2.resize(np.ascontiguousarray(src[:h, :w]), (w // factor, h // factor), interpolation=cv2.INTER_AREA)
-    return small, f"reduce:{factor}"
+    if arr.shape[:2] == full:
+        h, w = th * factor, tw * factor
+        small = cv2.resize(np.ascontiguousarray(src[:h, :w]), (tw, th), interpolation=cv2.INTER_AREA)
+        return small, f"reduce:{factor}"
+    if arr.shape[:2] != (th, tw):
+        src = cv2.resize(np.ascontiguousarray(src), (tw, th), interpolation=cv2.INTER_AREA)
+    level = round(full[0] / arr.shape[0])
+    return src, f"reduce:{factor}:decoded-1/{level}"
 
 
 def modality_step(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str | None]:
@@ -376,14 +422,21 @@ def _number(value: object, default: float | None) -> float | None:  # type: igno
 
 
 def decode_dataset(
-    ds: Dataset, max_side: int | None = DETECTOR_MAX_SIDE, max_pixels: int | None = MAX_PIXELS
+    ds: Dataset,
+    max_side: int | None = DETECTOR_MAX_SIDE,
+    max_pixels: int | None = MAX_PIXELS,
+    *,
+    fast: bool = True,
 ) -> DecodedImage:
-    """The whole DICOM pipeline: stored pixels -> reduce -> modality -> VOI -> presentation, to float32 [0, 1]."""
+    """The whole DICOM pipeline: stored pixels -> reduce -> modality -> VOI -> presentation, to float32 [0, 1].
+
+    ``fast=False`` decodes compressed films in full with pydicom (the reference for tests and ``bench/decode``).
+    """
     if "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         check_pixel_budget(ds, max_pixels)
-    arr = stored_pixels(ds)
+    arr = stored_pixels(ds, max_side, fast=fast)
     steps: list[str] = []
-    arr, step = reduce_step(arr, max_side)
+    arr, step = reduce_step(arr, max_side, _header_shape(ds) if arr.shape != _header_shape(ds) else None)
     if step:
         steps.append(step)
     arr, step = modality_step(arr, ds)
@@ -420,7 +473,7 @@ def decode_image_bytes(data: bytes, max_side: int | None = DETECTOR_MAX_SIDE) ->
         raise DecodeError("empty input")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        img, full_shape = _imdecode(buf, max_side)
     except cv2.error as exc:
         raise DecodeError(f"not a readable image file: {exc}") from exc
     if img is None:
@@ -431,7 +484,7 @@ def decode_image_bytes(data: bytes, max_side: int | None = DETECTOR_MAX_SIDE) ->
         img = img[..., ::-1]  # BGR -> RGB
         img = _luminance(img)
     info_max = 65535.0 if img.dtype == np.uint16 else 255.0
-    img, step = reduce_step(img, max_side)
+    img, step = reduce_step(img, max_side, full_shape)
     if img.dtype.kind == "f" and info_max == 255.0 and step is None:
         lo, hi = float(img.min()), float(img.max())
         pixels = _linear(img, lo, hi)
@@ -439,6 +492,43 @@ def decode_image_bytes(data: bytes, max_side: int | None = DETECTOR_MAX_SIDE) ->
         pixels = np.clip(img.astype(np.float32) / np.float32(info_max), 0.0, 1.0)
     steps = (step, "scale") if step else ("scale",)
     return DecodedImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), kind="image", steps=steps)
+
+
+_CV2_REDUCED = {
+    (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    (2, False): cv2.IMREAD_REDUCED_COLOR_2,
+    (4, False): cv2.IMREAD_REDUCED_COLOR_4,
+    (8, False): cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def _imdecode(buf: np.ndarray, max_side: int | None) -> tuple[np.ndarray | None, tuple[int, int] | None]:
+    """OpenCV's decode; a JPEG larger than the reduced size is decoded by libjpeg's DCT scaling (1/2, 1/4, 1/8).
+
+    Returns the image and, when it was decoded reduced, the full (rows, columns) for :func:`reduce_step`. The
+    reduced decode keeps the file's grey or colour layout (and ignores EXIF orientation, like the full decode), so
+    the later steps are the same either way.
+    """
+    if max_side is not None and buf[:2].tobytes() == b"\xff\xd8":
+        try:
+            import simplejpeg
+
+            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(buf.tobytes(), strict=False)
+        except Exception:  # not a header libjpeg-turbo reads (12-bit, lossless, broken): full decode
+            h = w = 0
+        target = reduce_target((h, w), max_side) if h and w else None
+        if target is not None:
+            scale = 1
+            while scale < 8 and -(-h // (scale * 2)) >= target[0] and -(-w // (scale * 2)) >= target[1]:
+                scale *= 2
+            if scale > 1:
+                flags = _CV2_REDUCED[scale, colorspace.upper() == "GRAY"] | cv2.IMREAD_IGNORE_ORIENTATION
+                img = cv2.imdecode(buf, flags)
+                if img is not None:
+                    return img, (h, w)
+    return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED), None
 
 
 def is_dicom_bytes(head: bytes) -> bool:
