@@ -1,4 +1,4 @@
-"""``filmgate``: serve, check-config, inspect, healthcheck."""
+"""``filmgate``: serve, check-config, inspect, sweep, healthcheck."""
 
 from __future__ import annotations
 
@@ -50,6 +50,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from filmgate.inspect import inspect_files
 
     return inspect_files(cfg, [Path(f) for f in args.files], sys.stdout, metadata_only=args.metadata_only)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    setup_logging("WARNING")
+    from filmgate.sweep.run import SweepOptions, sweep
+
+    pacs = None
+    sources = tuple(args.sources)
+    if any(s.startswith("dicom://") for s in sources):
+        from filmgate.sweep.pacs import PacsError, parse_pacs
+
+        if len(sources) != 1 or args.from_list:
+            print("filmgate sweep: a dicom:// source is swept alone", file=sys.stderr)
+            return 2
+        try:
+            pacs = parse_pacs(sources[0], query=args.query, since=args.since, ae_title=args.ae_title or
+                              cfg.listener.ae_title, retrieve=args.retrieve, move_port=args.move_port)  # fmt: skip
+        except PacsError as exc:
+            print(f"filmgate sweep: {exc}", file=sys.stderr)
+            return 2
+    elif args.query or args.since:
+        print("filmgate sweep: --query and --since apply to a dicom://AET@host:port source", file=sys.stderr)
+        return 2
+    if not sources and not args.from_list:
+        print("filmgate sweep: give files or folders, --from-list FILE, or dicom://AET@host:port", file=sys.stderr)
+        return 2
+    missing = [s for s in sources if pacs is None and not Path(s).exists()]
+    if missing:
+        print(f"filmgate sweep: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    opts = SweepOptions(
+        out=Path(args.out), sources=sources if pacs is None else (), from_list=args.from_list, jobs=args.jobs,
+        batch=args.batch, cluster=args.cluster, sort_into=Path(args.sort_into) if args.sort_into else None,
+        sort_mode=args.sort_mode, review=args.review, progress=args.progress, report_limit=args.report_limit,
+        pacs=pacs,
+    )  # fmt: skip
+    try:
+        return sweep(cfg, opts)
+    except RuntimeError as exc:  # no detectors, a cluster that cannot be reached, a PACS that refuses
+        print(f"filmgate sweep: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
@@ -111,6 +153,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML configuration file (models and policy)")
     p.add_argument("--metadata-only", action="store_true", help="run without detectors (header rules only)")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("sweep", help="judge a dataset (files, folders, a list, or a PACS) and report on it",
+                       description="Judge every film of the sources in parallel; results.csv, summary.json and "
+                       "report.html in --out. A rerun with the same --out resumes (changed files are judged again).")
+    p.add_argument("sources", nargs="*", help="files and folders (recursive), or one dicom://AET@host:port")
+    p.add_argument("--out", required=True, help="output folder (results, report, and the resumable state)")
+    p.add_argument("--from-list", metavar="FILE", help="also judge the files named in FILE (one path a line)")
+    p.add_argument("--config", help="YAML configuration file (models and policy)")
+    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: every core)")
+    p.add_argument("--batch", type=int, default=32, help="films per batch through the detectors (default 32)")
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="a Dask scheduler, e.g. tcp://scheduler:8786 (needs filmgate[cluster])")
+    p.add_argument("--sort-into", metavar="DIR2", help="put every film into DIR2/accept/ or DIR2/quarantine/<reason>/")
+    p.add_argument("--sort-mode", choices=("link", "symlink", "copy"), default="link",
+                   help="how --sort-into places films (default: hard link, copy across file systems)")
+    p.add_argument("--review", action="store_true", help="load the results into the review console's index")
+    p.add_argument("--report-limit", type=int, default=500, help="films per contact sheet in report.html")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    p.add_argument("--query", help="PACS: C-FIND keys, e.g. 'Modality=CR,DX' (comma: any of)")
+    p.add_argument("--since", help="PACS: studies from this date on (YYYY-MM-DD)")
+    p.add_argument("--ae-title", help="PACS: our calling AE title (default: listener.ae_title)")
+    p.add_argument("--retrieve", choices=("get", "move"), default="get",
+                   help="PACS: C-GET (default) or C-MOVE to our own AE title (needs --move-port)")
+    p.add_argument("--move-port", type=int, default=0, help="PACS: port our C-MOVE destination listens on")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("healthcheck", help="C-ECHO the node and GET /healthz; exit 0 when both answer")
     p.add_argument("--config", help="YAML configuration file")
     p.add_argument("--timeout", type=float, default=5.0)

@@ -1,0 +1,127 @@
+"""Fixtures of the sweep tests: a folder tree made from real films, and the installed ``filmgate sweep`` run on it.
+
+The tree is what a research group's folder looks like: nested folders of PNG and JPEG films, DICOM files with and
+without an extension (the real DICOM test files and DX films made from real films), a DICOMDIR with its own
+extension-less files, a text file, an empty file, and truncated DICOM and JPEG files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.fileset import FileSet
+
+from filmgate.datasets import select
+from tests.service.conftest import film_pixels, make_dicom
+
+FILMGATE = str(Path(sys.executable).parent / "filmgate")
+SKIPPED = {"notes/readme.txt", "notes/empty.dat", "archive/DICOMDIR"}
+
+
+def run_sweep(*args: str | Path, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``filmgate sweep ARGS`` from an empty folder, as a user runs it (no progress bar: not a terminal)."""
+    env = {k: v for k, v in os.environ.items() if k != "FILMGATE_CONFIG"}
+    proc = subprocess.run([FILMGATE, "sweep", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd="/")  # fmt: skip
+    if check:
+        assert proc.returncode == 0, f"filmgate sweep {args}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def inspect(files: list[Path]) -> dict[str, dict]:
+    """``filmgate inspect`` on ``files`` (one process): file -> its JSON line."""
+    proc = subprocess.run([FILMGATE, "inspect", *map(str, files)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {d["file"]: d for d in map(json.loads, proc.stdout.splitlines())}
+
+
+def _films(per_kind: int) -> list[Path]:
+    """A fixed, varied set of real films: each kind of film of the val split, at most two of a source."""
+    chosen: list[Path] = []
+    for kind in ("frontal-chest", "lateral-chest", "other-radiograph", "not-radiograph"):
+        per_source: dict[str, int] = {}
+        for f in select(split="val", kind=kind):
+            if per_source.get(f.source, 0) < 2:
+                per_source[f.source] = per_source.get(f.source, 0) + 1
+                chosen.append(f.path)
+            if sum(per_source.values()) >= per_kind:
+                break
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def film_tree(tmp_path_factory, data_dir) -> dict:
+    """The tree, and what each of its files is: ``films`` (results path -> kind), ``truncated`` paths."""
+    root = tmp_path_factory.mktemp("sweep") / "dataset"
+    films: dict[str, str] = {}
+    for i, src in enumerate(_films(9)):
+        sub = ("chest/2024/a", "chest/2024/b", "other", "chest")[i % 4]
+        dst = root / sub / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        films[f"{sub}/{src.name}"] = "image"
+    # The real DICOM test files, without their extension, in a nested folder.
+    for i, src in enumerate(sorted((data_dir / "dicom").glob("*.dcm"))):
+        dst = root / "dicom" / "real" / f"IM{i:04d}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        films[f"dicom/real/IM{i:04d}"] = "dicom"
+    # DX films made from real films: two with .dcm, two with no extension, and a rotated one.
+    frontal = [f.path for f in select(split="val", kind="frontal-chest") if f.pediatric == "no"][:3]
+    for i, src in enumerate(frontal):
+        px = film_pixels(src)
+        name = f"made/dx{i}.dcm" if i % 2 == 0 else f"made/DX{i}"
+        (root / "made").mkdir(exist_ok=True)
+        make_dicom(px, root / name)
+        films[name] = "dicom"
+    make_dicom(np.ascontiguousarray(np.rot90(film_pixels(frontal[0]))), root / "made" / "ROT1")
+    films["made/ROT1"] = "dicom"
+    # A DICOMDIR and the extension-less files it references (pydicom's FileSet writes both).
+    fs = FileSet()
+    staging = tmp_path_factory.mktemp("staging")
+    for i, src in enumerate(frontal[:2]):
+        make_dicom(film_pixels(src), staging / f"s{i}.dcm", study_uid="1.2.826.0.1.3680043.8.498.1")
+        ds = dcmread(staging / f"s{i}.dcm")
+        ds.StudyTime, ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "101500", "1", 1, i + 1  # DICOMDIR records
+        fs.add(ds)
+    fs.write(root / "archive")
+    for p in sorted((root / "archive").rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and p.name != "DICOMDIR":
+            films[rel] = "dicom"
+    # Not films: a text file and an empty file; broken films: truncated DICOM and JPEG.
+    (root / "notes").mkdir()
+    (root / "notes" / "readme.txt").write_text("scanned at site A\n")
+    (root / "notes" / "empty.dat").write_bytes(b"")
+    whole = (root / "made" / "dx0.dcm").read_bytes()
+    (root / "broken").mkdir()
+    (root / "broken" / "truncated.dcm").write_bytes(whole[: len(whole) // 2])
+    jpg = next(p for p in (root / "chest").rglob("*.jpg"))
+    (root / "broken" / "truncated.jpg").write_bytes(jpg.read_bytes()[:300])
+    films["broken/truncated.dcm"] = "dicom"
+    films["broken/truncated.jpg"] = "image"
+    return {"root": root, "films": films, "truncated": {"broken/truncated.dcm", "broken/truncated.jpg"}}
+
+
+@pytest.fixture(scope="session")
+def swept(film_tree, tmp_path_factory) -> dict:
+    """``filmgate sweep TREE --out OUT --sort-into SORTED`` run once; its outputs read back."""
+    base = tmp_path_factory.mktemp("swept")
+    out, sorted_dir = base / "out", base / "sorted"
+    proc = run_sweep(film_tree["root"], "--out", out, "--sort-into", sorted_dir)
+    return {"out": out, "sorted": sorted_dir, "rows": read_csv(out / "results.csv"), "stderr": proc.stderr,
+            "summary": json.loads((out / "summary.json").read_text())}  # fmt: skip
