@@ -41,7 +41,7 @@ def timeit(fn, seconds: float, min_runs: int = 20) -> list[float]:
 
 
 def main() -> int:
-    import onnxruntime as ort
+    from filmgate.detectors import onnx_session
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["orientation", "inversion"])
@@ -59,11 +59,7 @@ def main() -> int:
     for name in args.models:
         folder = Path(args.models_dir) / name
         manifest = load_manifest(folder)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = args.threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session = ort.InferenceSession(str(folder / manifest.file), opts, providers=["CPUExecutionProvider"])
+        session = onnx_session(folder / manifest.file, provider="cpu", intra_op_threads=args.threads)
         batch = np.stack([preprocess(p, manifest.preprocessing) for p in decoded]).astype(np.float32)
         prep_ms = 1000 * statistics.median(timeit(lambda m=manifest: preprocess(decoded[0], m.preprocessing), 0.5))
         one = batch[:1]

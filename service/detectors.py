@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,10 +38,13 @@ class OnnxDetector:
     def name(self) -> str:
         return self.manifest.name
 
-    def run(self, batch: np.ndarray) -> list[Finding]:
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        """The model's raw outputs for a prepared (N, 1, S, S) batch."""
         m = self.manifest
-        outputs = self.session.run([m.output_name], {m.input_name: batch})[0]  # type: ignore[attr-defined]
-        return m.findings(outputs)
+        return self.session.run([m.output_name], {m.input_name: batch})[0]  # type: ignore[attr-defined,no-any-return]
+
+    def run(self, batch: np.ndarray) -> list[Finding]:
+        return self.manifest.findings(self.outputs(batch))
 
 
 def _providers(choice: str) -> list[str]:
@@ -52,16 +56,24 @@ def _providers(choice: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _onnx_factory(folder: Path, manifest: ModelManifest, cfg: DetectorsConfig) -> OnnxDetector:
+def onnx_session(path: str | Path, *, provider: str = "cpu", intra_op_threads: int = 0) -> Any:
+    """THE one place an onnxruntime session is made (the gate's detectors, training's evaluation and parity, tests,
+    benchmarks), so every caller runs a model with the same options: one inter-op thread, ``intra_op_threads`` per
+    model (0 lets onnxruntime choose), quiet logs, ``provider`` "cpu", "cuda" or "auto" (CUDA when onnxruntime has
+    it, else CPU). onnxruntime falls back to CPU silently: read ``session.get_providers()[0]`` for the one in use."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if cfg.intra_op_threads:
-        opts.intra_op_num_threads = cfg.intra_op_threads
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    ort.set_default_logger_severity(4)  # a missing CUDA library is reported below as the provider really used
-    session = ort.InferenceSession(str(folder / manifest.file), sess_options=opts, providers=_providers(cfg.provider))
+    ort.set_default_logger_severity(4)  # a missing CUDA library is reported by the caller as the provider really used
+    return ort.InferenceSession(str(path), sess_options=opts, providers=_providers(provider))
+
+
+def _onnx_factory(folder: Path, manifest: ModelManifest, cfg: DetectorsConfig) -> OnnxDetector:
+    session = onnx_session(folder / manifest.file, provider=cfg.provider, intra_op_threads=cfg.intra_op_threads)
     used = session.get_providers()[0]
     if cfg.provider == "cuda" and used != "CUDAExecutionProvider":
         raise RuntimeError(f"detectors.provider is cuda but {manifest.name} runs on {used} (no usable GPU)")
@@ -72,6 +84,14 @@ def _onnx_factory(folder: Path, manifest: ModelManifest, cfg: DetectorsConfig) -
 DETECTOR_FACTORIES: dict[str, Callable[[Path, ModelManifest, DetectorsConfig], OnnxDetector]] = {
     ".onnx": _onnx_factory,
 }
+
+
+def load_detector(folder: Path, manifest: ModelManifest, cfg: DetectorsConfig) -> OnnxDetector:
+    """One detector from its folder, by the registry's runtime for its model file."""
+    factory = DETECTOR_FACTORIES.get(Path(manifest.file).suffix.lower())
+    if factory is None:
+        raise RuntimeError(f"{folder}: no runtime for model file {manifest.file}")
+    return factory(folder, manifest, cfg)
 
 
 class DetectorSet:
@@ -103,10 +123,7 @@ class DetectorSet:
             if manifest.name in cfg.disabled:
                 log.info("detector %s disabled by detectors.disabled", manifest.name)
                 continue
-            factory = DETECTOR_FACTORIES.get(Path(manifest.file).suffix.lower())
-            if factory is None:
-                raise RuntimeError(f"{folder}: no runtime for model file {manifest.file}")
-            det = factory(folder, manifest, cfg)
+            det = load_detector(folder, manifest, cfg)
             log.info(
                 "detector %s version %s (reason %s) loaded on %s",
                 manifest.name, manifest.version, manifest.reason, det.provider,

@@ -194,6 +194,18 @@ class Judge:
             ex.timings["preprocess"] = time.perf_counter() - t1
         return ex
 
+    def examine_pixels(self, pixels: np.ndarray, metadata: Metadata | None = None) -> Examined:
+        """A film already decoded (grey [0, 1], as :meth:`examine` decodes), prepared for the detectors: for films
+        made in memory (the gate report's made-wrong films, tests of one detector). Without ``metadata`` it has no
+        header, like a PNG."""
+        ex = Examined(metadata=metadata or Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""))
+        ex.pixels = np.ascontiguousarray(pixels)
+        if self.detectors.detectors:
+            t0 = time.perf_counter()
+            ex.inputs = self.detectors.prepare(ex.pixels)
+            ex.timings["preprocess"] = time.perf_counter() - t0
+        return ex
+
     @staticmethod
     def failed(error: str) -> Examined:
         """An examined film that could not be looked at, for a caller whose own step failed (a decode process that

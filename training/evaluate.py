@@ -53,12 +53,10 @@ def torch_runner(model: Any, threads: int = 2, batch: int = 128) -> Runner:
 
 
 def onnx_runner(path: Path, threads: int = 2) -> Runner:
-    import onnxruntime as ort
+    """Raw outputs of an exported model on CPU, through the gate's one session factory."""
+    from filmgate.detectors import onnx_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, provider="cpu", intra_op_threads=threads)
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(["output"], {"image": np.ascontiguousarray(x, dtype=np.float32)})[0]

@@ -131,16 +131,14 @@ def test_inspect_gives_the_reason_for_each_kind(shipped, tmp_path):
 def test_gate_report_decides_val_films_and_made_wrong_films_with_the_gate(shipped):
     """The gate report's two measurements on a fixed sample: val films decided right, and wrong films made from
     adult frontal films (collimated, zoomed, washed out, dark, blank, screenshots) kept out by the whole gate."""
-    from filmgate.config import DetectorsConfig
-    from filmgate.detectors import DetectorSet
-    from filmgate_training.detectors.gate_report import decide_all, expected, made_wrong, summarise
+    from filmgate_training.detectors.gate_report import decide_all, expected, gate_judge, made_wrong, summarise
 
-    detectors = DetectorSet.load(DetectorsConfig(models_dir=str(shipped), provider="cpu", intra_op_threads=1))
+    judge = gate_judge(shipped)
     films = [f for kind in ("frontal-chest", "lateral-chest", "other-radiograph", "not-radiograph")
              for f in val_subset(kind, 4)]  # fmt: skip
-    summary = summarise(decide_all(films, detectors))
+    summary = summarise(decide_all(films, judge))
     assert summary["films"] == len(films) and summary["right"] >= 0.9 * len(films), summary["by_category"]
     adults = [f for f in val_subset("frontal-chest", 6) if expected(f)[0] == "accept"]
     assert len(adults) >= 10
-    for name, m in made_wrong(adults, detectors).items():
+    for name, m in made_wrong(adults, judge).items():
         assert m["films"] == len(adults) and m["quarantined"] >= 0.9 * len(adults), (name, m)

@@ -22,7 +22,7 @@ def wrong_rows() -> set[str]:
     """Val films whose row is wrong for these checks (the NIH film stored upside down): the shipped flip model's
     ``data.exclude``, as its evaluation left them out."""
     from filmgate.manifest import load_manifest
-    from tests.detectors.conftest import MODELS
+    from tests.helpers import MODELS
 
     return {e["path"] for e in load_manifest(MODELS / "flip").extra["config"]["data"]["exclude"]}
 
@@ -73,7 +73,7 @@ def test_view_names_the_kind(detector):
     """The predicted label (written to the sidecar) is the film's kind for nearly every non-frontal film."""
     view = detector("view")
     films = val("lateral-chest") + val("other-radiograph") + val("not-radiograph")
-    found = view.manifest.findings(view.outputs(images(films)))
+    found = view.findings(images(films))
     right = sum(fd.predicted == f.kind for f, fd in zip(films, found, strict=True))
     assert right >= 0.95 * len(films)
     assert all(fd.predicted == "lateral-chest" for f, fd in zip(films, found, strict=True) if f.kind == "lateral-chest")
@@ -150,7 +150,7 @@ def test_atypical_is_built_on_the_shipped_view_network():
     import onnx
     from onnx import numpy_helper
 
-    from tests.detectors.conftest import MODELS
+    from tests.helpers import MODELS
 
     view_version = json.loads((MODELS / "view" / "manifest.json").read_text())["version"]
     backbone = json.loads((MODELS / "atypical" / "manifest.json").read_text())["extra"]["backbone"]

@@ -8,12 +8,12 @@ import itertools
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 from filmgate.datasets import select
 from filmgate.decode import decode_file
+from filmgate.detectors import onnx_session
 from filmgate.manifest import load_manifest
 from filmgate.preprocess import preprocess
 from filmgate_training.config import AugmentConfig, ConfigError, config_from_dict, load_config
@@ -57,7 +57,7 @@ def test_tiny_fit_exports_loads_in_onnxruntime_and_ships(tmp_path, data_dir):
     assert parity["inputs"] == 12  # 3 real val films x 4 variants
     assert parity["max_abs_diff"] <= 1e-3
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = onnx_session(onnx_path)
     assert [i.name for i in session.get_inputs()] == ["image"]
     assert [o.name for o in session.get_outputs()] == ["output"]
     for n in (1, 5):  # dynamic batch
@@ -92,7 +92,7 @@ def test_export_parity_on_real_films_batch_and_single(tmp_path, data_dir):
     x = np.stack([preprocess(decode_file(f.path).pixels, config.preprocessing) for f in films])
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).numpy()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = onnx_session(onnx_path)
     batched = session.run(["output"], {"image": x})[0]
     single = np.concatenate([session.run(["output"], {"image": x[i : i + 1]})[0] for i in range(len(x))])
     assert np.abs(batched - expected).max() < 1e-4

@@ -12,15 +12,13 @@ import math
 from collections import defaultdict
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from filmgate.datasets import REPO_ROOT, data_root, select
 from filmgate.decode import decode_file
-from filmgate.manifest import load_manifest
-from filmgate.preprocess import preprocess_batch
 from filmgate_training.config import load_config
 from filmgate_training.metrics import roc_auc
+from tests.helpers import ShippedDetector
 
 MODELS = REPO_ROOT / "models"
 PER_SOURCE = 24
@@ -36,22 +34,6 @@ TRANSFORMS = {
 
 def allowed(rate: float, n: int) -> int:
     return math.floor(rate * n + 1e-9)
-
-
-class Detector:
-    def __init__(self, name: str) -> None:
-        self.folder = MODELS / name
-        self.manifest = load_manifest(self.folder)  # schema + sha256, as the gate loads it
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        self.session = ort.InferenceSession(
-            str(self.folder / self.manifest.file), opts, providers=["CPUExecutionProvider"]
-        )
-
-    def findings(self, images: list[np.ndarray]):
-        x = preprocess_batch([np.ascontiguousarray(p) for p in images], self.manifest.preprocessing)
-        out = self.session.run([self.manifest.output_name], {self.manifest.input_name: x})[0]
-        return self.manifest.findings(out)
 
 
 # Rows known to be wrong (stored upside down) are left out, as in training/configs/*.yaml (data.exclude).
@@ -74,7 +56,7 @@ def subset():
 
 @pytest.mark.parametrize("name", ["orientation", "inversion"])
 def test_shipped_model_reaches_its_goals_on_a_fixed_val_subset(name, subset):
-    det = Detector(name)
+    det = ShippedDetector(name)
     m = det.manifest
     goal = GOALS[name]
     n = len(subset)
@@ -101,7 +83,7 @@ def test_shipped_model_reaches_its_goals_on_a_fixed_val_subset(name, subset):
 
 @pytest.mark.parametrize("name", ["orientation", "inversion"])
 def test_manifest_records_a_calibrated_threshold_and_goal_meeting_val_figures(name):
-    m = Detector(name).manifest
+    m = ShippedDetector(name).manifest
     goal = GOALS[name]
     assert m.kind == "classifier" and m.input_name == "image" and m.output_name == "output"
     assert 0.5 <= m.threshold < 1.0
@@ -119,9 +101,9 @@ def test_manifest_records_a_calibrated_threshold_and_goal_meeting_val_figures(na
 def test_a_film_stored_upside_down_is_called_rotated_not_inverted():
     """ChestX-ray14 holds a film stored upside down (the L marker reads right only when turned back)."""
     pixels = decode_file(data_root() / "images/nih-cxr14/no_finding_00003490_011.jpg").pixels
-    rot = Detector("orientation").findings([pixels])[0]
+    rot = ShippedDetector("orientation").findings([pixels])[0]
     assert rot.flagged and rot.predicted == "rot180", rot
-    assert not Detector("inversion").findings([pixels])[0].flagged
+    assert not ShippedDetector("inversion").findings([pixels])[0].flagged
 
 
 DICOM_CASES = [
@@ -136,7 +118,7 @@ DICOM_CASES = [
 @pytest.mark.parametrize(("file", "rotated", "inverted"), DICOM_CASES)
 def test_real_dicom_films_as_the_gate_sees_them(file, rotated, inverted):
     pixels = decode_file(data_root() / "dicom" / file).pixels
-    orientation, inversion = Detector("orientation"), Detector("inversion")
+    orientation, inversion = ShippedDetector("orientation"), ShippedDetector("inversion")
     inv = inversion.findings([pixels])[0]
     assert inv.flagged is inverted, inv
     assert inv.predicted == ("inverted" if inverted else "normal")

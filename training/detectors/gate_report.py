@@ -1,8 +1,8 @@
 """The gate report (issue 4, item 6): the whole ``val`` split decided as the gate would decide it.
 
-``python -m filmgate_training.detectors.gate_report [--out runs/gate-report] [--models models]`` loads every shipped
-detector exactly as the gate does (:class:`filmgate.detectors.DetectorSet`), decodes and prepares each val film with
-the gate's own code and decides with :func:`filmgate.policy.decide` under the default policy. The films are PNG/JPEG
+``python -m filmgate_training.detectors.gate_report [--out runs/gate-report] [--models models]`` judges every val film
+with the gate's own judge (:class:`filmgate.judge.Judge`: the shipped detectors, the gate's decode and preprocessing,
+:func:`filmgate.policy.decide` under the default policy). The films are PNG/JPEG
 without a DICOM header, so the metadata rules (modality, age) do not apply: this is the image models' own work, the
 hardest case for the pediatric rule (no age in the header).
 
@@ -28,11 +28,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from filmgate.config import DetectorsConfig, PolicyConfig
+from filmgate.config import parse_config
 from filmgate.datasets import LabelledFilm, data_root, labels
-from filmgate.decode import DecodeError, decode_file
-from filmgate.detectors import DetectorSet
-from filmgate.policy import Metadata, decide
+from filmgate.decode import decode_file
+from filmgate.judge import Judge
 from filmgate_training.config import REPO_ROOT
 
 
@@ -45,36 +44,28 @@ def expected(film: LabelledFilm) -> tuple[str, str]:
     return "accept", "frontal-chest, adult or age unknown"
 
 
-def decide_all(films: Sequence[LabelledFilm], detectors: DetectorSet, batch: int = 32) -> list[dict[str, Any]]:
-    policy = PolicyConfig()
-    rows: list[dict[str, Any]] = []
-    for i in range(0, len(films), batch):
-        chunk = films[i : i + batch]
-        prepared, ok = [], []
-        for film in chunk:
-            try:
-                prepared.append(detectors.prepare(decode_file(film.path).pixels))
-                ok.append(film)
-            except DecodeError as exc:
-                d = decide([], Metadata(is_dicom=False, decode_error=str(exc)), policy)
-                rows.append(_row(film, d))
-        for film, findings in zip(ok, detectors.run(prepared) if prepared else [], strict=True):
-            rows.append(_row(film, decide(findings, Metadata(is_dicom=False), policy)))
-    return rows
+def gate_judge(models: Path) -> Judge:
+    """The gate's judge over the detectors under ``models``, default policy, CPU, one thread per model."""
+    detectors = {"models_dir": str(models), "provider": "cpu", "intra_op_threads": 1}
+    return Judge.load(parse_config({"detectors": detectors}))
 
 
-def made_wrong(films: Sequence[LabelledFilm], detectors: DetectorSet) -> dict[str, Any]:
+def decide_all(films: Sequence[LabelledFilm], judge: Judge, batch: int = 32) -> list[dict[str, Any]]:
+    """Every film judged as the gate judges it (in batches of ``batch``), one row each, in order."""
+    by_path = {f.path: f for f in films}
+    return [_row(by_path[path], j.decision) for path, j in judge.judge_many([f.path for f in films], batch=batch)]
+
+
+def made_wrong(films: Sequence[LabelledFilm], judge: Judge) -> dict[str, Any]:
     """Wrong films made from the adult val frontal films (:mod:`filmgate_training.detectors.corrupt`:
     collimated, zoomed,
     washed out, dark, nearly blank, screenshots), each decided by the whole gate: how many it keeps out, and why."""
     from filmgate_training.detectors.corrupt import CORRUPTIONS
 
-    policy = PolicyConfig()
     pixels = [decode_file(f.path).pixels for f in films]
     out: dict[str, Any] = {}
     for name, make in CORRUPTIONS.items():
-        found = detectors.run([detectors.prepare(make(px)) for px in pixels])
-        decisions = [decide(fs, Metadata(is_dicom=False), policy) for fs in found]
+        decisions = [j.decision for j in judge.conclude([judge.examine_pixels(make(px)) for px in pixels])]
         out[name] = {
             "films": len(decisions),
             "quarantined": sum(not d.accepted for d in decisions),
@@ -252,15 +243,15 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def run(out: Path, models: Path, docs: Path | None = None) -> dict[str, Any]:
-    detectors = DetectorSet.load(DetectorsConfig(models_dir=str(models), provider="cpu", intra_op_threads=1))
+    judge = gate_judge(models)
     films = [f for f in labels() if f.split == "val"]
-    rows = decide_all(films, detectors)
+    rows = decide_all(films, judge)
     summary = summarise(rows)
     adults = [f for f in films if expected(f)[0] == "accept"]
     meta = {
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "detectors": detectors.describe(),
-        "made_wrong": made_wrong(adults, detectors),
+        "detectors": judge.detectors.describe(),
+        "made_wrong": made_wrong(adults, judge),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"meta": meta, "summary": summary, "films": rows}, indent=1) + "\n")
