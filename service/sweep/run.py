@@ -120,11 +120,11 @@ def sweep(cfg: Config, opts: SweepOptions) -> int:
                 items_fn = lambda keep: (Item(key, path, abspath, thumb=keep(key))  # noqa: E731
                                          for key, path, abspath in store.pending(fp))  # fmt: skip
             films, done = store.counts(fp)
-            judged, complete = _drive(store, executor, fp, items_fn, films, done, opts)
+            judged, interrupted = _drive(store, executor, fp, items_fn, films, done, opts)
         finally:
             executor.close()
         films, done = store.counts(fp)
-        complete = complete and done == films
+        complete = not interrupted and done == films
         run = {
             "sources": [*opts.sources, *([opts.from_list] if opts.from_list else []),
                         *([opts.pacs.url] if opts.pacs is not None else [])],
@@ -144,9 +144,15 @@ def sweep(cfg: Config, opts: SweepOptions) -> int:
         dec = summary["by_decision"]
         print(f"filmgate sweep: {summary['films']} films ({dec.get('accept', 0)} accepted, "
               f"{dec.get('quarantine', 0)} quarantined), {summary['skipped']} skipped; {judged} judged in "
-              f"{run['seconds']:.1f} s; results in {opts.out}" + ("" if complete else
-              "; INTERRUPTED: run the same command again to resume"), file=sys.stderr)  # fmt: skip
-        return 0 if complete else INTERRUPTED
+              f"{run['seconds']:.1f} s; results in {opts.out}", file=sys.stderr)  # fmt: skip
+        if interrupted:
+            print("filmgate sweep: INTERRUPTED: run the same command again to resume", file=sys.stderr)
+            return INTERRUPTED
+        if not complete:
+            print(f"filmgate sweep: {films - done} films found could not be judged (see the warnings above); run the "
+                  "same command again to retry them", file=sys.stderr)  # fmt: skip
+            return 1
+        return 0
     finally:
         store.close()
 
@@ -158,7 +164,7 @@ def _chain(*its: Iterable[Any]) -> Iterator[Any]:
 
 def _drive(store: Store, executor: Executor, fp: str, items_fn: Callable[[Callable[[str], bool]], Iterable[Item]],
            films: int, done: int, opts: SweepOptions) -> tuple[int, bool]:  # fmt: skip
-    """Judge the pending films; returns (films judged, whether it ran to the end)."""
+    """Judge the pending films; returns (films judged, whether it was interrupted)."""
     stop = {"asked": False}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -186,7 +192,7 @@ def _drive(store: Store, executor: Executor, fp: str, items_fn: Callable[[Callab
         bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return judged, not stop["asked"]
+    return judged, stop["asked"]
 
 
 def _placer(store: Store, opts: SweepOptions) -> Callable[[list[Item], list[Row]], None]:

@@ -75,8 +75,18 @@ class Store:
                 self._insert(sql, buf)
                 buf = []
         self._insert(sql, buf)
-        self.db.execute("DELETE FROM files WHERE run != ?", (self.run,))
+        self.forget_unseen()
         return n
+
+    def forget_unseen(self) -> None:
+        """Files (or PACS instances) not found by this run leave the outputs."""
+        self.db.execute("DELETE FROM files WHERE run != ?", (self.run,))
+
+    def count_series(self, study: str, series: str) -> int:
+        """PACS instances found in one series (their results paths are study/series/instance)."""
+        prefix = f"{study}/{series}/"
+        return self.db.execute("SELECT count(*) FROM files WHERE kind = 'remote' AND substr(path, 1, ?) = ?",
+                               (len(prefix), prefix)).fetchone()[0]  # fmt: skip
 
     def add_remote(self, key: str, path: str) -> None:
         self.db.execute(

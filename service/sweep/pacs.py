@@ -1,0 +1,325 @@
+"""Sweep a PACS: ``filmgate sweep dicom://AET@host:port --query 'Modality=CR,DX' --since 2024-01-01``.
+
+Instances are found by C-FIND in the Study Root model (studies, then each study's series, then each series'
+instances), so every instance is known, counted and recorded before judging starts; a rerun retrieves only those
+without a current result. They are retrieved by C-GET (default; the PACS must allow our AE title to get) or by C-MOVE
+to our own AE title (``--retrieve move --move-port N``: the PACS must know our AE title at this host and port), one
+series at a time (instance by instance where a series is partly judged already), and judged as they arrive: the
+received bytes stay in memory, bounded by a small queue (the PACS waits while the workers catch up), and are written
+only by ``--sort-into``.
+
+Query keys: ``Key=value`` pairs separated by ``;``; a comma means "any of". Study-level keys (dates, accession
+number, patient ID, descriptions) are asked at the study level, the rest at the series level; ``Modality`` is asked
+as ModalitiesInStudy for studies and Modality for series. Values are checked again here, since not every PACS
+honours every key.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.multival import MultiValue
+
+from filmgate.sweep.store import Store
+from filmgate.sweep.work import Item
+
+log = logging.getLogger("filmgate.sweep.pacs")
+
+STUDY_KEYS = {"StudyDate", "StudyTime", "AccessionNumber", "PatientID", "StudyDescription", "StudyID",
+              "ReferringPhysicianName", "InstitutionName"}  # fmt: skip
+QUEUE_FILMS = 64  # received instances waiting for the workers (the memory bound of a PACS sweep)
+TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # deflated
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE
+)
+# Storage classes asked for by C-GET (an association has at most 128 contexts): radiographs, and what a
+# radiograph study also holds (so that a CT slice or a screenshot is judged, and quarantined, rather than missed).
+STORAGE_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # mammography for presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",  # mammography for processing
+    "1.2.840.10008.5.1.4.1.1.1.3",  # intra-oral for presentation
+    "1.2.840.10008.5.1.4.1.1.7",  # secondary capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # multi-frame grayscale byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",  # multi-frame grayscale word SC
+    "1.2.840.10008.5.1.4.1.1.7.4",  # multi-frame true colour SC
+    "1.2.840.10008.5.1.4.1.1.2",  # CT
+    "1.2.840.10008.5.1.4.1.1.4",  # MR
+    "1.2.840.10008.5.1.4.1.1.6.1",  # US
+    "1.2.840.10008.5.1.4.1.1.12.1",  # XA
+    "1.2.840.10008.5.1.4.1.1.12.2",  # RF
+    "1.2.840.10008.5.1.4.1.1.20",  # NM
+    "1.2.840.10008.5.1.4.1.1.128",  # PET
+)
+
+
+class PacsError(Exception):
+    """A PACS source that cannot be used: a bad URL or query, an association refused, a failed C-FIND."""
+
+
+@dataclass(frozen=True)
+class PacsQuery:
+    url: str
+    called_ae: str
+    host: str
+    port: int
+    calling_ae: str
+    study_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    series_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    since: str | None = None  # YYYYMMDD
+    retrieve: str = "get"  # get | move
+    move_port: int = 0
+    timeout: float = 60.0
+
+
+def parse_pacs(url: str, *, query: str | None, since: str | None, ae_title: str, retrieve: str = "get",
+               move_port: int = 0) -> PacsQuery:  # fmt: skip
+    m = re.fullmatch(r"dicom://([^@/]{1,16})@(\[[^\]]+\]|[^:/]+):(\d{1,5})/?", url)
+    if not m:
+        raise PacsError(f"{url}: a PACS source is dicom://AET@host:port")
+    host = m.group(2).strip("[]")
+    study: dict[str, tuple[str, ...]] = {}
+    series: dict[str, tuple[str, ...]] = {}
+    for part in filter(None, (p.strip() for p in re.split(r"[;&]", query or ""))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z]+", key):
+            raise PacsError(f"--query: {part!r} is not Key=value (e.g. 'Modality=CR,DX;BodyPartExamined=CHEST')")
+        from pydicom.datadict import tag_for_keyword
+
+        if tag_for_keyword(key) is None:
+            raise PacsError(f"--query: {key} is not a DICOM keyword")
+        values = tuple(v.strip() for v in value.split(",") if v.strip())
+        (study if key in STUDY_KEYS else series)[key] = values
+    day = None
+    if since:
+        if not re.fullmatch(r"\d{4}-?\d{2}-?\d{2}", since):
+            raise PacsError(f"--since: {since!r} is not a date (YYYY-MM-DD)")
+        day = since.replace("-", "")
+    if retrieve == "move" and not move_port:
+        raise PacsError("--retrieve move needs --move-port (the port the PACS sends our C-MOVE results to)")
+    return PacsQuery(url=url, called_ae=m.group(1), host=host, port=int(m.group(3)), calling_ae=ae_title,
+                     study_keys=study, series_keys=series, since=day, retrieve=retrieve,
+                     move_port=move_port)  # fmt: skip
+
+
+def _ae(q: PacsQuery) -> Any:
+    from pynetdicom import AE
+
+    ae = AE(ae_title=q.calling_ae)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
+    ae.dimse_timeout = q.timeout
+    return ae
+
+
+def _associate(ae: Any, q: PacsQuery, **kw: Any) -> Any:
+    assoc = ae.associate(q.host, q.port, ae_title=q.called_ae, **kw)
+    if not assoc.is_established:
+        raise PacsError(f"{q.url}: association refused or failed (is our AE title {q.calling_ae} known to the PACS?)")
+    return assoc
+
+
+def _matches(ds: Any, keys: dict[str, tuple[str, ...]]) -> bool:
+    for key, values in keys.items():
+        if not values or any("*" in v or "?" in v for v in values):
+            continue  # wildcards: the PACS matched them
+        raw = ds.get(key)
+        have = {str(v) for v in raw} if isinstance(raw, MultiValue) else {str(raw or "")}
+        if not set(values) & have:
+            return False
+    return True
+
+
+def _find(assoc: Any, identifier: Any, what: str) -> Iterator[Any]:
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    for status, ds in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+        if status is None:
+            raise PacsError(f"C-FIND of {what}: no answer (timed out or aborted)")
+        code = int(status.Status)
+        if code in (0xFF00, 0xFF01):
+            if ds is not None:
+                yield ds
+        elif code != 0x0000:
+            raise PacsError(f"C-FIND of {what} failed: status 0x{code:04X}")
+
+
+def _query(level: str, **elements: Any) -> Any:
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in elements.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def find_instances(q: PacsQuery, store: Store) -> int:
+    """C-FIND every matching instance and record it in ``store`` (results path ``study/series/instance``)."""
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    ae = _ae(q)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = _associate(ae, q)
+    found = 0
+    try:
+        study_q: dict[str, Any] = {"StudyInstanceUID": "", "StudyDate": f"{q.since}-" if q.since else ""}
+        for key, values in q.study_keys.items():
+            study_q[key] = "\\".join(values)
+        modalities = q.series_keys.get("Modality")
+        if modalities:
+            study_q["ModalitiesInStudy"] = "\\".join(modalities)
+        studies = [ds.StudyInstanceUID for ds in _find(assoc, _query("STUDY", **study_q), "studies")
+                   if "StudyInstanceUID" in ds and _matches(ds, q.study_keys)]  # fmt: skip
+        for study in studies:
+            series_q = {"StudyInstanceUID": study, "SeriesInstanceUID": "", "Modality": ""}
+            for key, values in q.series_keys.items():
+                series_q[key] = "\\".join(values)
+            series = [ds.SeriesInstanceUID for ds in _find(assoc, _query("SERIES", **series_q), "series")
+                      if "SeriesInstanceUID" in ds and _matches(ds, q.series_keys)]  # fmt: skip
+            for uid in series:
+                image_q = _query("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=uid, SOPInstanceUID="")
+                for ds in _find(assoc, image_q, "instances"):
+                    sop = str(ds.get("SOPInstanceUID", ""))
+                    if sop:
+                        store.add_remote(f"dicom:{sop}", f"{study}/{uid}/{sop}")
+                        found += 1
+    finally:
+        assoc.release()
+    store.forget_unseen()
+    return found
+
+
+def pacs_items(q: PacsQuery, store: Store, fingerprint: str, keep: Callable[[str], bool]) -> Iterator[Item]:
+    """The pending instances as they arrive from the PACS (C-GET or C-MOVE in a thread; bounded queue)."""
+    series: dict[tuple[str, str], list[str]] = {}
+    for _key, path, _ in store.pending(fingerprint):
+        study, uid, sop = path.split("/")
+        series.setdefault((study, uid), []).append(sop)
+    if not series:
+        return
+    arrived: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_FILMS)
+    done = object()
+    wanted = {sop for sops in series.values() for sop in sops}
+    whole = {k for k, sops in series.items() if len(sops) == store.count_series(*k)}  # retrieved as one series
+    retriever = threading.Thread(target=_retrieve, args=(q, series, whole, arrived, done), daemon=True,
+                                 name="pacs-retrieve")  # fmt: skip
+    retriever.start()
+    while True:
+        got = arrived.get()
+        if got is done:
+            break
+        if isinstance(got, Exception):
+            raise got
+        sop, path, data = got
+        if sop in wanted:
+            wanted.discard(sop)
+            key = f"dicom:{sop}"
+            yield Item(key, path, data=data, thumb=keep(key))
+    retriever.join()
+    if wanted:
+        log.warning("%d instances found by C-FIND did not arrive", len(wanted))
+
+
+def _retrieve(q: PacsQuery, series: dict[tuple[str, str], list[str]], whole: set[tuple[str, str]],
+              arrived: queue.Queue[Any], done: object) -> None:  # fmt: skip
+    try:
+        if q.retrieve == "move":
+            _by_move(q, series, whole, arrived)
+        else:
+            _by_get(q, series, whole, arrived)
+    except Exception as exc:  # handed to the driver, which stops the sweep with it
+        arrived.put(exc if isinstance(exc, PacsError) else PacsError(f"retrieve: {exc}"))
+    finally:
+        arrived.put(done)
+
+
+def _on_store(arrived: queue.Queue[Any], paths: dict[str, str]) -> Callable[[Any], int]:
+    def handle(event: Any) -> int:
+        data = bytes(event.encoded_dataset())  # preamble, file meta and the dataset exactly as received
+        sop = str(event.request.AffectedSOPInstanceUID)
+        arrived.put((sop, paths.get(sop, f"unknown/unknown/{sop}"), data))  # blocks while the workers catch up
+        return 0x0000
+
+    return handle
+
+
+def _targets(series: dict[tuple[str, str], list[str]], whole: set[tuple[str, str]]) -> Iterator[Any]:
+    """One retrieve identifier per series (a whole series, or its pending instances)."""
+    for (study, uid), sops in series.items():
+        if (study, uid) in whole:
+            yield _query("SERIES", StudyInstanceUID=study, SeriesInstanceUID=uid)
+        else:
+            yield _query("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=uid, SOPInstanceUID="\\".join(sops))
+
+
+def _check(status: Any, what: str) -> None:
+    if status is None:
+        raise PacsError(f"{what}: no answer (timed out or aborted)")
+    code = int(status.Status)
+    if code not in (0x0000, 0xFF00, 0xB000):  # success, pending, warning (some sub-operations failed: counted later)
+        raise PacsError(f"{what} failed: status 0x{code:04X}")
+
+
+def _by_get(q: PacsQuery, series: dict[tuple[str, str], list[str]], whole: set[tuple[str, str]],
+            arrived: queue.Queue[Any]) -> None:  # fmt: skip
+    from pynetdicom import build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    paths = {sop: f"{st}/{se}/{sop}" for (st, se), sops in series.items() for sop in sops}
+    ae = _ae(q)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    for uid in STORAGE_CLASSES:
+        ae.add_requested_context(uid, list(TRANSFER_SYNTAXES))
+    roles = [build_role(uid, scp_role=True) for uid in STORAGE_CLASSES]
+    assoc = _associate(ae, q, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, paths))])
+    try:
+        for ident in _targets(series, whole):
+            for status, _ in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet):
+                _check(status, "C-GET")
+    finally:
+        assoc.release()
+
+
+def _by_move(q: PacsQuery, series: dict[tuple[str, str], list[str]], whole: set[tuple[str, str]],
+             arrived: queue.Queue[Any]) -> None:  # fmt: skip
+    from pynetdicom import evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+    paths = {sop: f"{st}/{se}/{sop}" for (st, se), sops in series.items() for sop in sops}
+    ae = _ae(q)
+    for uid in STORAGE_CLASSES:
+        ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+    scp = ae.start_server(("", q.move_port), block=False, evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, paths))])
+    try:
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = _associate(ae, q)
+        try:
+            for ident in _targets(series, whole):
+                for status, _ in assoc.send_c_move(ident, q.calling_ae, StudyRootQueryRetrieveInformationModelMove):
+                    _check(status, "C-MOVE")
+        finally:
+            assoc.release()
+    finally:
+        scp.shutdown()

@@ -1,0 +1,97 @@
+"""``filmgate sweep dicom://AET@host:port`` against a real Orthanc (Debian's package) holding films made from real ones.
+
+The Orthanc runs deploy/orthanc/hospital.json (AE title checks on, our AE title FILMGATE known at loopback). It holds a
+2024 study of CR and DX films (one rotated), a 2023 DX study (before --since) and a 2024 CT study (not CR/DX). The sweep
+must return exactly the instances of the first study, with the decisions `filmgate inspect` gives on the same files,
+by C-GET and by C-MOVE, keep no bytes unless --sort-into asks, and write them intact when it does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from filmgate.datasets import select
+from tests.ops.conftest import Orthanc, free_port
+from tests.service.conftest import film_pixels, make_dicom
+from tests.sweep.conftest import inspect, read_csv, run_sweep
+
+CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+OUTPUTS = {"results.csv", "results.parquet", "skipped.csv", "summary.json", "report.html", "sweep.sqlite",
+           "sweep.sqlite-wal", "sweep.sqlite-shm"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pacs")
+    move_port = free_port()
+    orthanc = Orthanc.from_deploy("hospital", work / "orthanc", {"filmgate": {"Host": "127.0.0.1",
+                                                                               "Port": move_port}})  # fmt: skip
+    films = work / "films"
+    films.mkdir()
+    frontal = [f.path for f in select(split="val", kind="frontal-chest") if f.pediatric == "no"][:4]
+    ct = next(f.path for f in select(split="val", kind="not-radiograph") if f.modality.upper() == "CT")
+    made = []  # (file, study, expected in the sweep)
+
+    def add(px, name, study, date, **kw):
+        path = films / f"{name}.dcm"
+        make_dicom(px, path, study_uid=study, **kw)
+        ds = pydicom.dcmread(path)
+        ds.StudyDate = ds.SeriesDate = date
+        ds.save_as(path)
+        made.append((path, date >= "20240101" and kw.get("modality", "DX") in ("CR", "DX")))
+
+    study_2024, study_2023, study_ct = (pydicom.uid.generate_uid() for _ in range(3))
+    for i, src in enumerate(frontal[:3]):
+        add(film_pixels(src), f"dx{i}", study_2024, "20240315")
+    add(np.ascontiguousarray(np.rot90(film_pixels(frontal[0]))), "rotated", study_2024, "20240315")
+    add(film_pixels(frontal[3]), "cr", study_2024, "20240316", modality="CR", sop_class=CR_STORAGE)
+    add(film_pixels(frontal[1]), "old", study_2023, "20230510")
+    add(film_pixels(ct), "ct", study_ct, "20240401", modality="CT", sop_class=CT_STORAGE)
+    for path, _ in made:
+        orthanc.post("/instances", path.read_bytes())
+    yield {"orthanc": orthanc, "films": made, "move_port": move_port, "url": f"dicom://{orthanc.aet}@127.0.0.1:"
+           f"{orthanc.dicom_port}"}  # fmt: skip
+    orthanc.stop()
+
+
+def _expected(pacs) -> dict[str, dict]:
+    wanted = [p for p, keep in pacs["films"] if keep]
+    verdicts = inspect(wanted)
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): verdicts[str(p)] | {"file": p}
+            for p in wanted}  # fmt: skip
+
+
+def test_pacs_sweep_by_c_get_returns_every_instance_and_keeps_no_bytes(pacs, tmp_path):
+    out = tmp_path / "out"
+    run_sweep(pacs["url"], "--query", "Modality=CR,DX", "--since", "2024-01-01", "--out", out)
+    rows = read_csv(out / "results.csv")
+    expected = _expected(pacs)
+    assert sorted(r["sop_instance_uid"] for r in rows) == sorted(expected)
+    for r in rows:
+        want = expected[r["sop_instance_uid"]]
+        assert (r["decision"], r["reasons"]) == (want["decision"], ";".join(want["reasons"])), want["file"]
+        assert r["path"].endswith("/" + r["sop_instance_uid"]) and r["modality"] in ("CR", "DX")
+    assert any("rotated" in r["reasons"] for r in rows)
+    assert {p.name for p in out.iterdir()} <= OUTPUTS, "bytes kept without --sort-into"
+    again = run_sweep(pacs["url"], "--query", "Modality=CR,DX", "--since", "2024-01-01", "--out", out)
+    assert json.loads((out / "summary.json").read_text())["run"]["judged_this_run"] == 0, again.stderr
+
+
+def test_pacs_sweep_by_c_move_sorts_the_received_bytes_intact(pacs, tmp_path):
+    out, tree = tmp_path / "out", tmp_path / "sorted"
+    run_sweep(pacs["url"], "--query", "Modality=CR,DX", "--since", "2024-01-01", "--out", out, "--retrieve", "move",
+              "--move-port", str(pacs["move_port"]), "--sort-into", tree)  # fmt: skip
+    rows = read_csv(out / "results.csv")
+    expected = _expected(pacs)
+    assert sorted(r["sop_instance_uid"] for r in rows) == sorted(expected)
+    for r in rows:
+        where = "accept" if r["decision"] == "accept" else f"quarantine/{r['reasons'].split(';')[0]}"
+        got = pydicom.dcmread(tree / where / r["path"])
+        sent = pydicom.dcmread(expected[r["sop_instance_uid"]]["file"])
+        assert got.SOPInstanceUID == sent.SOPInstanceUID and got.PixelData == sent.PixelData
+    assert sum(1 for p in tree.rglob("*") if p.is_file()) == len(rows)
