@@ -56,11 +56,13 @@ class Node:
             for worker in self.workers:
                 worker.start()
 
-            def on_stored(name: str, seconds: float) -> None:
+            def on_stored() -> None:  # wake the workers' claimers now rather than at their next poll
                 for worker in self.workers:
-                    worker.stored(name, seconds)
+                    worker.ring()
+
         else:
-            on_stored = self._start_threads(spool)
+            self._start_threads(spool)
+            on_stored = None  # the pipeline shares this process's spool, whose adopt() wakes its claimer
         if cfg.http.enabled:
             self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: self.ready, self._metrics)
             self.http.start()
@@ -76,20 +78,12 @@ class Node:
         self._set_ready(True)
         log.info("ready (config %s)", cfg.source)
 
-    def _start_threads(self, spool: Spool) -> Any:
+    def _start_threads(self, spool: Spool) -> None:
         from filmgate.assembly import build_pipeline
 
-        store_times: dict[str, float] = {}
-        self.pipeline = build_pipeline(self.cfg, spool, forward=True, store_times=store_times)
+        self.pipeline = build_pipeline(self.cfg, spool, forward=True)
         self.destinations = self.pipeline.destinations
         self.pipeline.start()
-
-        def on_stored(name: str, seconds: float) -> None:
-            store_times[name] = seconds
-            if len(store_times) > 10000:
-                store_times.clear()
-
-        return on_stored
 
     def _metrics(self) -> bytes:
         return metrics.render([w.snapshot() for w in self.workers])

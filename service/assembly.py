@@ -12,9 +12,7 @@ from filmgate.sandbox import DecodeSandbox
 from filmgate.spool import Spool
 
 
-def build_pipeline(
-    cfg: Config, spool: Spool, *, forward: bool, store_times: dict[str, float] | None = None
-) -> Pipeline:
+def build_pipeline(cfg: Config, spool: Spool, *, forward: bool) -> Pipeline:
     """Load the judge (an error when no detector loads and ``detectors.require``), build the destinations, and
     return the pipeline, not started. ``forward`` starts the DICOM destinations' forwarders: exactly one pipeline of
     a node forwards each outbox, or instances would be sent twice."""
@@ -29,4 +27,4 @@ def build_pipeline(
     aftercare = None
     if cfg.correct.enabled or cfg.studies.enabled:
         aftercare = Aftercare(cfg, spool, judge, tracker_for(cfg, spool))
-    return Pipeline(cfg, spool, judge, destinations, store_times, aftercare)
+    return Pipeline(cfg, spool, judge, destinations, aftercare)

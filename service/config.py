@@ -22,15 +22,12 @@ from typing import Any
 
 import yaml
 
+from filmgate.record import LAYOUT_FIELDS  # the names a layout may use: the fields of the one instance record
 from filmgate.typed_config import ConfigError, build
 
 ENV_CONFIG = "FILMGATE_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PROVIDERS = ("auto", "cpu", "cuda")
-LAYOUT_FIELDS = (
-    "outcome", "reason", "reasons", "calling_ae", "date", "Modality", "StudyInstanceUID", "SeriesInstanceUID",
-    "SOPInstanceUID", "SOPClassUID",
-)  # fmt: skip
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 

@@ -51,6 +51,7 @@ from pynetdicom.transport import AssociationSocket
 from filmgate import metrics
 from filmgate.config import ListenerConfig, SenderRule
 from filmgate.dataset_io import read_header
+from filmgate.record import Arrival
 from filmgate.spool import Spool
 
 log = logging.getLogger("filmgate.listener")
@@ -173,7 +174,7 @@ class Listener:
     """The network side of the node; its only job is to get instances durably into the spool."""
 
     def __init__(
-        self, cfg: ListenerConfig, spool: Spool, on_stored: Callable[[str, float], None] | None = None
+        self, cfg: ListenerConfig, spool: Spool, on_stored: Callable[[], None] | None = None
     ) -> None:
         self.cfg = cfg
         self.spool = spool
@@ -281,15 +282,20 @@ class Listener:
             metrics.STORE_FAILURES.labels(status="0xC210").inc()
             log.warning("C-STORE from %s refused with 0xC210: the dataset cannot be parsed (%s)", calling, exc)
             return 0xC210
+        req = event.assoc.requestor
+        arrival = Arrival(
+            received_at=time.time(), calling_ae=calling_ae, called_ae=str(event.assoc.acceptor.ae_title).strip(),
+            peer_address=str(req.address), peer_port=int(req.port or 0), sop_instance_uid=uid,
+        )  # fmt: skip
         try:
-            path = self.spool.adopt(received, uid, calling_ae)
+            self.spool.adopt(received, arrival, started=t0)
         except Exception as exc:
             metrics.STORE_FAILURES.labels(status="0xA700").inc()
             log.error("C-STORE from %s answered 0xA700: could not persist the instance (%s)", calling, exc)
             return 0xA700
         elapsed = time.perf_counter() - t0
         if self.on_stored is not None:
-            self.on_stored(path.name, elapsed)
+            self.on_stored()
         metrics.STORE_SECONDS.observe(elapsed)
         metrics.INSTANCES_RECEIVED.labels(calling_ae=calling).inc()
         metrics.BYTES_RECEIVED.labels(calling_ae=calling).inc(size)

@@ -28,7 +28,8 @@ from filmgate.destinations import Delivery, Destination
 from filmgate.followup import Aftercare
 from filmgate.judge import Examined, Judge, Judgement
 from filmgate.policy import known_reasons
-from filmgate.spool import SUFFIX, Spool, calling_ae_of, received_at, uid_of
+from filmgate.record import Arrival, InstanceRecord
+from filmgate.spool import SUFFIX, Spool
 
 log = logging.getLogger("filmgate.pipeline")
 _STOP = object()
@@ -40,10 +41,14 @@ class Item:
     judge's work on it (``examined`` after the decode stage, ``judgement`` after the inference stage)."""
 
     path: Path
-    received: float
-    calling_ae: str = "unknown"
+    arrival: Arrival
+    calling_ae: str = "unknown"  # the metric-safe label of the sender (``unknown`` when nobody said)
     examined: Examined | None = None
     judgement: Judgement | None = None
+
+    @property
+    def received(self) -> float:
+        return self.arrival.received_at
 
 
 class Pipeline:
@@ -52,13 +57,12 @@ class Pipeline:
     (:meth:`_deliver`, the one place a judgement leaves the pipeline). Built by :func:`filmgate.assembly.build`."""
 
     def __init__(self, cfg: Config, spool: Spool, judge: Judge, destinations: dict[str, Destination],
-                 store_times: dict[str, float] | None = None, aftercare: Aftercare | None = None) -> None:  # fmt: skip
+                 aftercare: Aftercare | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.aftercare = aftercare
         self.spool = spool
         self.judge = judge
         self.destinations = destinations
-        self.store_times = store_times if store_times is not None else {}
         self._known_reasons = known_reasons(cfg.policy, [d.manifest.reason for d in judge.detectors.detectors])
         w = cfg.workers
         self._decode_q: queue.Queue = queue.Queue(maxsize=w.queue_size)
@@ -146,9 +150,9 @@ class Pipeline:
                 took = True
                 with self._busy_lock:
                     self._busy += 1
-                ae = calling_ae_of(claimed.name)
-                item = Item(path=claimed, received=received_at(claimed.name),
-                            calling_ae=metrics.ae_label(ae) if ae else "unknown")  # fmt: skip
+                arrival = self.spool.arrival(claimed)  # read once: the item carries it from here
+                sender = metrics.ae_label(arrival.calling_ae) if arrival.calling_ae else "unknown"
+                item = Item(path=claimed, arrival=arrival, calling_ae=sender)
                 while True:
                     try:
                         self._decode_q.put(item, timeout=0.2)
@@ -281,7 +285,6 @@ class Pipeline:
             except Exception:  # the instance is delivered: a study note lost is a summary short, never a loop
                 log.exception("noting a delivered instance for its study failed")
         self.spool.finish(item.path)
-        self.store_times.pop(item.path.name, None)
         metrics.declare_sender(item.calling_ae, self._known_reasons)
         metrics.DECISIONS.labels(outcome=d.outcome, calling_ae=item.calling_ae).inc()
         for reason in d.reasons:
@@ -291,41 +294,30 @@ class Pipeline:
             log.debug("%s -> %s %s", fields.get("SOPInstanceUID"), d.outcome, list(d.reasons))
 
     def _fields_and_record(self, j: Judgement, item: Item) -> tuple[dict[str, str], dict[str, Any]]:
-        """The layout fields and the sidecar record of a judged instance, from one set of values."""
-        d = j.decision
-        uids = dict(j.fields)
-        if not uids.get("SOPInstanceUID"):  # the header could not be read: the listener's name for it
-            uids["SOPInstanceUID"] = uid_of(item.path.name)
-        fields = {
-            **uids,
-            "outcome": d.outcome,
-            "reason": d.reasons[0] if d.reasons else "accepted",
-            "reasons": "+".join(d.reasons) or "accepted",
-            "calling_ae": item.calling_ae,
-            "date": time.strftime("%Y%m%d", time.gmtime(item.received)),
-        }
-        store = self.store_times.get(item.path.name)
-        timings = {**({"store": store} if store is not None else {}), **j.timings}
-        record = {
-            "sop_instance_uid": uids.get("SOPInstanceUID", ""),
-            "sop_class_uid": uids.get("SOPClassUID", ""),
-            "study_instance_uid": uids.get("StudyInstanceUID", ""),
-            "modality": uids.get("Modality", ""),
-            "transfer_syntax": j.transfer_syntax,
-            "calling_ae": item.calling_ae,
-            **d.to_dict(),
-            "models": self.models,
-            "received_at": _iso(item.received),
-            "decided_at": _iso(time.time()),
-            "timings_ms": {k: round(v * 1000, 3) if k != "batch" else v for k, v in timings.items()},
-        }
-        return fields, record
+        """The layout fields and the sidecar record of a judged instance, both from its one :class:`InstanceRecord`."""
+        rec = self.record(j, item)
+        return rec.layout_fields(), rec.sidecar()
+
+    def record(self, j: Judgement, item: Item) -> InstanceRecord:
+        """What the node knows of a judged instance: its arrival, its header's identity, the decision."""
+        f = j.fields
+        return InstanceRecord(
+            arrival=item.arrival,
+            calling_ae=item.calling_ae,
+            # The header could not be read: the UID the listener's check read (or the previous version's name held).
+            sop_instance_uid=f.get("SOPInstanceUID") or item.arrival.sop_instance_uid,
+            sop_class_uid=f.get("SOPClassUID", ""),
+            study_instance_uid=f.get("StudyInstanceUID", ""),
+            series_instance_uid=f.get("SeriesInstanceUID", ""),
+            modality=f.get("Modality", ""),
+            transfer_syntax=j.transfer_syntax,
+            decision=j.decision,
+            models=self.models,
+            decided_at=time.time(),
+            timings=j.timings,
+        )
 
     def _retry_later(self, path: Path) -> None:
         timer = threading.Timer(self.cfg.workers.retry_delay, self.spool.release, args=(path,))
         timer.daemon = True
         timer.start()
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

@@ -9,14 +9,19 @@ Layout under the spool folder::
     dead-letter/<destination>/  instances a DICOM destination gave up on (with a .json saying why)
 
 Every step is a rename inside one file system, which is atomic: an instance is always in exactly one place. Names
-are ``<receive time ns><seq>_<calling AE in hex>_<SOP Instance UID>.dcm``, so the same UID received twice gives two
-files (both processed, the destinations are idempotent), sorting by name is arrival order, and who sent it survives a
-restart without touching the received bytes.
+are ``<receive time ns><seq>.dcm``, so the same UID received twice gives two files (both processed, the destinations
+are idempotent) and sorting by name is arrival order. What the listener knew of an instance (who sent it, from where,
+when; :class:`filmgate.record.Arrival`) is written beside it as ``incoming/<name>.json`` before the C-STORE is
+acknowledged and stays there, whatever folder the instance is in, until the instance is finished: the worker that
+claims the instance reads it once (:meth:`Spool.arrival`). Instances spooled by the previous version
+(``<ns><seq>_<calling AE hex>_<UID>.dcm``, no record) are still recovered and judged: their arrival is read from the
+name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import threading
@@ -24,8 +29,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from filmgate.record import Arrival
+
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 SUFFIX = ".dcm"
+RECORD_SUFFIX = ".json"  # the arrival record beside an instance in incoming/
 
 
 def safe_component(value: object, default: str = "unknown") -> str:
@@ -103,39 +111,83 @@ class Spool:
 
     # ------------------------------------------------------------------------------------------ receiving
 
-    def new_name(self, sop_instance_uid: str, calling_ae: str = "") -> str:
+    def new_name(self) -> str:
         with self._lock:
             self._seq = (self._seq + 1) % 1000
             seq = self._seq
-        ae = calling_ae.strip().encode("ascii", "replace").hex()
-        return f"{time.time_ns():020d}{seq:03d}_{ae}_{safe_component(sop_instance_uid)}{SUFFIX}"
+        return f"{time.time_ns():020d}{seq:03d}{SUFFIX}"
 
-    def persist(self, data: bytes | Sequence[bytes], sop_instance_uid: str, calling_ae: str = "") -> Path:
-        """Durably store one received instance in incoming/; returns its path. Raises OSError on failure."""
-        path = self.incoming / self.new_name(sop_instance_uid, calling_ae)
+    def record_path(self, instance: Path) -> Path:
+        """Where the arrival record of ``instance`` (in incoming/ or claimed/) is kept."""
+        return self.incoming / (instance.name[: -len(SUFFIX)] + RECORD_SUFFIX)
+
+    def persist(self, data: bytes | Sequence[bytes], arrival: Arrival) -> Path:
+        """Durably store one received instance and its arrival record in incoming/; returns its path. Raises OSError
+        on failure."""
+        path = self.incoming / self.new_name()
+        write_durably(self.record_path(path), arrival.to_json(), fsync=self.fsync, tmp_dir=self.tmp)
         write_durably(path, data, fsync=self.fsync, tmp_dir=self.tmp)
         self.arrived.set()
         return path
 
-    def adopt(self, src: Path, sop_instance_uid: str, calling_ae: str = "") -> Path:
-        """Durably move a complete received file (written while it arrived, under tmp/) into incoming/."""
-        path = self.incoming / self.new_name(sop_instance_uid, calling_ae)
+    def adopt(self, src: Path, arrival: Arrival, *, started: float | None = None) -> Path:
+        """Durably move a complete received file (written while it arrived, under tmp/) into incoming/, with its
+        arrival record beside it. The bytes are synced first, then the record is written and renamed in, then the
+        instance: an instance in incoming/ always has its record, and one fsync of the folder makes both renames
+        durable before the caller acknowledges. With ``started`` (a ``perf_counter`` time), the record's
+        ``store_seconds`` is the time from then until the bytes were on disk."""
+        path = self.incoming / self.new_name()
+        record = self.record_path(path)
         if self.fsync:
             fd = os.open(src, os.O_RDONLY)
             try:
                 os.fdatasync(fd)  # data and size; the rename below is made durable by the folder's fsync
             finally:
                 os.close(fd)
+        if started is not None:
+            arrival = dataclasses.replace(arrival, store_seconds=time.perf_counter() - started)
+        tmp_record = self.tmp / (record.name + ".part")
         try:
-            os.replace(src, path)
-        except OSError:  # another file system: copy durably instead
-            write_durably(path, src.read_bytes(), fsync=self.fsync, tmp_dir=self.tmp)
+            with open(tmp_record, "wb") as fh:
+                fh.write(arrival.to_json())
+                if self.fsync:
+                    fh.flush()
+                    os.fdatasync(fh.fileno())
+            os.replace(tmp_record, record)
+        except BaseException:
             with contextlib.suppress(OSError):
-                src.unlink()
-        if self.fsync:
-            fsync_dir(self.incoming)
+                tmp_record.unlink()
+            raise
+        try:
+            try:
+                os.replace(src, path)
+            except OSError:  # another file system: copy durably instead
+                write_durably(path, src.read_bytes(), fsync=self.fsync, tmp_dir=self.tmp)
+                with contextlib.suppress(OSError):
+                    src.unlink()
+            if self.fsync:
+                fsync_dir(self.incoming)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                record.unlink()
+            raise
         self.arrived.set()
         return path
+
+    def arrival(self, instance: Path) -> Arrival:
+        """The arrival record of a spooled instance (read once, by the worker that claimed it). An instance of the
+        previous version has none: its file name says the same; a file put in by hand gets its modification time."""
+        try:
+            return Arrival.from_json(self.record_path(instance).read_bytes())
+        except (OSError, ValueError, TypeError):
+            pass
+        legacy = Arrival.from_legacy_name(instance.name)
+        if legacy is not None:
+            return legacy
+        try:
+            return Arrival(received_at=instance.stat().st_mtime)
+        except OSError:
+            return Arrival(received_at=time.time())
 
     # ------------------------------------------------------------------------------------------ workers
 
@@ -148,6 +200,12 @@ class Spool:
             n += 1
         if n and self.fsync:
             fsync_dir(self.incoming)
+        # Records whose instance is gone: the run died between finishing an instance and removing its record, or
+        # between writing a record and its instance (that C-STORE was never acknowledged).
+        for record in self.incoming.glob(f"*{RECORD_SUFFIX}"):
+            if not (self.incoming / (record.name[: -len(RECORD_SUFFIX)] + SUFFIX)).exists():
+                with contextlib.suppress(OSError):
+                    record.unlink()
         return n
 
     def sweep_tmp(self, older_than: float) -> int:
@@ -191,9 +249,11 @@ class Spool:
         return n
 
     def finish(self, claimed: Path) -> None:
-        """The instance was delivered everywhere it had to go."""
+        """The instance was delivered everywhere it had to go: it and its arrival record leave the spool."""
         with contextlib.suppress(FileNotFoundError):
             claimed.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self.record_path(claimed).unlink()
 
     def depth(self) -> dict[str, int]:
         return {
@@ -212,26 +272,3 @@ class Spool:
         path = self.dead_root / safe_component(destination)
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-def received_at(name: str) -> float:
-    """The receive time (epoch seconds) encoded in a spool file name."""
-    try:
-        return int(name[:20]) / 1e9
-    except ValueError:
-        return time.time()
-
-
-def calling_ae_of(name: str) -> str:
-    """The calling AE title encoded in a spool file name ('' when absent)."""
-    parts = name.split("_", 2)
-    try:
-        return bytes.fromhex(parts[1]).decode("ascii", "replace") if len(parts) == 3 else ""
-    except ValueError:
-        return ""
-
-
-def uid_of(name: str) -> str:
-    """The (sanitised) SOP Instance UID in a spool file name."""
-    stem = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
-    return stem.split("_", 2)[-1]

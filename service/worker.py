@@ -16,7 +16,6 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
-import queue
 import signal
 import threading
 import time
@@ -45,16 +44,21 @@ class WorkerProcess:
         # in a state where the next set()/get() would block forever.
         self.stop_event = self._ctx.Event()
         self.ready_event = self._ctx.Event()
-        self.store_times: Any = self._ctx.Queue(maxsize=10000)
+        # The doorbell: one byte per stored instance wakes the child's claimer at once (no data travels: what the
+        # listener knew of an instance is in its record in the spool). Never blocks the listener: a full pipe
+        # already holds a ring.
+        bell_reader, self._bell = self._ctx.Pipe(duplex=False)
+        os.set_blocking(self._bell.fileno(), False)
         self._conn, child_conn = self._ctx.Pipe()
         self.proc = self._ctx.Process(
             target=_child_main,
-            args=(self.cfg, self.index, self.stop_event, self.ready_event, self.store_times, child_conn, os.getpid()),
+            args=(self.cfg, self.index, self.stop_event, self.ready_event, bell_reader, child_conn, os.getpid()),
             name=f"filmgate-worker-{self.index}",
             daemon=False,
         )
         self.proc.start()
         child_conn.close()
+        bell_reader.close()
         deadline = time.monotonic() + timeout
         while not self.ready_event.wait(0.1):
             if not self.proc.is_alive():
@@ -65,9 +69,10 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
-    def stored(self, name: str, seconds: float) -> None:
-        with contextlib.suppress(queue.Full, AttributeError, ValueError, OSError):
-            self.store_times.put_nowait((name, seconds))
+    def ring(self) -> None:
+        """Tell the worker that an instance arrived in the spool (it would find it at its next poll anyway)."""
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # OSError: full (BlockingIOError) or closed
+            self._bell.send_bytes(b"\x01")
 
     def snapshot(self, timeout: float = 2.0) -> metrics.Snapshot:
         """The worker's current metrics (the last ones received when it does not answer in time)."""
@@ -111,7 +116,7 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child_main(cfg: Config, index: int, stop: Any, ready: Any, store_q: Any, conn: Any, parent: int) -> None:
+def _child_main(cfg: Config, index: int, stop: Any, ready: Any, bell: Any, conn: Any, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent coordinates the shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -126,11 +131,10 @@ def _child_main(cfg: Config, index: int, stop: Any, ready: Any, store_q: Any, co
     from filmgate.assembly import build_pipeline
     from filmgate.spool import Spool
 
-    store_times: dict[str, float] = {}
     try:
         spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync, worker=f"w{index}")
         # One process forwards each outbox, or instances would be sent twice.
-        pipeline = build_pipeline(cfg, spool, forward=index == 0, store_times=store_times)
+        pipeline = build_pipeline(cfg, spool, forward=index == 0)
     except Exception:
         log.exception("worker start failed")
         os._exit(3)
@@ -145,21 +149,18 @@ def _child_main(cfg: Config, index: int, stop: Any, ready: Any, store_q: Any, co
             except (EOFError, OSError):
                 return
 
-    def drain_store_times() -> None:
+    def answer_doorbell() -> None:
         while True:
             try:
-                name, seconds = store_q.get(timeout=0.5)
-            except queue.Empty:
-                continue
+                bell.recv_bytes()
+                while bell.poll():  # many rings, one wake
+                    bell.recv_bytes()
             except (EOFError, OSError):
                 return
-            store_times[name] = seconds
             spool.arrived.set()  # wake the claimer now rather than at its next poll
-            if len(store_times) > 10000:
-                store_times.clear()
 
     threading.Thread(target=serve_metrics, name="metrics", daemon=True).start()
-    threading.Thread(target=drain_store_times, name="store-times", daemon=True).start()
+    threading.Thread(target=answer_doorbell, name="doorbell", daemon=True).start()
     ready.set()
     while not stop.wait(0.5):
         pass

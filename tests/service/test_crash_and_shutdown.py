@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from filmgate.spool import uid_of
-from tests.service.conftest import Gate, wait_for
+from filmgate.spool import Spool
+from tests.service.conftest import Gate, sha, wait_for
 
 
 class Burst(threading.Thread):
@@ -121,8 +122,33 @@ def test_sigterm_drains_and_hands_back(tmp_path, made_films, models_dir):
     acked = set(burst.acked)
     spool = tmp_path / "spool"
     assert not list((spool / "claimed").rglob("*.dcm")), "claimed work is finished or handed back on SIGTERM"
-    waiting = {uid_of(p.name) for p in (spool / "incoming").glob("*.dcm")}
+    records = Spool(spool)
+    waiting = {records.arrival(p).sop_instance_uid for p in records.pending()}
     assert acked <= _delivered_uids(gate) | waiting, "every acknowledged instance is delivered or still spooled"
     gate.start()
     wait_for(lambda: acked <= _delivered_uids(gate), 120, "the rest delivered after restart")
     assert gate.stop() == 0
+
+
+def test_instances_spooled_by_the_previous_version_are_judged_after_an_upgrade(tmp_path, made_films, models_dir):
+    """The previous version kept the sender in the spool file's name (no arrival record): such instances are still
+    recovered, judged and delivered with their sender. A film whose header cannot be read is judged as one without a
+    header, exactly as `filmgate inspect` judges it: `undecodable`, and no `modality`."""
+    film = next(f for f in made_films if f.note == "normal-1")
+    incoming = tmp_path / "spool" / "incoming"
+    incoming.mkdir(parents=True)
+    good = incoming / f"{time.time_ns():020d}001_{b'OLDPACS'.hex()}_{film.uid}.dcm"
+    good.write_bytes(film.path.read_bytes())
+    (incoming / f"{time.time_ns():020d}002_{b'OLDPACS'.hex()}_1.2.3.999.dcm").write_bytes(
+        b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00\xff\xff"  # file meta cut short: no header
+    )
+    gate = Gate.create(tmp_path).start()
+    try:
+        records = {r["sop_instance_uid"]: r for r in gate.wait_delivered(2, timeout=60)}
+    finally:
+        assert gate.stop() == 0
+    assert records[film.uid]["calling_ae"] == "OLDPACS" and records[film.uid]["decision"] == film.expect
+    bad = records["1.2.3.999"]
+    assert bad["calling_ae"] == "OLDPACS" and bad["reasons"] == ["undecodable"], bad["reasons"]
+    assert sha(Path(records[film.uid]["_path"]).read_bytes()) == sha(film.path.read_bytes())
+    assert not list(incoming.iterdir()), "nothing left in the spool"

@@ -196,6 +196,9 @@ def test_sidecar_has_models_scores_and_times(run, made_films):
     assert {f["detector"]: f.get("predicted") for f in rec["findings"]}["orientation"] in (
         "upright", "rot90", "rot180", "rot270",
     )  # fmt: skip
+    # What the listener knew travels in the instance's arrival record in the spool, read once by the worker.
+    assert rec["calling_ae"] == "TESTSCU" and rec["called_ae"] == "FILMGATE" and rec["peer_address"] == "127.0.0.1"
+    assert rec["timings_ms"]["store"] > 0 and rec["series_instance_uid"]
 
 
 def test_truncated_file_is_quarantined_undecodable(run):

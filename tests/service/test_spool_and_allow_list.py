@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from filmgate.config import ListenerConfig, SenderRule
 from filmgate.listener import HEALTHCHECK_AE, sender_allowed
-from filmgate.spool import Spool, calling_ae_of, received_at, safe_component, uid_of
+from filmgate.record import Arrival
+from filmgate.spool import Spool, safe_component
 from tests.service.conftest import Gate, wait_for
 
 
 def test_persist_claim_finish_and_recover(tmp_path):
     spool = Spool(tmp_path)
-    a = spool.persist(b"first", "1.2.3", "PACS_1")
-    assert calling_ae_of(a.name) == "PACS_1" and uid_of(a.name) == "1.2.3" and received_at(a.name) > 1.7e9
-    b = spool.persist((b"sec", b"ond"), "1.2.3")  # the same UID twice: two files, both kept
+    a = spool.persist(b"first", Arrival(received_at=time.time(), calling_ae="PACS_1", sop_instance_uid="1.2.3"))
+    arrival = spool.arrival(a)  # the record beside the instance, not its file name
+    assert arrival.calling_ae == "PACS_1" and arrival.sop_instance_uid == "1.2.3" and arrival.received_at > 1.7e9
+    b = spool.persist((b"sec", b"ond"), Arrival(received_at=time.time(), sop_instance_uid="1.2.3"))  # the same UID
+    # twice: two files, both kept
     assert a != b and [p.name for p in spool.pending()] == [a.name, b.name]
     assert b.read_bytes() == b"second"
     claimed = spool.claim(a)
     assert claimed is not None and spool.claim(a) is None  # only one worker wins
+    assert spool.arrival(claimed) == arrival  # the record stays put while the instance moves
     assert spool.depth() == {"incoming": 1, "claimed": 1}
     (spool.tmp / "partial.tmp").write_bytes(b"x")
     # A new process: what was claimed goes back to incoming, partial writes are dropped.
@@ -28,6 +34,23 @@ def test_persist_claim_finish_and_recover(tmp_path):
     c = again.claim(again.pending()[0])
     again.finish(c)
     assert again.depth() == {"incoming": 1, "claimed": 0}
+    assert sorted(p.suffix for p in again.incoming.iterdir()) == [".dcm", ".json"], "a finished instance's record goes"
+
+
+def test_an_instance_spooled_by_the_previous_version_keeps_its_arrival(tmp_path):
+    """The previous version named spooled files <ns><seq>_<calling AE hex>_<UID>.dcm and kept no record: after an
+    upgrade such files are still claimed, and their sender, UID and receive time are read from the name."""
+    spool = Spool(tmp_path)
+    old = spool.incoming / f"{1_760_000_000_123_456_789:020d}007_{b'OLDPACS'.hex()}_1.2.3.4.dcm"
+    old.write_bytes(b"bytes of the previous version")
+    orphan = spool.incoming / "00000000000000000001001.json"  # a record whose instance is gone
+    orphan.write_text("{}")
+    assert spool.recover() == 0 and not orphan.exists()
+    claimed = spool.claim(spool.pending()[0])
+    assert claimed is not None
+    assert spool.arrival(claimed) == Arrival(
+        received_at=1_760_000_000.123456789, calling_ae="OLDPACS", sop_instance_uid="1.2.3.4"
+    )
 
 
 def test_unsafe_uids_become_safe_path_components():
