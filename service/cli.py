@@ -1,4 +1,4 @@
-"""``filmgate``: serve, check-config, inspect, sweep, healthcheck."""
+"""``filmgate``: serve, check-config, inspect, sweep, calibrate, healthcheck."""
 
 from __future__ import annotations
 
@@ -94,6 +94,50 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 1
 
 
+def _recall_goals(items: list[str]) -> dict[str, float]:
+    from filmgate.calibrate import DEFAULT_RECALL
+
+    goals = dict(DEFAULT_RECALL)
+    for item in items:
+        reason, _, value = item.partition("=")
+        try:
+            goals[reason.strip()] = float(value)
+        except ValueError:
+            msg = f"filmgate calibrate: --recall takes REASON=FRACTION (e.g. rotated=0.998), not {item!r}"
+            raise SystemExit(msg) from None
+    return goals
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    setup_logging("WARNING")
+    from filmgate.calibrate import CalibrateOptions, calibrate
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"filmgate calibrate: no such folder: {folder}", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.target < 1.0:
+        print("filmgate calibrate: --target is a fraction of films, e.g. 0.005 for 0.5 %", file=sys.stderr)
+        return 2
+    opts = CalibrateOptions(
+        folder=folder, out=Path(args.out), report=Path(args.report) if args.report else None, sample=args.sample,
+        seed=args.seed, target=args.target, recall=_recall_goals(args.recall), batch=args.batch,
+        base_config=Path(args.config) if args.config else None,
+    )  # fmt: skip
+    try:
+        reports = calibrate(cfg, opts, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, RuntimeError, ConfigError) as exc:
+        print(f"filmgate calibrate: {exc}", file=sys.stderr)
+        return 1
+    for r in reports:
+        change = f"{r.current:.4g} -> {r.proposed:.4g}" if r.proposed != r.current else f"{r.current:.4g} kept"
+        recall = f", recall {r.recall_proposed:.2%} of {r.faults} faults" if r.recall_proposed is not None else ""
+        print(f"{r.name:<12} flagged {r.flag_rate_now:.2%} -> {r.flag_rate_proposed:.2%}{recall}; {change}")
+    print(f"wrote {opts.out} and {opts.report or opts.out.with_suffix('.md')}")
+    return 0
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
@@ -178,6 +222,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="PACS: C-GET (default) or C-MOVE to our own AE title (needs --move-port)")
     p.add_argument("--move-port", type=int, default=0, help="PACS: port our C-MOVE destination listens on")
     p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser(
+        "calibrate", help="fit the detectors' thresholds to a site's own films; writes a config override and a report",
+        description="Judge a random sample of a site's films (assumed mostly clean) and synthetic faults made from "
+        "the accepted ones (rotations, inversions, mirrors); propose policy.thresholds that bring each detector's "
+        "false flags to --target without its recall on the faults falling below its goal. Never touches the models.",
+        epilog="examples:\n  filmgate calibrate /data/site-sample --out site.yaml\n"
+        "  filmgate calibrate /data/site-sample --out site.yaml --config filmgate.yaml --sample 2000 --target 0.003\n"
+        "  filmgate check-config site.yaml && filmgate serve --config site.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("folder", help="a folder of the site's DICOM, PNG or JPEG films (recursive)")
+    p.add_argument("--out", required=True, help="the configuration file to write (the --config given, or the "
+                   "defaults, with policy.thresholds set)")  # fmt: skip
+    p.add_argument("--report", help="the Markdown report (default: --out with .md)")
+    p.add_argument("--config", help="the site's configuration to start from (models, policy, destinations)")
+    p.add_argument("--sample", type=int, default=500, help="films judged, chosen at random (0: all; default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    p.add_argument("--target", type=float, default=0.005, help="largest fraction of the site's films each detector "
+                   "may flag (default 0.005)")  # fmt: skip
+    p.add_argument("--recall", action="append", default=[], metavar="REASON=FRACTION",
+                   help="recall goal on the synthetic faults (defaults rotated=0.998, inverted=0.9995, flipped=0.98)")
+    p.add_argument("--batch", type=int, default=16, help="films per batch through the detectors (default 16)")
+    p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("healthcheck", help="C-ECHO the node and GET /healthz; exit 0 when both answer")
     p.add_argument("--config", help="YAML configuration file")
     p.add_argument("--timeout", type=float, default=5.0)
