@@ -1,0 +1,42 @@
+"""``filmgate sweep --cluster``: the unit of work on a real Dask cluster (a scheduler and a worker command with two
+worker processes, started as on a real cluster) gives the same rows as the local mode."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.ops.conftest import Process, free_port, wait_until
+from tests.sweep.conftest import read_csv, run_sweep
+
+
+def test_cluster_mode_gives_the_rows_of_the_local_mode(film_tree, swept, tmp_path):
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = Process([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                         "--no-dashboard"], tmp_path / "scheduler.log")  # fmt: skip
+    workers = None
+    try:
+        workers = Process([sys.executable, "-m", "dask", "worker", address, "--nworkers", "2", "--nthreads", "1",
+                           "--no-dashboard", "--memory-limit", "4GiB"], tmp_path / "workers.log")  # fmt: skip
+
+        def two_workers() -> bool:
+            assert scheduler.alive(), scheduler.tail()
+            with Client(address, timeout="5s") as client:
+                return len(client.scheduler_info()["workers"]) == 2
+
+        wait_until(two_workers, 90, f"two Dask workers:\n{workers.tail()}")
+        out = tmp_path / "out"
+        proc = run_sweep(film_tree["root"], "--out", out, "--cluster", address)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["run"]["cluster"] == address and summary["run"]["jobs"] == 2, proc.stderr
+        assert read_csv(out / "results.csv") == swept["rows"]
+        assert read_csv(out / "skipped.csv") == read_csv(swept["out"] / "skipped.csv")
+        local = swept["summary"]
+        assert {k: v for k, v in summary.items() if k != "run"} == {k: v for k, v in local.items() if k != "run"}
+    finally:
+        if workers is not None:
+            workers.stop()
+        scheduler.stop()
