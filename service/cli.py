@@ -8,20 +8,25 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from filmgate.config import Config, ConfigError, load_config
+from filmgate.clihelp import add_command, make_parser
+from filmgate.config import ENV_CONFIG, Config, ConfigError, load_config
 from filmgate.runtime import setup_logging
 
 
-def _config(path: str | None) -> Config:
+def _config(path: str | None, *, metadata_only: bool = False) -> Config:
     try:
-        return load_config(path)
+        return load_config(path, metadata_only=metadata_only)
     except ConfigError as exc:
-        print(f"filmgate: invalid configuration: {exc}", file=sys.stderr)
+        n = len(exc.errors)
+        lines = "".join(f"\n  {e}" for e in exc.errors)
+        print(f"filmgate: invalid configuration ({n} error{'s' if n != 1 else ''}):{lines}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = _config(args.config)
+    # The same checks as check-config, models included: a node without detectors would accept every film, so a
+    # wrong models_dir stops it here (exit 2) unless --metadata-only or detectors.require: false says so.
+    cfg = _config(args.config, metadata_only=args.metadata_only)
     setup_logging(cfg.logging.level)
     import faulthandler
     import signal
@@ -45,7 +50,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    cfg = _config(args.config)
+    cfg = _config(args.config, metadata_only=args.metadata_only)
     setup_logging("WARNING")
     from filmgate.inspect import inspect_files
 
@@ -183,34 +188,119 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="filmgate", description="DICOM quality gate for chest radiographs")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("serve", help="run the node (config: --config, $FILMGATE_CONFIG, or defaults)")
-    p.add_argument("--config", help="YAML configuration file")
+SERVE_KEYS = """most-changed configuration keys (every key, with its default and a comment, is in
+{default_yaml}; docs/OPERATIONS.md explains pointing a PACS at the node):
+  listener.ae_title      the node's AE title (default FILMGATE)
+  listener.port          DICOM port (default 11112)
+  listener.allow         who may send: calling AE titles and hosts (default: any AE from loopback)
+  destinations           where accepted and quarantined films go (folders or DICOM nodes)
+  routes.accept / routes.quarantine   which destinations get which films
+  http.port              /metrics, /healthz, /readyz (default 9108)
+  detectors.models_dir   the detectors ("" = the ones installed with filmgate)
+Validate a file first with: filmgate check-config FILE"""
+
+
+def version_text() -> str:
+    """``filmgate --version``: the package version and each installed detector's name and version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from filmgate.manifest import discover, shipped_models_dir
+
+    try:
+        own = version("filmgate")
+    except PackageNotFoundError:  # a source checkout run without installing
+        own = "unknown (not installed)"
+    lines = [f"filmgate {own}"]
+    models_dir = shipped_models_dir()
+    try:
+        models = discover(models_dir)
+    except (OSError, ValueError) as exc:
+        models = []
+        lines.append(f"models: cannot read {models_dir} ({exc})")
+    lines += [f"  model {m.name} {m.version} (reason {m.reason})" for _, m in models]
+    if not models:
+        lines.append(f"no models installed under {models_dir}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and the installed models' names and versions, then exit")  # fmt: skip
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "filmgate",
+        "DICOM quality gate for chest radiographs: receives films by C-STORE, checks them with the shipped detectors "
+        "and routes each to an accept or a quarantine destination.",
+        ["filmgate serve --config /etc/filmgate/filmgate.yaml", "filmgate inspect film.dcm",
+         "filmgate SUBCOMMAND --help"],  # fmt: skip
+        "Documentation: README.md, docs/OPERATIONS.md (deployment, pointing a PACS at the node), "
+        "docs/ARCHITECTURE.md.",
+    )
+    parser.add_argument("--version", action=_VersionAction)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    config_help = f"YAML configuration file (else ${ENV_CONFIG}, else the built-in defaults of service/default.yaml)"
+
+    p = add_command(
+        sub, "serve", "run the DICOM node until SIGTERM or Ctrl-C",
+        description="Run the DICOM node: listener, durable spool, detectors, policy and destinations, with metrics "
+        "and health on HTTP. It refuses to start (exit 2) when the configuration is invalid or no detector loads, "
+        "unless --metadata-only or detectors.require: false asks for the header rules only.",
+        examples=["filmgate serve", "filmgate serve --config my-site.yaml",
+                  f"{ENV_CONFIG}=my-site.yaml filmgate serve"],
+        more=SERVE_KEYS.format(default_yaml=Path(__file__).resolve().parent / "default.yaml"),
+    )  # fmt: skip
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--metadata-only", action="store_true",
+                   help="run without detectors: only the header rules decide (sets detectors.require: false)")
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("check-config", help="validate a configuration file without starting")
-    p.add_argument("file")
+
+    p = add_command(
+        sub, "check-config", "validate a configuration file without starting",
+        description="Validate a configuration file as `serve` would at start, reporting every mistake at once with "
+        "the key and the fix (exit 2), or a one-line summary (exit 0).",
+        examples=["filmgate check-config my-site.yaml"],
+    )  # fmt: skip
+    p.add_argument("file", help="the YAML configuration file to check")
     p.set_defaults(func=cmd_check_config)
-    p = sub.add_parser("inspect", help="decide on DICOM/PNG/JPEG files; one JSON line per file")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--config", help="YAML configuration file (models and policy)")
+
+    p = add_command(
+        sub, "inspect", "decide on DICOM/PNG/JPEG files; one JSON line per file",
+        description="Run the gate's own decode, detectors and policy on files and print one JSON line per file "
+        "(decision, reasons, scores). Exit 2 when no detector loads, unless --metadata-only.",
+        examples=["filmgate inspect film.dcm",
+                  "filmgate inspect --config my-site.yaml studies/*.dcm > decisions.jsonl"],
+    )  # fmt: skip
+    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM, PNG or JPEG files to decide on")
+    p.add_argument("--config", help=config_help + "; its detectors and policy are used")
     p.add_argument("--metadata-only", action="store_true", help="run without detectors (header rules only)")
     p.set_defaults(func=cmd_inspect)
-    p = sub.add_parser("sweep", help="judge a dataset (files, folders, a list, or a PACS) and report on it",
-                       description="Judge every film of the sources in parallel; results.csv, summary.json and "
-                       "report.html in --out. A rerun with the same --out resumes (changed files are judged again).")
+
+    p = add_command(
+        sub, "sweep", "judge a dataset (files, folders, a list, or a PACS) and report on it",
+        description="Judge every film of the sources in parallel; results.csv, summary.json and report.html in "
+        "--out. A rerun with the same --out resumes (changed files are judged again).",
+        examples=["filmgate sweep /data/cxr --out runs/sweep-cxr",
+                  "filmgate sweep dicom://PACS@pacs.example.org:104 --query Modality=CR,DX --since 2024-01-01 "
+                  "--out runs/pacs"],
+    )  # fmt: skip
     p.add_argument("sources", nargs="*", help="files and folders (recursive), or one dicom://AET@host:port")
     p.add_argument("--out", required=True, help="output folder (results, report, and the resumable state)")
     p.add_argument("--from-list", metavar="FILE", help="also judge the files named in FILE (one path a line)")
-    p.add_argument("--config", help="YAML configuration file (models and policy)")
-    p.add_argument("--jobs", type=int, default=0, help="worker processes (default: every core)")
-    p.add_argument("--batch", type=int, default=32, help="films per batch through the detectors (default 32)")
+    p.add_argument("--config", help=config_help + "; its detectors and policy are used")
+    p.add_argument("--jobs", type=int, default=0, help="worker processes (0: every core)")
+    p.add_argument("--batch", type=int, default=32, help="films per batch through the detectors")
     p.add_argument("--cluster", metavar="ADDRESS",
                    help="a Dask scheduler, e.g. tcp://scheduler:8786 (needs filmgate[cluster])")
     p.add_argument("--sort-into", metavar="DIR2", help="put every film into DIR2/accept/ or DIR2/quarantine/<reason>/")
     p.add_argument("--sort-mode", choices=("link", "symlink", "copy"), default="link",
-                   help="how --sort-into places films (default: hard link, copy across file systems)")
+                   help="how --sort-into places films (link: hard link, copy across file systems)")
     p.add_argument("--review", action="store_true", help="load the results into the review console's index")
     p.add_argument("--report-limit", type=int, default=500, help="films per contact sheet in report.html")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -219,37 +309,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", help="PACS: studies from this date on (YYYY-MM-DD)")
     p.add_argument("--ae-title", help="PACS: our calling AE title (default: listener.ae_title)")
     p.add_argument("--retrieve", choices=("get", "move"), default="get",
-                   help="PACS: C-GET (default) or C-MOVE to our own AE title (needs --move-port)")
+                   help="PACS: C-GET or C-MOVE to our own AE title (move needs --move-port)")
     p.add_argument("--move-port", type=int, default=0, help="PACS: port our C-MOVE destination listens on")
     p.set_defaults(func=cmd_sweep)
-    p = sub.add_parser(
-        "calibrate", help="fit the detectors' thresholds to a site's own films; writes a config override and a report",
+    p = add_command(
+        sub, "calibrate", "fit the detectors' thresholds to a site's own films; writes a config override and a report",
         description="Judge a random sample of a site's films (assumed mostly clean) and synthetic faults made from "
         "the accepted ones (rotations, inversions, mirrors); propose policy.thresholds that bring each detector's "
         "false flags to --target without its recall on the faults falling below its goal. Never touches the models.",
-        epilog="examples:\n  filmgate calibrate /data/site-sample --out site.yaml\n"
-        "  filmgate calibrate /data/site-sample --out site.yaml --config filmgate.yaml --sample 2000 --target 0.003\n"
-        "  filmgate check-config site.yaml && filmgate serve --config site.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=["filmgate calibrate /data/site-sample --out site.yaml",
+                  "filmgate calibrate /data/site-sample --out site.yaml --config filmgate.yaml --sample 2000 "
+                  "--target 0.003",
+                  "filmgate check-config site.yaml && filmgate serve --config site.yaml"],
     )  # fmt: skip
     p.add_argument("folder", help="a folder of the site's DICOM, PNG or JPEG films (recursive)")
     p.add_argument("--out", required=True, help="the configuration file to write (the --config given, or the "
                    "defaults, with policy.thresholds set)")  # fmt: skip
     p.add_argument("--report", help="the Markdown report (default: --out with .md)")
     p.add_argument("--config", help="the site's configuration to start from (models, policy, destinations)")
-    p.add_argument("--sample", type=int, default=500, help="films judged, chosen at random (0: all; default 500)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    p.add_argument("--sample", type=int, default=500, help="films judged, chosen at random (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample")
     p.add_argument("--target", type=float, default=0.005, help="largest fraction of the site's films each detector "
-                   "may flag (default 0.005)")  # fmt: skip
+                   "may flag")  # fmt: skip
     p.add_argument("--recall", action="append", default=[], metavar="REASON=FRACTION",
                    help="recall goal on the synthetic faults (defaults rotated=0.998, inverted=0.9995, flipped=0.98)")
-    p.add_argument("--batch", type=int, default=16, help="films per batch through the detectors (default 16)")
+    p.add_argument("--batch", type=int, default=16, help="films per batch through the detectors")
     p.set_defaults(func=cmd_calibrate)
-    p = sub.add_parser("healthcheck", help="C-ECHO the node and GET /healthz; exit 0 when both answer")
-    p.add_argument("--config", help="YAML configuration file")
-    p.add_argument("--timeout", type=float, default=5.0)
+
+    p = add_command(
+        sub, "healthcheck", "C-ECHO the node and GET /healthz; exit 0 when both answer",
+        description="Check a running node: a DICOM C-ECHO to the listener and GET /healthz on the HTTP port, with "
+        "the addresses from the configuration. The container image's health check runs this.",
+        examples=["filmgate healthcheck", "filmgate healthcheck --config my-site.yaml --timeout 2"],
+    )  # fmt: skip
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     p.set_defaults(func=cmd_healthcheck)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
 

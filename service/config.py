@@ -264,12 +264,13 @@ class Config:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate ``path`` (or ``$FILMGATE_CONFIG``; defaults when neither is given)."""
+def load_config(path: str | os.PathLike[str] | None = None, *, metadata_only: bool = False) -> Config:
+    """Read and validate ``path`` (or ``$FILMGATE_CONFIG``; defaults when neither is given). ``metadata_only``
+    (``--metadata-only``) runs without detectors: ``detectors.require`` off, the models not checked."""
     if path is None:
         path = os.environ.get(ENV_CONFIG) or None
     if path is None:
-        return validate(Config())
+        return _finish(Config(), metadata_only)
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -279,212 +280,322 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     try:
-        return parse_config(data or {}, source=str(path))
+        return _finish(_parse(data or {}, source=str(path)), metadata_only)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise exc.prefixed(f"{path}: ") from exc
 
 
 def parse_config(data: Any, source: str = "<dict>") -> Config:
     """A mapping (as read from YAML) -> validated :class:`Config`."""
+    return validate(_parse(data, source))
+
+
+def _finish(cfg: Config, metadata_only: bool) -> Config:
+    if metadata_only:
+        cfg = dataclasses.replace(cfg, detectors=dataclasses.replace(cfg.detectors, require=False))
+    return validate(cfg, check_models=not metadata_only)
+
+
+def _parse(data: Any, source: str) -> Config:
+    """A mapping -> :class:`Config`, every key and type checked (every mistake reported), not yet :func:`validate`."""
     if not isinstance(data, Mapping):
         raise ConfigError("the top level must be a mapping of sections (listener, spool, ...)")
     data = dict(data)
     dests = data.pop("destinations", None)
-    cfg = build(Config, data, "", skip={"destinations", "source"})
+    errors: list[str] = []
+    cfg = Config()
+    try:
+        cfg = build(Config, data, "", skip={"destinations", "source"})
+    except ConfigError as exc:
+        errors.extend(exc.errors)
     if dests is not None:
-        cfg = dataclasses.replace(cfg, destinations=_build_destinations(dests))
-    return validate(dataclasses.replace(cfg, source=source))
+        try:
+            cfg = dataclasses.replace(cfg, destinations=_build_destinations(dests))
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(*errors)
+    return dataclasses.replace(cfg, source=source)
 
 
 def _build_destinations(data: Any) -> tuple[Any, ...]:
     if not isinstance(data, Mapping):
         raise ConfigError("destinations: must be a mapping of name -> {type: folder|dicom, ...}")
-    out = []
+    out, errors = [], []
     for name, spec in data.items():
         key = f"destinations.{name}"
         if not isinstance(spec, Mapping):
-            raise ConfigError(f"{key}: must be a mapping with a 'type' key")
+            errors.append(f"{key}: must be a mapping with a 'type' key")
+            continue
         spec = dict(spec)
         kind = spec.pop("type", None)
         if kind not in DESTINATION_TYPES:
-            raise ConfigError(f"{key}.type: must be one of {sorted(DESTINATION_TYPES)}, got {kind!r}")
+            errors.append(f"{key}.type: must be one of {sorted(DESTINATION_TYPES)}, got {kind!r}")
+            continue
         if "name" in spec:
-            raise ConfigError(f"{key}.name: the name is the mapping key; remove 'name'")
-        out.append(build(DESTINATION_TYPES[kind], {**spec, "name": str(name)}, key + ".", skip=set()))
+            errors.append(f"{key}.name: the name is the mapping key; remove 'name'")
+            continue
+        try:
+            out.append(build(DESTINATION_TYPES[kind], {**spec, "name": str(name)}, key + ".", skip=set()))
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(*errors)
     return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------------- checks
 
 
-def validate(cfg: Config) -> Config:
-    """Cross-field and range checks; returns ``cfg`` unchanged when it is valid."""
+def validate(cfg: Config, *, check_models: bool = True) -> Config:
+    """Every cross-field, range and reference check, all of them: a :class:`ConfigError` lists each mistake (one
+    line each, naming the key and the fix), so an operator fixes a file in one round. Returns ``cfg`` with the
+    modality codes normalised to upper case. ``check_models`` (off for ``--metadata-only``) checks that
+    ``detectors.models_dir`` holds detectors and that the detector and reason names used exist."""
+    errors: list[str] = []
+    err = errors.append
     lst = cfg.listener
-    _check_ae(lst.ae_title, "listener.ae_title")
-    _check_port(lst.port, "listener.port")
-    _positive(lst.max_associations, "listener.max_associations")
-    _positive(lst.network_timeout, "listener.network_timeout")
+    _check_ae(lst.ae_title, "listener.ae_title", err)
+    _check_port(lst.port, "listener.port", err)
+    _positive(lst.max_associations, "listener.max_associations", err)
+    _positive(lst.network_timeout, "listener.network_timeout", err)
     for i, rule in enumerate(lst.allow):
         if rule.ae_title != "*":
-            _check_ae(rule.ae_title, f"listener.allow[{i}].ae_title")
+            _check_ae(rule.ae_title, f"listener.allow[{i}].ae_title", err)
         for j, host in enumerate(rule.hosts):
-            _check_host(host, f"listener.allow[{i}].hosts[{j}]")
+            _check_host(host, f"listener.allow[{i}].hosts[{j}]", err)
     if lst.allow_list and not lst.allow:
-        raise ConfigError("listener.allow: the allow-list is on but empty, so nobody could send; add a rule "
-                          "or set listener.allow_list: false")  # fmt: skip
+        err("listener.allow: the allow-list is on but empty, so nobody could send; add a rule "
+            "or set listener.allow_list: false")  # fmt: skip
     if lst.tls.enabled:
         for name in ("cert_file", "key_file"):
             value = getattr(lst.tls, name)
             if not value:
-                raise ConfigError(f"listener.tls.{name}: required when listener.tls.enabled is true")
-            if not Path(value).is_file():
-                raise ConfigError(f"listener.tls.{name}: file {value!r} does not exist")
+                err(f"listener.tls.{name}: required when listener.tls.enabled is true")
+            elif not Path(value).is_file():
+                err(f"listener.tls.{name}: file {value!r} does not exist")
         if lst.tls.require_client_cert and not lst.tls.ca_file:
-            raise ConfigError("listener.tls.ca_file: required when listener.tls.require_client_cert is true")
+            err("listener.tls.ca_file: required when listener.tls.require_client_cert is true")
         if lst.tls.ca_file and not Path(lst.tls.ca_file).is_file():
-            raise ConfigError(f"listener.tls.ca_file: file {lst.tls.ca_file!r} does not exist")
+            err(f"listener.tls.ca_file: file {lst.tls.ca_file!r} does not exist")
     if not cfg.spool.path:
-        raise ConfigError("spool.path: must not be empty")
+        err("spool.path: must not be empty")
     w = cfg.workers
     if not 0 <= w.processes <= 64:
-        raise ConfigError(f"workers.processes: must be 0-64 (0 runs the workers as threads), got {w.processes}")
+        err(f"workers.processes: must be 0-64 (0 runs the workers as threads), got {w.processes}")
     for name in ("decode_threads", "deliver_threads", "max_batch", "queue_size"):
-        _positive(getattr(w, name), f"workers.{name}")
+        _positive(getattr(w, name), f"workers.{name}", err)
     if not 0 <= w.nice <= 19:
-        raise ConfigError(f"workers.nice: must be 0-19 (the worker process's niceness), got {w.nice}")
+        err(f"workers.nice: must be 0-19 (the worker process's niceness), got {w.nice}")
     for name in ("batch_wait_ms", "drain_timeout"):
         if getattr(w, name) < 0:
-            raise ConfigError(f"workers.{name}: must be >= 0")
+            err(f"workers.{name}: must be >= 0")
     for name in ("poll_interval", "retry_delay"):
-        _positive(getattr(w, name), f"workers.{name}")
+        _positive(getattr(w, name), f"workers.{name}", err)
     lim = cfg.limits
     for name in ("max_dataset_bytes", "max_pixels", "decode_timeout"):
-        _positive(getattr(lim, name), f"limits.{name}")
+        _positive(getattr(lim, name), f"limits.{name}", err)
     if lim.decode_memory_bytes < 512 << 20:
-        raise ConfigError(
-            "limits.decode_memory_bytes: must be at least 536870912 (512 MiB): the decode child's interpreter and "
-            f"libraries alone need that much address space, got {lim.decode_memory_bytes}"
-        )
+        err("limits.decode_memory_bytes: must be at least 536870912 (512 MiB): the decode child's interpreter and "
+            f"libraries alone need that much address space, got {lim.decode_memory_bytes}")  # fmt: skip
     if cfg.detectors.provider not in PROVIDERS:
-        raise ConfigError(f"detectors.provider: must be one of {PROVIDERS}, got {cfg.detectors.provider!r}")
+        err(f"detectors.provider: must be one of {PROVIDERS}, got {cfg.detectors.provider!r}")
     if cfg.detectors.intra_op_threads < 0:
-        raise ConfigError("detectors.intra_op_threads: must be >= 0 (0 lets onnxruntime choose)")
-    for name, value in cfg.policy.thresholds.items():
-        if not 0.0 <= value <= 1e9:
-            raise ConfigError(f"policy.thresholds.{name}: must be a non-negative number, got {value}")
-    if len(set(cfg.policy.reason_order)) != len(cfg.policy.reason_order):
-        raise ConfigError("policy.reason_order: lists a reason twice; name each reason once")
-    for reason, dropped in cfg.policy.outranks.items():
-        if reason in dropped:
-            raise ConfigError(f"policy.outranks.{reason}: a reason cannot outrank itself; remove it from its list")
+        err("detectors.intra_op_threads: must be >= 0 (0 lets onnxruntime choose)")
     if cfg.spool.stale_tmp_seconds < 2 * cfg.listener.network_timeout:
-        raise ConfigError(
-            f"spool.stale_tmp_seconds: must be at least twice listener.network_timeout "
-            f"({2 * cfg.listener.network_timeout:g} s), or a slow live transfer could be removed"
-        )
-    if cfg.policy.pediatric_age_years <= 0:
-        raise ConfigError("policy.pediatric_age_years: must be > 0")
-    if cfg.policy.modality_rule and not cfg.policy.modalities:
-        raise ConfigError("policy.modalities: empty while policy.modality_rule is true; nothing could be accepted")
-    names = set()
+        err(f"spool.stale_tmp_seconds: must be at least twice listener.network_timeout "
+            f"({2 * cfg.listener.network_timeout:g} s), or a slow live transfer could be removed")  # fmt: skip
+    policy = _check_policy(cfg, err, check_models)
+    names: set[str] = set()
     for dest in cfg.destinations:
         key = f"destinations.{dest.name}"
         if dest.name in names:
-            raise ConfigError(f"{key}: defined twice")
+            err(f"{key}: defined twice; give each destination its own name")
         names.add(dest.name)
         if isinstance(dest, FolderDestinationConfig):
-            _check_layout(dest.layout, key + ".layout")
+            _check_layout(dest.layout, key + ".layout", err)
             if not dest.path:
-                raise ConfigError(f"{key}.path: must not be empty")
+                err(f"{key}.path: must not be empty")
         else:
-            _check_ae(dest.ae_title, key + ".ae_title")
-            _check_ae(dest.calling_ae, key + ".calling_ae")
-            _check_port(dest.port, key + ".port")
+            _check_ae(dest.ae_title, key + ".ae_title", err)
+            _check_ae(dest.calling_ae, key + ".calling_ae", err)
+            _check_port(dest.port, key + ".port", err)
             if not dest.host:
-                raise ConfigError(f"{key}.host: must not be empty")
+                err(f"{key}.host: must not be empty")
             if dest.retries < 0:
-                raise ConfigError(f"{key}.retries: must be >= 0")
-            _positive(dest.backoff_initial, key + ".backoff_initial")
-            _positive(dest.timeout, key + ".timeout")
+                err(f"{key}.retries: must be >= 0")
+            _positive(dest.backoff_initial, key + ".backoff_initial", err)
+            _positive(dest.timeout, key + ".timeout", err)
             if dest.backoff_factor < 1:
-                raise ConfigError(f"{key}.backoff_factor: must be >= 1")
+                err(f"{key}.backoff_factor: must be >= 1")
             if dest.backoff_max < dest.backoff_initial:
-                raise ConfigError(f"{key}.backoff_max: must be >= backoff_initial")
+                err(f"{key}.backoff_max: must be >= backoff_initial")
     for route in ("accept", "quarantine"):
         targets = getattr(cfg.routes, route)
         if not targets:
-            raise ConfigError(f"routes.{route}: needs at least one destination, or instances would vanish")
+            err(f"routes.{route}: needs at least one destination, or instances would vanish")
         for t in targets:
             if t not in names:
-                raise ConfigError(f"routes.{route}: unknown destination {t!r}; defined: {sorted(names)}")
+                err(f"routes.{route}: unknown destination {t!r}; defined under destinations: {sorted(names)}")
     if cfg.http.enabled:
-        _check_port(cfg.http.port, "http.port")
+        _check_port(cfg.http.port, "http.port", err)
     if cfg.logging.level.upper() not in LOG_LEVELS:
-        raise ConfigError(f"logging.level: must be one of {LOG_LEVELS}, got {cfg.logging.level!r}")
-    _validate_study_features(cfg)
-    return cfg
+        err(f"logging.level: must be one of {LOG_LEVELS}, got {cfg.logging.level!r}")
+    _validate_study_features(cfg, err)
+    if errors:
+        raise ConfigError(*errors)
+    return cfg if policy == cfg.policy else dataclasses.replace(cfg, policy=policy)
+
+
+# The reasons the metadata rules raise (filmgate.policy names them too; config cannot import policy, policy imports
+# config). Every other reason is a detector's, read from its manifest.
+RULE_REASONS = ("undecodable", "modality", "pediatric")
+_MODALITY_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # DICOM code string (CS)
+
+
+def _check_policy(cfg: Config, err: Any, check_models: bool) -> PolicyConfig:
+    """The policy's own checks and its references to detectors and reasons; returns it with modalities normalised."""
+    pol = cfg.policy
+    for name, value in pol.thresholds.items():
+        if not 0.0 <= value <= 1e9:
+            err(f"policy.thresholds.{name}: must be a non-negative number, got {value}")
+    if len(set(pol.reason_order)) != len(pol.reason_order):
+        err("policy.reason_order: lists a reason twice; name each reason once")
+    for reason, dropped in pol.outranks.items():
+        if reason in dropped:
+            err(f"policy.outranks.{reason}: a reason cannot outrank itself; remove it from its list")
+    if pol.pediatric_age_years <= 0:
+        err("policy.pediatric_age_years: must be > 0")
+    if pol.modality_rule and not pol.modalities:
+        err("policy.modalities: empty while policy.modality_rule is true; nothing could be accepted")
+    modalities = tuple(str(m).strip().upper() for m in pol.modalities)
+    for i, code in enumerate(modalities):
+        if not _MODALITY_RE.match(code):
+            err(f"policy.modalities[{i}]: {pol.modalities[i]!r} is not a DICOM Modality code (e.g. CR, DX)")
+    if check_models:
+        detectors = _detector_reasons(cfg.detectors, err)
+        if detectors:  # none (header rules only, or the folder is wrong and said so): nothing to check names against
+            _check_names(pol, cfg.detectors, detectors, err)
+    return pol if modalities == pol.modalities else dataclasses.replace(pol, modalities=modalities)
+
+
+def _detector_reasons(det: DetectorsConfig, err: Any) -> dict[str, str] | None:
+    """``{detector name: reason}`` of the models under ``detectors.models_dir`` (manifests only, not the ONNX files);
+    None when the folder cannot be read (the error is reported)."""
+    from filmgate.manifest import ManifestError, discover_manifests, resolve_models_dir
+
+    folder = resolve_models_dir(det.models_dir)
+    shown = det.models_dir or f'"" (the installed models, {folder})'
+    if not folder.is_dir():
+        err(f"detectors.models_dir: folder {shown} does not exist; give the folder holding <name>/manifest.json "
+            f"(\"\" = the models installed with filmgate), or for header rules only set detectors.require: false "
+            "and an existing folder")  # fmt: skip
+        return None
+    try:
+        found = {m.name: m.reason for m in discover_manifests(folder)}
+    except ManifestError as exc:
+        err(f"detectors.models_dir: {exc}; fix or remove that model folder")
+        return None
+    if not found and det.require:
+        err(f"detectors.models_dir: no detector (<name>/manifest.json) under {shown}; give the models folder, or "
+            "set detectors.require: false to run on metadata rules only")  # fmt: skip
+    elif found and det.require and not set(found) - set(det.disabled):
+        err(f"detectors.disabled: disables every detector under {shown}; enable one, or set detectors.require: false "
+            "to run on metadata rules only")  # fmt: skip
+    return found
+
+
+def _check_names(pol: PolicyConfig, det: DetectorsConfig, detectors: dict[str, str], err: Any) -> None:
+    names = sorted(detectors)
+    for i, name in enumerate(det.disabled):
+        if name not in detectors:
+            err(f"detectors.disabled[{i}]: no detector named {name!r}{_did_you_mean(name, names)}; detectors: {names}")
+    for name in pol.thresholds:
+        if name not in detectors:
+            err(f"policy.thresholds.{name}: no detector named {name!r}{_did_you_mean(name, names)} (thresholds are "
+                f"keyed by detector name); detectors: {names}")  # fmt: skip
+    reasons = sorted({*RULE_REASONS, *detectors.values()})
+    for i, reason in enumerate(pol.reason_order):
+        if reason not in reasons:
+            err(f"policy.reason_order[{i}]: unknown reason {reason!r}{_did_you_mean(reason, reasons)}; "
+                f"reasons: {reasons}")  # fmt: skip
+    for reason, dropped in pol.outranks.items():
+        if reason not in reasons:
+            err(f"policy.outranks.{reason}: unknown reason {reason!r}{_did_you_mean(reason, reasons)}; "
+                f"reasons: {reasons}")  # fmt: skip
+        for i, other in enumerate(dropped):
+            if other not in reasons:
+                err(f"policy.outranks.{reason}[{i}]: unknown reason {other!r}{_did_you_mean(other, reasons)}; "
+                    f"reasons: {reasons}")  # fmt: skip
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 CORRECTABLE_REASONS = ("rotated", "inverted", "flipped")
 
 
-def _validate_study_features(cfg: Config) -> None:
+def _validate_study_features(cfg: Config, err: Any) -> None:
     """correct, iocm and studies: reasons that exist, a real DICOM destination for the notes."""
     for r in cfg.correct.reasons:
         if r not in CORRECTABLE_REASONS:
-            raise ConfigError(f"correct.reasons: {r!r} cannot be corrected; choose from {list(CORRECTABLE_REASONS)}")
+            err(f"correct.reasons: {r!r} cannot be corrected; choose from {list(CORRECTABLE_REASONS)}")
     if cfg.iocm.enabled:
         if not cfg.iocm.reasons:
-            raise ConfigError("iocm.reasons: empty while iocm.enabled is true; name the reasons that send a note")
+            err("iocm.reasons: empty while iocm.enabled is true; name the reasons that send a note")
         dicom = [d.name for d in cfg.destinations if isinstance(d, DicomDestinationConfig)]
         if cfg.iocm.destination not in dicom:
-            raise ConfigError(
-                f"iocm.destination: must name a destination of type dicom (the PACS that sends), got "
-                f"{cfg.iocm.destination!r}; dicom destinations: {dicom or 'none'}"
-            )
+            err(f"iocm.destination: must name a destination of type dicom (the PACS that sends), got "
+                f"{cfg.iocm.destination!r}; dicom destinations: {dicom or 'none'}")  # fmt: skip
         if not cfg.studies.enabled:
-            raise ConfigError("studies.enabled: rejection notes are sent per study; set it true when iocm.enabled")
-    _positive(cfg.studies.stable_seconds, "studies.stable_seconds")
+            err("studies.enabled: rejection notes are sent per study; set it true when iocm.enabled")
+    _positive(cfg.studies.stable_seconds, "studies.stable_seconds", err)
     try:
         names = [f for _, f, _, _ in string.Formatter().parse(cfg.studies.summary_layout) if f is not None]
     except ValueError as exc:
-        raise ConfigError(f"studies.summary_layout: bad template ({exc})") from exc
+        err(f"studies.summary_layout: bad template ({exc})")
+        names = []
     if set(names) - {"StudyInstanceUID"}:
-        raise ConfigError("studies.summary_layout: only the field {StudyInstanceUID} is known to a study summary")
+        err("studies.summary_layout: only the field {StudyInstanceUID} is known to a study summary")
     if cfg.studies.summary_layout.startswith("/") or ".." in Path(cfg.studies.summary_layout).parts:
-        raise ConfigError("studies.summary_layout: must be a relative path inside the destination folder")
+        err("studies.summary_layout: must be a relative path inside the destination folder")
 
 
-def _check_ae(value: str, key: str) -> None:
+def _check_ae(value: str, key: str, err: Any) -> None:
     if not _AE_RE.match(value) or not value.strip():
-        raise ConfigError(f"{key}: an AE title is 1-16 printable characters without backslash, got {value!r}")
+        err(f"{key}: an AE title is 1-16 printable characters without backslash, got {value!r}")
 
 
-def _check_port(value: int, key: str) -> None:
+def _check_port(value: int, key: str, err: Any) -> None:
     if not 0 <= value <= 65535:
-        raise ConfigError(f"{key}: must be a TCP port 0-65535, got {value}")
+        err(f"{key}: must be a TCP port 0-65535, got {value}")
 
 
-def _positive(value: float, key: str) -> None:
+def _positive(value: float, key: str, err: Any) -> None:
     if value <= 0:
-        raise ConfigError(f"{key}: must be > 0, got {value}")
+        err(f"{key}: must be > 0, got {value}")
 
 
-def _check_host(value: str, key: str) -> None:
+def _check_host(value: str, key: str, err: Any) -> None:
     try:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
         if not re.match(r"^[A-Za-z0-9.-]+$", value):
-            raise ConfigError(f"{key}: must be an IP address, a CIDR network or a host name, got {value!r}") from None
+            err(f"{key}: must be an IP address, a CIDR network or a host name, got {value!r}")
 
 
-def _check_layout(layout: str, key: str) -> None:
+def _check_layout(layout: str, key: str, err: Any) -> None:
     try:
         names = [f for _, f, _, _ in string.Formatter().parse(layout) if f is not None]
     except ValueError as exc:
-        raise ConfigError(f"{key}: bad template ({exc})") from exc
+        err(f"{key}: bad template ({exc})")
+        return
     for n in names:
         if n not in LAYOUT_FIELDS:
-            raise ConfigError(f"{key}: unknown field {{{n}}}; allowed: {', '.join(LAYOUT_FIELDS)}")
+            err(f"{key}: unknown field {{{n}}}; allowed: {', '.join(LAYOUT_FIELDS)}")
     if layout.startswith("/") or ".." in Path(layout).parts:
-        raise ConfigError(f"{key}: must be a relative path inside the destination folder")
+        err(f"{key}: must be a relative path inside the destination folder")

@@ -254,6 +254,12 @@ def discover(models_dir: Path) -> list[tuple[Path, ModelManifest]]:
     return found
 
 
+def discover_manifests(models_dir: Path) -> list[ModelManifest]:
+    """The manifests under ``models_dir`` without hashing the model files: what the config check needs (names and
+    reasons) at the cost of reading a few small JSON files."""
+    return [load_manifest(p.parent, verify=False) for p in sorted(Path(models_dir).glob(f"*/{MANIFEST_NAME}"))]
+
+
 def write_manifest(folder: Path, manifest: ModelManifest) -> Path:
     path = folder / MANIFEST_NAME
     path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")

@@ -19,7 +19,16 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and the fix."""
+    """The configuration is invalid. Each message names the key and the fix; several mistakes found in one pass are
+    kept together (``errors``, one line each in ``str()``) so the operator sees them all at once."""
+
+    def __init__(self, *messages: str) -> None:
+        self.errors: tuple[str, ...] = tuple(line for m in messages for line in str(m).splitlines() if line)
+        super().__init__("\n".join(self.errors))
+
+    def prefixed(self, prefix: str) -> ConfigError:
+        """The same errors, each line starting with ``prefix`` (the file name)."""
+        return ConfigError(*(f"{prefix}{e}" for e in self.errors))
 
 
 def build(cls: type, data: Any, prefix: str = "", skip: set[str] | None = None) -> Any:
@@ -34,16 +43,20 @@ def build(cls: type, data: Any, prefix: str = "", skip: set[str] | None = None) 
         raise ConfigError(f"{section}: must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in (skip or set())}
-    unknown = set(data) - set(fields)
-    if unknown:
-        bad = sorted(str(k) for k in unknown)[0]
-        raise ConfigError(f"{prefix}{bad}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
+    errors: list[str] = []
+    for bad in sorted(str(k) for k in set(data) - set(fields)):
+        errors.append(f"{prefix}{bad}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = coerce(hints[name], data[name], f"{prefix}{name}")
+            try:
+                kwargs[name] = coerce(hints[name], data[name], f"{prefix}{name}")
+            except ConfigError as exc:  # keep going: every mistake of the file is reported at once
+                errors.extend(exc.errors)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: required key is missing")
+            errors.append(f"{prefix}{name}: required key is missing")
+    if errors:
+        raise ConfigError(*errors)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -89,9 +102,23 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is tuple:
         if isinstance(value, str | Mapping) or not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: must be a list, got {value!r}")
-        return tuple(coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_each([(f"{key}[{i}]", v) for i, v in enumerate(value)], args[0]).values())
     if origin in (Mapping, dict) or origin is typing.get_origin(Mapping[str, float]):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: must be a mapping, got {value!r}")
-        return types.MappingProxyType({str(k): coerce(args[1], v, f"{key}.{k}") for k, v in value.items()})
+        items = _each([(f"{key}.{k}", v) for k, v in value.items()], args[1])
+        return types.MappingProxyType({str(k): items[f"{key}.{k}"] for k in value})
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a programming error
+
+
+def _each(items: list[tuple[str, Any]], tp: Any) -> dict[str, Any]:
+    """``coerce`` on each (key, value), collecting every item's errors before raising them together."""
+    out, errors = {}, []
+    for key, value in items:
+        try:
+            out[key] = coerce(tp, value, key)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+    if errors:
+        raise ConfigError(*errors)
+    return out

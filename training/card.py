@@ -68,8 +68,8 @@ def model_card(
         "information) but aspect is augmented so it is never the only cue; z-scoring per film removes exposure and "
         "window differences between hospitals.",
         "",
-        "**One model per problem** (as the seed recommends): each detector is ~1.5 ms per film on an idle core "
-        "(bench/detector_latency), so a shared backbone would save little time, while separate models can be "
+        "**One model per problem** (following Oakden-Rayner, 2018): each detector is ~1.5 ms per film on an idle "
+        "core (bench/detector_latency), so a shared backbone would save little time, while separate models can be "
         "retrained, thresholded and replaced independently, and a mistake in one task cannot leak into another.",
         "",
         "## Training",

@@ -6,9 +6,9 @@ python -m filmgate_training export --config orientation    # ONNX + parity check
 python -m filmgate_training evaluate --config orientation  # threshold + val report (on the ONNX file)
 python -m filmgate_training ship --config orientation      # -> models/<task>/ (model, manifest, card, report)
 python -m filmgate_training all --config orientation       # all of the above
-python -m filmgate_training finish --config view           # issue-4 extra evaluation + card (view, flip, pediatric);
+python -m filmgate_training finish --config view           # extra evaluation + card (view, flip, pediatric);
                                                   # --config atypical builds the atypical score from runs/view
-python -m filmgate_training gate-report [--docs]           # the val split decided as the gate would (issue 4, item 6)
+python -m filmgate_training gate-report [--docs]           # the val split decided as the gate would
 --set train.steps=100 overrides any key (the value is read as YAML).
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from filmgate.clihelp import add_command, make_parser
 from filmgate_training.config import Config, ConfigError, load_config
 
 
@@ -98,23 +99,60 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m filmgate_training", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("tasks", help="list the registered tasks")
-    report = sub.add_parser("gate-report", help="the whole val split decided as the gate would (issue 4)")
-    report.add_argument("--out", help="run folder for the report and contact sheets (default runs/gate-report)")
-    report.add_argument("--models", help="models folder (default models/)")
+STEP_HELP = {
+    "cache": ("decode the training films once into the cache (runs/cache) and report what it holds",
+              "python -m filmgate_training cache --config orientation"),
+    "fit": ("train the task's network (resumes from runs/<task>/checkpoint.pt)",
+            "python -m filmgate_training fit --config orientation --set train.steps=100"),
+    "export": ("export the trained network to ONNX with a parity check -> runs/<task>/model.onnx",
+               "python -m filmgate_training export --config orientation"),
+    "evaluate": ("choose the threshold and report on val, running the ONNX file as the gate does",
+                 "python -m filmgate_training evaluate --config orientation"),
+    "ship": ("copy the model, its manifest, card and report to models/<task>/ (what the gate loads)",
+             "python -m filmgate_training ship --config orientation"),
+    "all": ("fit, export, evaluate and ship in one go",
+            "python -m filmgate_training all --config flip --set train.threads=2"),
+}  # fmt: skip
+CONFIG_HELP = "YAML file, or the name of one under training/configs/ (e.g. orientation)"
+SET_HELP = "override a config key, the value read as YAML; repeatable (e.g. --set train.steps=100)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "python -m filmgate_training",
+        "Train, export, evaluate and ship filmgate's detectors from a YAML config (needs the train extra: torch).",
+        ["python -m filmgate_training all --config orientation", "python -m filmgate_training SUBCOMMAND --help"],
+        "Configs: training/configs/*.yaml; the training guide: training/README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    add_command(sub, "tasks", "list the registered tasks (name, kind, labels, reason)",
+                examples=["python -m filmgate_training tasks"])  # fmt: skip
+    report = add_command(
+        sub, "gate-report", "decide the whole val split as the gate would, with contact sheets",
+        examples=["python -m filmgate_training gate-report", "python -m filmgate_training gate-report --docs"],
+    )  # fmt: skip
+    report.add_argument("--out", help="run folder for the report and contact sheets (default: runs/gate-report)")
+    report.add_argument("--models", help="models folder to decide with (default: the repository's models/)")
     report.add_argument("--docs", action="store_true", help="also copy the Markdown/JSON summary to docs/")
-    finish = sub.add_parser("finish", help="issue-4 evaluation and card for view/flip/pediatric; builds atypical")
-    finish.add_argument("--config", required=True)
-    finish.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    finish = add_command(
+        sub, "finish", "extra evaluation and model card for view, flip or pediatric; builds the atypical score",
+        examples=["python -m filmgate_training finish --config view",
+                  "python -m filmgate_training finish --config atypical"],
+    )  # fmt: skip
+    finish.add_argument("--config", required=True, help=CONFIG_HELP)
+    finish.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     for name in COMMANDS:
-        p = sub.add_parser(name)
-        p.add_argument("--config", required=True, help="YAML file, or a name under training/configs/")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+        summary, example = STEP_HELP[name]
+        p = add_command(sub, name, summary, examples=[example])
+        p.add_argument("--config", required=True, help=CONFIG_HELP)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
         if name in ("fit", "all"):
             p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "gate-report":

@@ -1,4 +1,4 @@
-"""Evaluation numbers like the seed paper (AUC, accuracy, precision, recall) plus the false-positive rate on
+"""Evaluation numbers like Oakden-Rayner (2018) (AUC, accuracy, precision, recall) plus the false-positive rate on
 unaltered films, in plain numpy so that the gate's test environment needs nothing more."""
 
 from __future__ import annotations

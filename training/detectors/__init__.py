@@ -1,4 +1,4 @@
-"""The detectors that need real labels or a trained backbone (issue 4): flip, view, pediatric, atypical.
+"""The detectors that need real labels or a trained backbone : flip, view, pediatric, atypical.
 
 Each module registers its task in :mod:`filmgate_training.tasks` when imported; importing this
 package registers them all.

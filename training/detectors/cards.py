@@ -1,4 +1,4 @@
-"""Model cards for the issue-4 detectors: what each is for, how it was made and measured, and what it cannot do.
+"""Model cards for flip, view, pediatric, atypical: what each is for, how it was made and measured, what it cannot do.
 
 The framework's card (:mod:`filmgate_training.card`) describes self-supervised
 orientation/inversion models; these detectors

@@ -1,4 +1,4 @@
-"""Evaluation beyond the framework's report, for the questions issue 4 asks of each detector.
+"""Evaluation beyond the framework's report, for the questions a site asks of each detector.
 
 - ``view``: recall per kind with an exact 95% lower bound (only 11 real lateral val films exist, so the bound says
   how much that number can prove), recall on realistic variants of the val laterals (mirrored, tilted, cropped,

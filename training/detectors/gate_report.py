@@ -1,4 +1,4 @@
-"""The gate report (issue 4, item 6): the whole ``val`` split decided as the gate would decide it.
+"""The gate report: the whole ``val`` split decided as the gate would decide it.
 
 ``python -m filmgate_training.detectors.gate_report [--out runs/gate-report] [--models models]`` judges every val film
 with the gate's own judge (:class:`filmgate.judge.Judge`: the shipped detectors, the gate's decode and preprocessing,
