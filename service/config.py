@@ -447,9 +447,11 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
     return cfg if policy == cfg.policy else dataclasses.replace(cfg, policy=policy)
 
 
-# The reasons the metadata rules raise (filmgate.policy names them too; config cannot import policy, policy imports
-# config). Every other reason is a detector's, read from its manifest.
-RULE_REASONS = ("undecodable", "modality", "pediatric")
+# The reasons the rules raise themselves (filmgate.policy raises them; named here because the config check needs them
+# and policy imports config). Every other reason is a detector's, read from its manifest.
+UNDECODABLE, MODALITY, PEDIATRIC = "undecodable", "modality", "pediatric"
+DETECTOR_ERROR = "detector-error"  # the detectors failed on the film: not the film's fault, so not ``undecodable``
+RULE_REASONS = (UNDECODABLE, DETECTOR_ERROR, MODALITY, PEDIATRIC)
 _MODALITY_RE = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # DICOM code string (CS)
 
 

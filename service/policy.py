@@ -16,14 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from filmgate.config import PolicyConfig
+from filmgate.config import DETECTOR_ERROR, MODALITY, PEDIATRIC, RULE_REASONS, UNDECODABLE, PolicyConfig
 from filmgate.manifest import Finding
 
 ACCEPT = "accept"
-# The reasons the rules raise themselves (the detectors' come from their manifests): every reason a decision can carry
-# is these plus the loaded detectors' (see :func:`known_reasons`).
-UNDECODABLE, MODALITY, PEDIATRIC = "undecodable", "modality", "pediatric"
-DETECTOR_ERROR = "detector-error"  # the detectors failed on the film: not the film's fault, so not ``undecodable``
+# The reasons the rules raise themselves are named in filmgate.config (RULE_REASONS: the config check needs them and
+# config cannot import this module); the detectors' come from their manifests. Every reason a decision can carry is
+# these plus the loaded detectors' (see :func:`known_reasons`).
 PLAUSIBLE_AGE_YEARS = (0.0, 120.0)  # a header age outside this is treated as missing
 QUARANTINE = "quarantine"
 
@@ -136,7 +135,7 @@ def decide(
 
 def known_reasons(policy: PolicyConfig, detector_reasons: Sequence[str]) -> tuple[str, ...]:
     """Every reason a decision can carry under ``policy`` with these detectors, in ``policy.reason_order``."""
-    found = {UNDECODABLE, DETECTOR_ERROR, MODALITY, PEDIATRIC, *detector_reasons}
+    found = {*RULE_REASONS, *detector_reasons}
     return tuple(sorted(found, key=lambda r: _reason_rank(r, policy.reason_order)))
 
 
