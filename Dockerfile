@@ -1,59 +1,54 @@
-# syntax=docker/dockerfile:1
 #
-# filmgate container images. Two targets from one file:
+# filmgate container images. Two targets from one file, both on Debian 12 (bookworm) with its Python 3.11:
 #
-#   docker build -t filmgate .                               # default: CPU runtime on python:3.11-slim
-#   docker build --target runtime-cuda -t filmgate:cuda .    # CUDA runtime: onnxruntime-gpu with CUDA 13 + cuDNN 9
+#   scripts/build-image            # CPU image filmgate:local: makes the base images locally, then builds
+#   scripts/build-image --cuda     # CUDA image filmgate:local-cuda (CUDA 13 + cuDNN 9 from NVIDIA's PyPI wheels)
 #
-# Both are multi-stage: the build stage makes one virtual environment with deploy/docker/install.sh (the same script
-# CI runs in a clean venv, since no Docker engine runs there), the runtime stage copies only that venv and the
-# shipped models. No torch, no compilers, non-root user, the spool on a volume, a health check that does a C-ECHO and
-# GET /healthz. The node reads /etc/filmgate/filmgate.yaml (FILMGATE_CONFIG); mount another file there to change it.
+# The base images are build arguments: BASE_IMAGE (the runtime: Debian with python3, the passwd tools and libopenjp2-7,
+# OpenJPEG for the reduced-resolution JPEG 2000 decode) and
+# BUILD_IMAGE (the same plus python3-venv). scripts/build-image makes both with debootstrap from Debian's packages
+# (no image registry needed); any Debian bookworm image with those packages works, e.g. one built FROM debian:12-slim.
+# Plain `docker build` (BuildKit) with the base images already present:
+#
+#   DOCKER_BUILDKIT=1 docker build --network host --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt \
+#     --build-arg BASE_IMAGE=filmgate-base:bookworm --build-arg BUILD_IMAGE=filmgate-build:bookworm -t filmgate .
+#
+# Multi-stage: the build stage makes one virtual environment with deploy/docker/install.sh (the same script CI runs
+# in a clean venv): first the pinned dependencies of constraints/ (their own layer, reused until the pins change),
+# then the gate itself with its models as package data. The runtime stage copies only that venv. No torch, no
+# compilers, non-root user, the spool on a volume, a health check that does a C-ECHO and GET /healthz. The node
+# reads /etc/filmgate/filmgate.yaml (FILMGATE_CONFIG); mount another file there to change it. The optional build
+# secret `ca` is a CA bundle for pip (a network that inspects TLS); it never enters an image layer.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG BASE_IMAGE=filmgate-base:bookworm
+ARG BUILD_IMAGE=filmgate-build:bookworm
 
 # ---------------------------------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
+COPY deploy/docker/install.sh /usr/local/bin/filmgate-install
+COPY constraints/ constraints/
+RUN --mount=type=secret,id=ca filmgate-install deps /src /opt/filmgate/venv
 # Only what the wheel needs: the package sources (the gate, the training package without torch, the shipped models as
 # package data) and its metadata (the README is the long description).
 COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY training/ training/
 COPY models/ models/
-COPY deploy/docker/install.sh /usr/local/bin/filmgate-install
-RUN filmgate-install /src /opt/filmgate/venv
+RUN --mount=type=secret,id=ca filmgate-install package /src /opt/filmgate/venv
 
 # ---------------------------------------------------------------------------------------------------------------------
-# CUDA build: the venv must be made with the Python of the image it runs on (Ubuntu 24.04: Python 3.12).
-FROM ${CUDA_IMAGE} AS build-cuda
-ENV DEBIAN_FRONTEND=noninteractive
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY service/ service/
-COPY training/ training/
-COPY models/ models/
-COPY deploy/docker/install.sh /usr/local/bin/filmgate-install
-RUN filmgate-install /src /opt/filmgate/venv python3
+# CUDA build: the same venv plus NVIDIA's CUDA 13 runtime, cuBLAS, cuFFT, cuRAND and cuDNN 9 wheels (constraints/
+# cuda.txt: what onnxruntime-gpu[cuda,cudnn] of the pinned onnxruntime-gpu resolves to). No CUDA base image.
+FROM build AS build-cuda
+RUN --mount=type=secret,id=ca filmgate-install cuda /src /opt/filmgate/venv
 
 # ---------------------------------------------------------------------------------------------------------------------
-FROM ${CUDA_IMAGE} AS runtime-cuda
-ENV DEBIAN_FRONTEND=noninteractive
-# The interpreter the venv was built with; nothing else (CUDA and cuDNN come with the base image).
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 libopenjp2-7 \
-    && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 filmgate \
+FROM ${BASE_IMAGE} AS runtime-cuda
+RUN groupadd --system --gid 10001 filmgate \
     && useradd --system --uid 10001 --gid filmgate --home-dir /var/lib/filmgate --shell /usr/sbin/nologin filmgate \
     && install -d -o filmgate -g filmgate /var/lib/filmgate
 COPY --from=build-cuda /opt/filmgate/venv /opt/filmgate/venv
-COPY models/ /opt/filmgate/models/
 COPY deploy/filmgate/container.yaml /etc/filmgate/filmgate.yaml
 ENV PATH=/opt/filmgate/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -61,7 +56,7 @@ ENV PATH=/opt/filmgate/venv/bin:$PATH \
     FILMGATE_CONFIG=/etc/filmgate/filmgate.yaml \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-WORKDIR /opt/filmgate
+WORKDIR /var/lib/filmgate
 VOLUME ["/var/lib/filmgate"]
 USER 10001:10001
 # DICOM (C-STORE, C-ECHO) and HTTP (/metrics, /healthz, /readyz)
@@ -73,24 +68,18 @@ CMD ["serve"]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Default target (last stage): CPU runtime. onnxruntime-gpu is what pyproject.toml installs on Linux x86_64; without
-# a GPU it runs on CPU and the node reports the provider in use (filmgate_model_info{provider=...}).
-FROM ${PYTHON_IMAGE} AS runtime
-# libopenjp2: OpenJPEG for the reduced-resolution JPEG 2000 decode (filmgate.codecs, through glymur).
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libopenjp2-7 \
-    && rm -rf /var/lib/apt/lists/* \
-    && groupadd --system --gid 10001 filmgate \
+# the CUDA libraries it runs on CPU and the node reports the provider in use (filmgate_model_info{provider=...}).
+FROM ${BASE_IMAGE} AS runtime
+RUN groupadd --system --gid 10001 filmgate \
     && useradd --system --uid 10001 --gid filmgate --home-dir /var/lib/filmgate --shell /usr/sbin/nologin filmgate \
     && install -d -o filmgate -g filmgate /var/lib/filmgate
 COPY --from=build /opt/filmgate/venv /opt/filmgate/venv
-COPY models/ /opt/filmgate/models/
 COPY deploy/filmgate/container.yaml /etc/filmgate/filmgate.yaml
 ENV PATH=/opt/filmgate/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     FILMGATE_CONFIG=/etc/filmgate/filmgate.yaml
-WORKDIR /opt/filmgate
+WORKDIR /var/lib/filmgate
 VOLUME ["/var/lib/filmgate"]
 USER 10001:10001
 EXPOSE 11112 9108

