@@ -8,10 +8,13 @@ noise, blur, overlay text, padding) run after it, on every class alike. Nothing 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
 
-from filmgate_training.config import AugmentConfig
+if TYPE_CHECKING:  # annotations only: the config imports the task registry, which imports this module
+    from filmgate_training.config import AugmentConfig
 
 _WORDS = (
     "R", "L", "AP", "PA", "AP PORTABLE", "SUPINE", "ERECT", "PORTABLE", "UPRIGHT", "SEMI-ERECT", "LEFT", "RIGHT",

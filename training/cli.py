@@ -16,24 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from typing import Any
-
-import yaml
 
 from filmgate.clihelp import add_command, make_parser
-from filmgate_training.config import Config, ConfigError, load_config
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.steps=100")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+from filmgate.runtime import setup_logging
+from filmgate_training.config import Config, ConfigError, load_config, parse_overrides
 
 
 def cmd_fit(config: Config, args: argparse.Namespace) -> None:
@@ -154,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging("INFO")  # the gate's process setup: same logging, and pydicom reads films as the gate reads them
     if args.command == "gate-report":
         from filmgate_training.detectors.gate_report import main as gate_report
 
@@ -171,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {task.kind}, labels {list(task.labels)}, reason {task.reason}")
         return 0
     try:
-        config = load_config(args.config, _overrides(args.set))
+        config = load_config(args.config, parse_overrides(args.set))
         COMMANDS[args.command](config, args)
     except (ConfigError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,14 +22,17 @@ import hashlib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from filmgate.datasets import LabelledFilm
+from filmgate.typed_config import ConfigError
 from filmgate_training.augment import display_augment, film_augment
-from filmgate_training.config import AugmentConfig, ConfigError
 from filmgate_training.films import film_id
+
+if TYPE_CHECKING:  # annotations only: the config imports this registry (to check ``task:``), not the other way
+    from filmgate_training.config import AugmentConfig
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from filmgate.manifest import load_manifest, write_manifest
-from filmgate_training.cli import _overrides
-from filmgate_training.config import load_config
+from filmgate_training.config import load_config, parse_overrides
 from filmgate_training.detectors.cards import classifier_card
 from filmgate_training.detectors.extra_eval import run_extra
 from filmgate_training.evaluate import onnx_runner
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--backbone-run", type=Path, help="atypical only: the view run folder (default runs/view)")
     args = parser.parse_args(argv)
-    finish(args.config, _overrides(args.set), args.backbone_run)
+    finish(args.config, parse_overrides(args.set), args.backbone_run)
     return 0
 
 
