@@ -478,18 +478,17 @@ def decode_image_bytes(data: bytes, max_side: int | None = DETECTOR_MAX_SIDE) ->
         raise DecodeError(f"not a readable image file: {exc}") from exc
     if img is None:
         raise DecodeError("not a readable image file")
+    info_max = 65535.0 if img.dtype == np.uint16 else 255.0  # of the stored samples, before colour -> grey
     if img.ndim == 3:
         if img.shape[2] == 4:
             img = img[..., :3]
         img = img[..., ::-1]  # BGR -> RGB
         img = _luminance(img)
-    info_max = 65535.0 if img.dtype == np.uint16 else 255.0
+    # One rule for every plain image, colour or grey, small or large: stored value / the type's maximum, as a viewer
+    # shows the file. (Colour images up to 512 px used to be min-max stretched instead: the children's 224 px copies
+    # got another intensity mapping than every other film, a shortcut for the detectors.)
     img, step = reduce_step(img, max_side, full_shape)
-    if img.dtype.kind == "f" and info_max == 255.0 and step is None:
-        lo, hi = float(img.min()), float(img.max())
-        pixels = _linear(img, lo, hi)
-    else:
-        pixels = np.clip(img.astype(np.float32) / np.float32(info_max), 0.0, 1.0)
+    pixels = np.clip(img.astype(np.float32) / np.float32(info_max), 0.0, 1.0)
     steps = (step, "scale") if step else ("scale",)
     return DecodedImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), kind="image", steps=steps)
 

@@ -235,3 +235,46 @@ def test_htj2k_films_decode_like_their_uncompressed_original(tmp_path, data_dir,
         np.testing.assert_array_equal(a, b)
     else:
         assert float(np.abs(a - b).mean()) < 0.01 and not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("side", [500, 512, 520, 1000])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("fmt", [".png", ".jpg"])
+def test_plain_images_have_one_intensity_rule_for_colour_and_grey_at_every_size(side, channels, fmt):
+    """A plain image decodes to stored value / 255 whether colour or grey and whether or not it is reduced: a film
+    whose values span 64..156 keeps that span (once, colour images up to 512 px were min-max stretched to [0, 1])."""
+    rng = np.random.default_rng(side)
+    grey = cv2.resize(rng.integers(64, 157, (12, 10)).astype(np.float32), (side * 5 // 6, side),
+                      interpolation=cv2.INTER_LINEAR)  # fmt: skip
+    grey = np.clip(np.round(grey), 64, 156).astype(np.uint8)
+    img = grey if channels == 1 else np.repeat(grey[:, :, None], 3, axis=2)
+    ok, buf = cv2.imencode(fmt, img, [cv2.IMWRITE_JPEG_QUALITY, 98] if fmt == ".jpg" else [])
+    assert ok
+    out = decode_bytes(buf.tobytes(), suffix=fmt)
+    assert out.steps[-1] == "scale"
+    assert out.steps == (("reduce:2", "scale") if side > 512 else ("scale",))
+    expected = grey.astype(np.float32) / 255
+    if side > 512:
+        expected = cv2.resize(expected[: side // 2 * 2, : (side * 5 // 6) // 2 * 2], out.pixels.shape[::-1],
+                              interpolation=cv2.INTER_AREA)  # fmt: skip
+    tol = 0.004 if fmt == ".png" else 0.02
+    assert abs(float(out.pixels.min()) - 64 / 255) < 0.03 and abs(float(out.pixels.max()) - 156 / 255) < 0.03
+    assert np.abs(out.pixels - expected).max() < tol
+
+
+def test_colour_and_grey_copies_of_one_film_decode_alike_on_both_sides_of_512():
+    """The same film stored as colour and as grey PNG gives the same pixels, small or large (up to the rounding of
+    the 8-bit box filter used on grey films: half a grey level)."""
+    rng = np.random.default_rng(7)
+    for side in (480, 600):
+        grey = rng.integers(30, 220, (side, side - 40)).astype(np.uint8)
+        colour = np.repeat(grey[:, :, None], 3, axis=2)
+        a = decode_bytes(cv2.imencode(".png", grey)[1].tobytes(), suffix=".png").pixels
+        b = decode_bytes(cv2.imencode(".png", colour)[1].tobytes(), suffix=".png").pixels
+        assert a.shape == b.shape and np.abs(a - b).max() <= (1e-5 if side <= 512 else 0.5 / 255 + 1e-5), side
+
+
+def test_sixteen_bit_colour_png_is_scaled_by_its_own_range():
+    rgb = np.full((40, 30, 3), 32768, np.uint16)
+    out = decode_bytes(cv2.imencode(".png", rgb)[1].tobytes(), suffix=".png")
+    assert abs(float(out.pixels.mean()) - 32768 / 65535) < 1e-4
