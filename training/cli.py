@@ -9,6 +9,9 @@ python -m filmgate_training all --config orientation       # all of the above
 python -m filmgate_training finish --config view           # extra evaluation + card (view, flip, pediatric);
                                                   # --config atypical builds the atypical score from runs/view
 python -m filmgate_training gate-report [--docs]           # the val split decided as the gate would
+python -m filmgate_training loso --config view --unseen    # leave-one-source-out: the shipped model on sources it
+                                                  # never trained on; --sources a,b retrains a fold without each
+                                                  # (--set train.steps=300); --card writes the card section
 --set train.steps=100 overrides any key (the value is read as YAML).
 """
 
@@ -76,6 +79,31 @@ def cmd_cache(config: Config, args: argparse.Namespace) -> None:
     print(f"cache ready: {len(pool.films)} films {pool.sources()}")
 
 
+def cmd_loso(args: argparse.Namespace) -> int:
+    from filmgate_training import loso
+    from filmgate_training.tasks import get_task
+
+    try:
+        config = load_config(args.config)
+        task = get_task(config.task)
+        rows = loso.unseen(config, args.limit, args.min_films) if args.unseen else []
+        sources = args.sources.split(",") if args.sources not in ("", "all") else []
+        if args.sources == "all":
+            sources = loso.eligible_sources(config, task, args.min_films)
+        for source in sources:
+            rows.append(loso.fold(config, source, _overrides(args.set), args.limit))
+            loso.merge(task.name, rows[-1:])
+        if rows:
+            report = loso.merge(task.name, rows)
+            print(loso.markdown(report, loso.pooled_val(task.name)))
+        if args.card:
+            loso.write_card_section(task.name)
+    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {
     "cache": cmd_cache,
     "fit": cmd_fit,
@@ -128,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     finish.add_argument("--config", required=True, help=CONFIG_HELP)
     finish.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    loso = add_command(
+        sub, "loso", "leave-one-source-out figures with 95% intervals: the shipped model on sources it never "
+        "trained on, and folds retrained without a source",
+        examples=["python -m filmgate_training loso --config view-ft --unseen --card",
+                  "python -m filmgate_training loso --config atypical --sources all --card",
+                  "python -m filmgate_training loso --config view --sources tbx11k --set train.steps=300"],
+    )  # fmt: skip
+    loso.add_argument("--config", required=True, help=CONFIG_HELP)
+    loso.add_argument("--sources", default="", help="retrain a fold without each of these (comma-separated; 'all')")
+    loso.add_argument("--unseen", action="store_true", help="the shipped model on every source it never trained on")
+    loso.add_argument("--limit", type=int, help="at most this many films per held-out source (evenly spaced)")
+    loso.add_argument("--min-films", type=int, default=20, help="sources with fewer films are not held out")
+    loso.add_argument("--card", action="store_true", help="write the table into models/<task>/MODEL_CARD.md")
+    loso.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP + "; folds only")
     for name in COMMANDS:
         summary, example = STEP_HELP[name]
         p = add_command(sub, name, summary, examples=[example])
@@ -151,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         from filmgate_training.detectors.finish import main as finish_main
 
         return finish_main(["--config", args.config, *(x for kv in args.set for x in ("--set", kv))])
+    if args.command == "loso":
+        return cmd_loso(args)
     if args.command == "tasks":
         from filmgate_training.tasks import registered
 

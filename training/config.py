@@ -68,6 +68,8 @@ class DataConfig:
     max_val_films: int | None = None
     workers: int = 2  # processes that decode films when the cache is built
     exclude: tuple[Exclusion, ...] = ()
+    # sources left out of training and calibration altogether (leave-one-source-out folds: filmgate_training.loso)
+    exclude_sources: tuple[str, ...] = ()
     folders: tuple[FolderSource, ...] = ()  # more films beyond labels.csv
     review: tuple[ReviewSource, ...] = ()  # relabelled films from review consoles (train split only)
 
@@ -123,7 +125,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 50
     progress: bool = True
-    init_from: str = ""  # a run folder (or model.pt) whose weights start this run (fine-tuning); "" = from scratch
+    # a run folder (or model.pt), or a shipped model.onnx, whose weights start this run (fine-tuning); "" = scratch
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # for the model card, in the config's own words: which choices looked at val (the guide asks every card to say)
+    val_notes: tuple[str, ...] = ()
     run_dir: str = ""  # default runs/<task>
     models_dir: str = "models"
 

@@ -87,7 +87,8 @@ def val_films(config: Config, task: Task) -> list[LabelledFilm]:
 
 def _without_exclusions(config: Config, films: Sequence[LabelledFilm]) -> list[LabelledFilm]:
     excluded = {e.path for e in config.data.exclude}
-    return [f for f in films if film_id(f) not in excluded]
+    sources = set(config.data.exclude_sources)
+    return [f for f in films if film_id(f) not in excluded and f.source not in sources]
 
 
 def training_pool(config: Config, task: Task, films: Sequence[LabelledFilm], progress: bool = False) -> TrainingPool:

@@ -176,10 +176,8 @@ def _rule_text(config: Config, rule: str, negatives: int, positives: int) -> str
     return fpr + (" (margin rule fell back: the held-out classes overlap)" if ev.threshold_rule == "margin" else "")
 
 
-def evaluate(config: Config, runner: Runner, model_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Calibrate the threshold, measure ``val``, run the checks; returns the report (see :func:`write_report`)."""
-    task = get_task(config.task)
-    t0 = time.perf_counter()
+def calibrate(config: Config, task: Task, runner: Runner) -> tuple[float, str, dict[str, Any], np.ndarray]:
+    """The threshold from the held-out train films (never val): (threshold, rule used, their outputs, negatives)."""
     _, calib = split_train(config, task)
     cal = infer(calib, task, config.preprocessing, runner)
     cal_scores = task.scores(cal["outputs"])
@@ -190,6 +188,14 @@ def evaluate(config: Config, runner: Runner, model_info: dict[str, Any] | None =
         threshold, rule = margin_threshold(cal_scores[cal_neg], cal_scores[~cal_neg], ev.target_fpr, ev.min_threshold)
     else:
         threshold = choose_threshold(cal_scores[cal_neg], ev.target_fpr, ev.min_threshold)
+    return threshold, rule, cal, cal_neg
+
+
+def evaluate(config: Config, runner: Runner, model_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Calibrate the threshold, measure ``val``, run the checks; returns the report (see :func:`write_report`)."""
+    task = get_task(config.task)
+    t0 = time.perf_counter()
+    threshold, rule, cal, cal_neg = calibrate(config, task, runner)
     calibration = _group_metrics(task, cal, np.ones(len(cal["label"]), bool), threshold)
 
     films = val_films(config, task)

@@ -93,3 +93,14 @@ def summarise(
     else:
         out["accuracy"] = out["detection_accuracy"]
     return out
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a rate k/n ((0, 1) when n is 0): honest at 0/n and n/n, unlike the normal one."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)

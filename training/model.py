@@ -83,3 +83,61 @@ def build_model(num_outputs: int, widths: tuple[int, ...], dropout: float) -> Fi
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _fold(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """A biased convolution computing conv followed by (eval-mode) BatchNorm ``bn``."""
+    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
+    with torch.no_grad():
+        w = conv.weight
+        b = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        if isinstance(bn, nn.BatchNorm2d):
+            k = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            w, b = w * k[:, None, None, None], (b - bn.running_mean) * k + bn.bias
+        out.weight.copy_(w)
+        out.bias.copy_(b)
+    return out
+
+
+def fold_batchnorm(net: FilmNet) -> FilmNet:
+    """The same function with every BatchNorm folded into the convolution before it (in place; returns ``net``).
+
+    That is the network as the ONNX exporter writes it: biased convolutions, no BatchNorm. It can be fine-tuned
+    (no batch statistics then: small learning rates) and exported again to the same kind of graph.
+    """
+    for layer in net.features:
+        if isinstance(layer, ResidualBlock):
+            layer.conv1, layer.bn1 = _fold(layer.conv1, layer.bn1), nn.Identity()
+            layer.conv2, layer.bn2 = _fold(layer.conv2, layer.bn2), nn.Identity()
+        else:
+            layer[0], layer[1] = _fold(layer[0], layer[1]), nn.Identity()
+    return net
+
+
+def filmnet_from_onnx(path: str, widths: tuple[int, ...] = (16, 32, 64, 128, 192), dropout: float = 0.1) -> FilmNet:
+    """A shipped detector's network rebuilt from its ONNX file (eval mode), for building on it without its run folder.
+
+    The exporter folds each BatchNorm into the convolution before it, so the rebuilt network is
+    :func:`fold_batchnorm`'s structure: exactly the shipped function, and exporting it again gives the very same
+    kernels. The convolutions are matched in graph order, which is the order of ``FilmNet.features``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    convs = [(init[n.input[1]], init[n.input[2]]) for n in graph.node if n.op_type == "Conv"]
+    head_w, head_b = init["head.weight"], init["head.bias"]
+    net = fold_batchnorm(FilmNet(int(head_w.shape[0]), widths, dropout).eval())
+    targets = [m for m in net.features.modules() if isinstance(m, nn.Conv2d)]
+    if len(targets) != len(convs):
+        raise ValueError(f"{path}: {len(convs)} convolutions, FilmNet{tuple(widths)} has {len(targets)}")
+    with torch.no_grad():
+        for conv, (w, b) in zip(targets, convs, strict=True):
+            if tuple(w.shape) != tuple(conv.weight.shape):
+                raise ValueError(f"{path}: convolution {w.shape} does not fit FilmNet{tuple(widths)}")
+            conv.weight.copy_(torch.from_numpy(w.copy()))
+            conv.bias.copy_(torch.from_numpy(b.copy()))
+        net.head.weight.copy_(torch.from_numpy(head_w.copy()))
+        net.head.bias.copy_(torch.from_numpy(head_b.copy()))
+    return net.eval()

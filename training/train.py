@@ -20,7 +20,7 @@ import torch
 
 from filmgate_training.config import REPO_ROOT, Config
 from filmgate_training.data import make_batch, split_train, training_pool
-from filmgate_training.model import FilmNet, build_model, count_parameters
+from filmgate_training.model import FilmNet, build_model, count_parameters, filmnet_from_onnx, fold_batchnorm
 from filmgate_training.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def training_identity(config: Config) -> dict[str, Any]:
     for key in ("progress", "log_every", "checkpoint_every", "threads", "device"):
         d["train"].pop(key, None)
     d["data"].pop("workers", None)
-    for key in ("evaluate", "version", "run_dir", "models_dir"):
+    for key in ("evaluate", "version", "run_dir", "models_dir", "val_notes"):
         d.pop(key, None)
     return d
 
@@ -67,6 +67,8 @@ def load_trained(run_path: Path, device: str = "cpu") -> tuple[FilmNet, dict[str
         raise FileNotFoundError(f"{path}: no trained model; run `python -m filmgate_training fit` first")
     blob = torch.load(path, map_location=device, weights_only=False)
     model = build_model(blob["num_outputs"], tuple(blob["widths"]), blob["dropout"])
+    if blob.get("folded"):
+        model = fold_batchnorm(model)
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model, blob
@@ -88,7 +90,11 @@ def fit(config: Config, resume: bool = True) -> Path:
     cache_seconds = time.perf_counter() - t0
     log.info("training films: %d %s; calibration films held out: %d", len(pool.films), pool.sources(), len(calib_films))
 
-    model = build_model(task.num_outputs, config.model.widths, config.model.dropout).to(device)
+    model = build_model(task.num_outputs, config.model.widths, config.model.dropout)
+    folded = config.train.init_from.endswith(".onnx")  # fine-tuning a shipped model: its BatchNorms are folded
+    if folded:
+        model = fold_batchnorm(model)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     start, elapsed, cpu, history = 0, 0.0, 0.0, []
     ckpt_path = run / "checkpoint.pt"
@@ -106,8 +112,16 @@ def fit(config: Config, resume: bool = True) -> Path:
         init = Path(config.train.init_from)
         init = init if init.is_absolute() else REPO_ROOT / init
         init = init / "model.pt" if init.is_dir() else init
-        model.load_state_dict(torch.load(init, map_location=device, weights_only=False)["state_dict"])
-        log.info("initialised from %s (fine-tuning)", init)
+        if folded:
+            state = filmnet_from_onnx(str(init), tuple(config.model.widths), config.model.dropout).state_dict()
+        else:
+            state = torch.load(init, map_location=device, weights_only=False)["state_dict"]
+        own = model.state_dict()
+        fresh = [k for k in state if k.startswith("head.") and state[k].shape != own[k].shape]
+        for k in fresh:  # another task's head (e.g. the classifier's under a new output): start it afresh
+            state[k] = own[k]
+        model.load_state_dict(state)
+        log.info("initialised from %s (fine-tuning)%s", init, f"; new head {fresh}" if fresh else "")
 
     def checkpoint(step: int) -> None:
         _save(
@@ -184,6 +198,7 @@ def fit(config: Config, resume: bool = True) -> Path:
             "device": str(device),
             "threads": config.train.threads,
             "parameters": count_parameters(model),
+            "folded": folded,
             "train_films": pool.sources(),
             "calibration_films": len(calib_films),
             "history": history,

@@ -5,7 +5,7 @@ wrong thing that the other detectors miss), so this detector measures distance i
 
 1. the trained ``view`` network (which has learned what separates frontal chest films from everything else) gives
    pooled features at two depths;
-2. five display statistics of the film as displayed (mean and spread of grey, share of near-white and near-black
+2. five display statistics of the film as displayed (mean and log spread of grey, share of near-white and near-black
    pixels, share of letterbox padding) add what a z-scored network cannot see: brightness, washed-out and blank
    films;
 3. two Mahalanobis distances to the frontal chest films of the train split (per-dimension standardised, covariance
@@ -78,7 +78,9 @@ class Atypicality(nn.Module):
         stats = torch.cat(
             [
                 mean.flatten(1),
-                std.flatten(1),
+                # contrast is multiplicative: on a log scale a nearly blank film (spread ~0.01) is as far from
+                # every hospital's films as it looks; on a linear scale the 224 px sources' spread swallowed it
+                torch.log(std.flatten(1).clamp_min(1e-4)),
                 ((x > 0.95).to(x.dtype) * mask).sum(dim=(2, 3)) / n.flatten(1),
                 ((x < 0.05).to(x.dtype) * mask).sum(dim=(2, 3)) / n.flatten(1),
                 1.0 - n.flatten(1) / float(x.shape[2] * x.shape[3]),

@@ -39,6 +39,7 @@ from filmgate_training.detectors.atypical import Atypicality, fit_gaussian
 from filmgate_training.detectors.corrupt import CORRUPTIONS
 from filmgate_training.evaluate import _jsonable, onnx_runner
 from filmgate_training.export import OPSET, export_onnx
+from filmgate_training.model import filmnet_from_onnx
 from filmgate_training.tasks import get_task, in_holdout
 from filmgate_training.train import load_trained
 
@@ -113,23 +114,45 @@ def shipped_backbone_config(config: Config, task_name: str) -> Config:
         return load_config(task_name)
 
 
-def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
+def load_backbone(config: Config, task_name: str, backbone_run: Path | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The backbone network and what the report records of it: by default the *shipped* ``models/<task>/model.onnx``
+    rebuilt in torch (:func:`filmgate_training.model.filmnet_from_onnx`), so the score sits on the very network the
+    gate runs and needs no run folder; ``backbone_run`` uses a run's ``model.pt`` instead (before shipping it)."""
+    if backbone_run is not None:
+        net, blob = load_trained(backbone_run)
+        run_cfg = json.loads((backbone_run / "config.json").read_text())
+        return net, {"from": _repo_relative(backbone_run / "model.pt"), "task": blob["task"],
+                     "version": str(run_cfg.get("version", "")), "parameters": blob["parameters"]}  # fmt: skip
+    folder = config.models_path / task_name
+    manifest = load_manifest(folder)  # checks the sha256
+    widths = tuple(manifest.extra.get("config", {}).get("model", {}).get("widths", (16, 32, 64, 128, 192)))
+    net = filmnet_from_onnx(str(folder / manifest.file), widths)
+    return net, {"from": _repo_relative(folder / manifest.file), "task": task_name, "version": manifest.version,
+                 "sha256": manifest.sha256, "parameters": int(sum(p.numel() for p in net.parameters()))}  # fmt: skip
+
+
+def fit_score(config: Config, backbone_run: Path | None = None) -> tuple[Atypicality, float, str]:
+    """The fitted score network and its threshold; what :func:`build` exports, and what a leave-one-source-out fold
+    (:mod:`filmgate_training.loso`, ``data.exclude_sources``) scores with. Returns (net, threshold, backbone)."""
+    net, threshold, parts = _fit(config, backbone_run)
+    return net, threshold, f"view {parts['backbone']['version']}"
+
+
+def _fit(config: Config, backbone_run: Path | None) -> tuple[Atypicality, float, dict[str, Any]]:
     torch.set_num_threads(config.train.threads)
     task = get_task(config.task)
-    backbone_cfg = shipped_backbone_config(config, getattr(task, "backbone_task", "view"))
-    backbone_path = backbone_run or backbone_cfg.run_path
-    view, blob = load_trained(backbone_path)
-    run = config.run_path
-    run.mkdir(parents=True, exist_ok=True)
+    backbone_task = getattr(task, "backbone_task", "view")
+    backbone_cfg = shipped_backbone_config(config, backbone_task)
+    view, backbone = load_backbone(config, backbone_task, backbone_run)
     spec = config.preprocessing
     frac = config.data.calibration_fraction
-    films = task.films(labels(), "train")
+    left_out = set(config.data.exclude_sources)
+    films = [f for f in task.films(labels(), "train") if f.source not in left_out]
     limit = config.data.max_train_films  # for smoke runs
     fit_films = cap([f for f in films if not in_holdout(f, frac)], limit)
     cal_films = cap([f for f in films if in_holdout(f, frac)], None if limit is None else max(50, limit // 4))
     if backbone_cfg.data.calibration_fraction != frac:
         raise ValueError("data.calibration_fraction must equal the view run's, so calibration films were never seen")
-    t0 = time.perf_counter()
     probe = Atypicality(view, np.zeros(1), np.ones(1), np.eye(1), np.eye(1))
     x_fit, fit_rows = both_ways(fit_films, spec)
     emb = _embed(probe, x_fit)
@@ -145,6 +168,28 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
     with torch.inference_mode():
         cal_scores = net(torch.from_numpy(x_cal)).numpy()[:, 0]
     threshold = weighted_quantile_threshold(cal_scores, cal_w, target)
+    parts = {"view": view, "backbone": backbone, "fit_films": fit_films, "cal_films": cal_films,
+             "cal_scores": cal_scores, "embedding_dims": int(emb.shape[1])}  # fmt: skip
+    return net, threshold, parts
+
+
+def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
+    task = get_task(config.task)
+    run = config.run_path
+    run.mkdir(parents=True, exist_ok=True)
+    spec = config.preprocessing
+    t0 = time.perf_counter()
+    net, threshold, parts = _fit(config, backbone_run)
+    view, backbone, fit_films, cal_films = parts["view"], parts["backbone"], parts["fit_films"], parts["cal_films"]
+    cal_scores = parts["cal_scores"]
+    # what the build may look at to judge a design: synthetic wrong films made from held-out *train* adult films
+    cal_adults = [f for f in cal_films if f.pediatric != "yes"]
+    cal_synthetic = {}
+    with torch.inference_mode():
+        for name, fn in CORRUPTIONS.items():
+            s = net(torch.from_numpy(inputs(cal_adults, spec, fn))).numpy()[:, 0]
+            cal_synthetic[name] = {"films": len(s), "caught": int((s >= threshold).sum()),
+                                   "rate": float((s >= threshold).mean())}  # fmt: skip
     onnx_tmp = run / "model.onnx.tmp"
     export_onnx(net, spec.size, onnx_tmp)
     # parity: torch vs onnxruntime, and the rebuilt z-score input vs the gate's own z-score preprocessing
@@ -173,14 +218,15 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
             "Gaussian)"
         ),
         "calibration_flagged": float((cal_scores >= threshold).mean()),
+        "calibration_synthetic": cal_synthetic,
         "fit_films": dict(sorted(collections.Counter(f.source for f in fit_films).items())),
         "calibration_films": dict(sorted(collections.Counter(f.source for f in cal_films).items())),
-        "embedding_dims": int(emb.shape[1]),
+        "embedding_dims": parts["embedding_dims"],
         "unit_content": net.unit_content,
         "unit_display": net.unit_display,
         "parity_max_abs_diff": diff,
         "zscore_rebuild_rel_diff": zdiff,
-        "backbone": {"run": _repo_relative(backbone_path), "task": blob["task"], "parameters": blob["parameters"]},
+        "backbone": backbone,
         "build_seconds": round(time.perf_counter() - t0, 1),
         "sha256": sha256_file(run / "model.onnx"),
     }
@@ -357,7 +403,6 @@ def ship(config: Config, report: dict[str, Any]) -> Path:
     if report["model"]["sha256"] != digest:
         raise RuntimeError("the evaluation was made with another model.onnx")
     info = report["build"]
-    backbone_sources = json.loads((Path(info["backbone"]["run"]) / "config.json").read_text())
     licences: dict[str, str] = {}
     for row in labels():
         licences.setdefault(row.source, row.licence)
@@ -387,7 +432,7 @@ def ship(config: Config, report: dict[str, Any]) -> Path:
         extra={
             "threshold_rule": report["threshold_rule"],
             "target_fpr": config.evaluate.target_fpr,
-            "backbone": "view " + str(backbone_sources.get("version", "")),
+            "backbone": f"{info['backbone']['task']} {info['backbone']['version']}",
             "parity_max_abs_diff": info["parity_max_abs_diff"],
             "opset": OPSET,
             "config": config.to_dict(),

@@ -266,6 +266,11 @@ def _adult_line(report: dict[str, Any]) -> str:
     )
 
 
+def _val_note(config: Config) -> str:
+    """The config's own words on which choices looked at val (``val_notes``), or that none did."""
+    return " ".join(config.val_notes) or "None did."
+
+
 def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any]) -> str:
     b = report["build"]
     byk = report["val"]["by_kind"]
@@ -289,7 +294,7 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         f"and columns; relative feature difference to the gate's own z-score on real films: "
         f"{b['zscore_rebuild_rel_diff']:.2g}).",
         "2. The trained `view` network (models/view) gives mean-pooled features after its 128-wide and 192-wide "
-        "stages; five display statistics are added (mean and spread of grey, share of near-white and near-black "
+        "stages; five display statistics are added (mean and log spread of grey, share of near-white and near-black "
         "pixels, share of padding).",
         "3. Two Mahalanobis distances (per dimension; standardised, covariance shrunk 10% towards the identity) to "
         "the train split's frontal chest films (sources balanced as n^0.5): content (the "
@@ -303,9 +308,18 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         "trained on), each both as it came and auto-windowed (0.5th-99.5th percentile, which is how the gate shows a "
         "DICOM file without a window); threshold from "
         f"{sum(b['calibration_films'].values())} held-out train frontal films "
-        f"({report['threshold_rule']}). No val film chose anything.",
+        f"({report['threshold_rule']}). Built on the shipped view network itself "
+        f"(`{b['backbone'].get('from', '')}`, view {b['backbone'].get('version', '')}, rebuilt in torch from the ONNX "
+        "file, so no run folder is needed). The Gaussian covers every train source, including the hospitals added "
+        "on 2026-12-01 that the view network never trained on.",
         "",
         *training_data_table(manifest, "films fitted"),
+        "",
+        "Synthetic wrong films made from the held-out *train* adult frontal films (what the build judges a design "
+        "by): " + ", ".join(f"{k} {_pct(v['rate'])}" for k, v in b.get("calibration_synthetic", {}).items()) + ".",
+        "",
+        "**Which choices looked at val**: the threshold, the Gaussian and the calibration never did. "
+        + _val_note(config),
     ]
     lines += [
         "",

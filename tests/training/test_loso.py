@@ -1,0 +1,113 @@
+"""Leave-one-source-out evaluation (``python -m filmgate_training loso``), the Wilson interval, and building on a
+shipped model from its ONNX file: on real films, tiny runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from filmgate.manifest import load_manifest
+from filmgate_training import loso
+from filmgate_training.config import config_from_dict, load_config
+from filmgate_training.data import split_train
+from filmgate_training.metrics import wilson_interval
+from filmgate_training.model import filmnet_from_onnx
+from filmgate_training.tasks import get_task
+from filmgate_training.train import fit, load_trained
+from tests.training.test_framework import tiny_config
+
+REPO_MODELS = loso.REPO_ROOT / "models"
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.7225, abs=1e-4)
+    lo, hi = wilson_interval(5, 100)
+    assert lo == pytest.approx(0.0215, abs=1e-4) and hi == pytest.approx(0.1118, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_shipped_model_rebuilt_from_onnx_is_the_shipped_function():
+    """Building on a shipped model needs no run folder: its ONNX file rebuilt in torch computes the same logits."""
+    folder = REPO_MODELS / "view"
+    net = filmnet_from_onnx(str(folder / "model.onnx"))
+    x = np.random.default_rng(0).normal(size=(3, 1, 128, 128)).astype(np.float32)
+    ref = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    with torch.inference_mode():
+        out = net(torch.from_numpy(x)).numpy()
+    assert np.abs(out - ref[0]).max() < 1e-4
+
+
+def test_fold_leaves_the_source_out_of_training_and_calibration_and_scores_all_of_it(tmp_path, data_dir):
+    config = tiny_config(tmp_path)
+    fc = loso.fold_config(config, "chexpert")
+    assert fc.data.exclude_sources == ("chexpert",) and fc.run_path == config.run_path / "loso" / "chexpert"
+    task = get_task(config.task)
+    trained, calib = split_train(dataclass_without_cap(fc), task)
+    assert trained and calib and not any(f.source == "chexpert" for f in trained + calib)
+    held = loso.held_out_films(fc, task, "chexpert")
+    assert {f.split for f in held} == {"train", "val"} and all(f.source == "chexpert" for f in held)
+
+    row = loso.fold(config, "chexpert", {"train.steps": 2}, limit=6)
+    assert row["mode"] == "fold" and row["source"] == "chexpert" and row["films"] == 6
+    classes = row["classes"]
+    assert set(classes) == set(task.labels)  # every variant of every film: upright (clean) and the three turns
+    assert classes["upright"]["role"] == "false flags" and classes["rot90"]["role"] == "caught"
+    ff = row["false_flags"]
+    assert ff["examples"] == 6 and ff["ci95"][0] <= ff["rate"] <= ff["ci95"][1]
+    assert row["caught"]["examples"] == 18
+    assert json.loads((fc.run_path / "loso.json").read_text())["source"] == "chexpert"
+    _, blob = load_trained(fc.run_path)
+    assert "chexpert" not in blob["train_films"]
+
+
+def dataclass_without_cap(config):
+    d = config.to_dict()
+    d["data"]["max_train_films"] = None
+    return config_from_dict(d)
+
+
+def test_unseen_scores_the_shipped_model_only_on_sources_it_never_trained_on(data_dir):
+    config = load_config("flip-hr")
+    trained = {r["source"] for r in load_manifest(REPO_MODELS / "flip").training_data}
+    rows = loso.unseen(config, limit=3, min_films=20)
+    assert rows and all(r["source"] not in trained and r["mode"] == "unseen" for r in rows)
+    assert {"tbx11k", "bimcv-covid19"} <= {r["source"] for r in rows}  # the hospitals added on 2026-12-01
+
+
+def test_report_merges_rows_and_writes_the_card_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(loso, "REPORTS", tmp_path / "reports")
+    folder = tmp_path / "models" / "atypical"
+    folder.mkdir(parents=True)
+    for name in ("model.onnx", "manifest.json", "MODEL_CARD.md", "evaluation.json"):
+        (folder / name).write_bytes((REPO_MODELS / "atypical" / name).read_bytes())
+    row = {"source": "tbx11k", "mode": "fold", "model": "fold: refit", "films": 10, "classes": {},
+           "false_flags": {"examples": 10, "flagged": 1, "rate": 0.1, "ci95": list(wilson_interval(1, 10))}}  # fmt: skip
+    loso.merge("atypical", [row])
+    report = loso.merge("atypical", [row | {"films": 12}])  # same source, mode and model: replaced
+    assert len(report["rows"]) == 1 and report["rows"][0]["films"] == 12
+    loso.write_card_section("atypical", tmp_path / "models")
+    loso.write_card_section("atypical", tmp_path / "models")  # idempotent: one section
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert card.count(loso.CARD_BEGIN) == 1 and "| tbx11k | fold |" in card and "Pooled val" in card
+    manifest = load_manifest(folder)  # sha256 still matches: the model file is unchanged
+    assert manifest.metrics["loso"]["tbx11k (fold)"]["false_flags"] == 0.1
+
+
+def test_atypical_fold_refits_without_the_source(data_dir, tmp_path):
+    from filmgate_training.detectors.atypical_build import fit_score
+
+    config = load_config("atypical", {"data.max_train_films": 60, "run_dir": str(tmp_path / "a")})
+    fc = loso.fold_config(config, "tbx11k")
+    net, threshold, backbone = fit_score(fc)
+    assert backbone.startswith("view ") and threshold > 0
+    x = np.zeros((2, 1, 128, 128), np.float32)
+    x[:, :, 10:-10, 10:-10] = 0.5  # a flat grey field: as atypical as it gets
+    with torch.inference_mode():
+        assert (net(torch.from_numpy(x)).numpy()[:, 0] >= threshold).all()
