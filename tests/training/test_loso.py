@@ -17,7 +17,7 @@ from filmgate_training.data import split_train
 from filmgate_training.metrics import wilson_interval
 from filmgate_training.model import filmnet_from_onnx
 from filmgate_training.tasks import get_task
-from filmgate_training.train import fit, load_trained
+from filmgate_training.train import load_trained
 from tests.training.test_framework import tiny_config
 
 REPO_MODELS = loso.REPO_ROOT / "models"
@@ -87,8 +87,8 @@ def test_report_merges_rows_and_writes_the_card_section(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     for name in ("model.onnx", "manifest.json", "MODEL_CARD.md", "evaluation.json"):
         (folder / name).write_bytes((REPO_MODELS / "atypical" / name).read_bytes())
-    row = {"source": "tbx11k", "mode": "fold", "model": "fold: refit", "films": 10, "classes": {},
-           "false_flags": {"examples": 10, "flagged": 1, "rate": 0.1, "ci95": list(wilson_interval(1, 10))}}  # fmt: skip
+    ff = {"examples": 10, "flagged": 1, "rate": 0.1, "ci95": list(wilson_interval(1, 10))}
+    row = {"source": "tbx11k", "mode": "fold", "model": "fold: refit", "films": 10, "classes": {}, "false_flags": ff}
     loso.merge("atypical", [row])
     report = loso.merge("atypical", [row | {"films": 12}])  # same source, mode and model: replaced
     assert len(report["rows"]) == 1 and report["rows"][0]["films"] == 12
