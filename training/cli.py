@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     finish.add_argument("--config", required=True, help=CONFIG_HELP)
     finish.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     loso = add_command(
-        sub, "loso", "leave-one-source-out figures with 95% intervals: the shipped model on sources it never "
+        sub, "loso", "leave-one-source-out figures with confidence intervals: the shipped model on sources it never "
         "trained on, and folds retrained without a source",
         examples=["python -m filmgate_training loso --config view-ft --unseen --card",
                   "python -m filmgate_training loso --config atypical --sources all --card",
