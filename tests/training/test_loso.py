@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
+from filmgate.detectors import onnx_session
 from filmgate.manifest import load_manifest
 from filmgate_training import loso
 from filmgate_training.config import config_from_dict, load_config
@@ -38,7 +38,7 @@ def test_shipped_model_rebuilt_from_onnx_is_the_shipped_function():
     folder = REPO_MODELS / "view"
     net = filmnet_from_onnx(str(folder / "model.onnx"))
     x = np.random.default_rng(0).normal(size=(3, 1, 128, 128)).astype(np.float32)
-    ref = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    ref = onnx_session(folder / "model.onnx").run(None, {"image": x})
     with torch.inference_mode():
         out = net(torch.from_numpy(x)).numpy()
     assert np.abs(out - ref[0]).max() < 1e-4
