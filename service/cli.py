@@ -143,6 +143,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resend(args: argparse.Namespace) -> int:
+    cfg = _config(args.config)
+    from filmgate.destinations import resend
+
+    try:
+        done = resend(cfg, [Path(p) for p in args.paths], to=args.to)
+    except ValueError as exc:
+        print(f"filmgate resend: {exc}; nothing was moved", file=sys.stderr)
+        return 2
+    for name, n in sorted(done.items()):
+        print(f"{n} instance(s) queued again for {name} (outbox {Path(cfg.spool.path) / 'outbox' / name})")
+    if not done:
+        print("nothing to resend", file=sys.stderr)
+    return 0
+
+
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
@@ -335,6 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recall goal on the synthetic faults (defaults rotated=0.998, inverted=0.9995, flipped=0.98)")
     p.add_argument("--batch", type=int, default=16, help="films per batch through the detectors")
     p.set_defaults(func=cmd_calibrate)
+
+    p = add_command(
+        sub, "resend", "put dead letters back into their DICOM destination's outbox",
+        description="Queue dead-lettered instances (files, or every .dcm of folders) again for the DICOM destination "
+        "named in each file's note (or --to). The running node sends them with a fresh retry count; the notes are "
+        "removed. Exit 2, with nothing moved, when a file has no known destination.",
+        examples=["filmgate resend --config my-site.yaml var/spool/dead-letter/research-pacs",
+                  "filmgate resend --config my-site.yaml --to research-pacs lost/*.dcm"],
+    )  # fmt: skip
+    p.add_argument("paths", nargs="+", metavar="DEAD-LETTER-FOLDER|FILE", help="dead letters: folders or files")
+    p.add_argument("--config", help=config_help + "; its spool and destinations are used")
+    p.add_argument("--to", metavar="DESTINATION", help="queue them for this destination, whatever their notes say")
+    p.set_defaults(func=cmd_resend)
 
     p = add_command(
         sub, "healthcheck", "C-ECHO the node and GET /healthz; exit 0 when both answer",

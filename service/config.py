@@ -28,6 +28,8 @@ from filmgate.typed_config import ConfigError, build
 ENV_CONFIG = "FILMGATE_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PROVIDERS = ("auto", "cpu", "cuda")
+DUPLICATE_RULES = ("keep", "replace")
+TRANSCODE_TARGETS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit, Implicit VR Little Endian
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 
@@ -160,6 +162,10 @@ class FolderDestinationConfig:
     layout: str = "{StudyInstanceUID}/{SOPInstanceUID}.dcm"
     sidecar: bool = True
     fsync: bool = True
+    # A second copy of an instance (same SOP Instance UID, other bytes): "keep" it beside the first as
+    # <name>-copy2.dcm, -copy3, ..., or "replace" the first. A different instance is never overwritten; identical
+    # bytes are delivered once.
+    duplicates: str = "keep"
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,12 @@ class DicomDestinationConfig:
     backoff_max: float = 300.0
     timeout: float = 30.0
     dead_letter: str = ""  # default: <spool>/dead-letter/<name>
+    # TLS to the peer, the listener's settings: ca_file verifies the peer (empty: the system's CAs), cert_file and
+    # key_file are our client certificate for mutual TLS (optional).
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    # Uncompressed transfer syntaxes (Explicit/Implicit VR Little Endian) to decompress to when the peer accepts no
+    # context for an instance's own syntax; empty: never change the bytes (the instance is dead-lettered instead).
+    transcode_to: tuple[str, ...] = ()
 
 
 DESTINATION_TYPES: dict[str, type] = {"folder": FolderDestinationConfig, "dicom": DicomDestinationConfig}
@@ -414,6 +426,8 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
         names.add(dest.name)
         if isinstance(dest, FolderDestinationConfig):
             _check_layout(dest.layout, key + ".layout", err)
+            if dest.duplicates not in DUPLICATE_RULES:
+                err(f"{key}.duplicates: must be one of {list(DUPLICATE_RULES)}, got {dest.duplicates!r}")
             if not dest.path:
                 err(f"{key}.path: must not be empty")
         else:
@@ -430,6 +444,20 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
                 err(f"{key}.backoff_factor: must be >= 1")
             if dest.backoff_max < dest.backoff_initial:
                 err(f"{key}.backoff_max: must be >= backoff_initial")
+            for i, ts in enumerate(dest.transcode_to):
+                if ts not in TRANSCODE_TARGETS:
+                    err(f"{key}.transcode_to[{i}]: must be one of {list(TRANSCODE_TARGETS)} (lossless, uncompressed), "
+                        f"got {ts!r}")
+            if dest.tls.enabled:
+                if dest.tls.require_client_cert:
+                    err(f"{key}.tls.require_client_cert: means nothing for a destination (we are the client); remove "
+                        "it, and give cert_file and key_file for mutual TLS")
+                if bool(dest.tls.cert_file) != bool(dest.tls.key_file):
+                    err(f"{key}.tls: cert_file and key_file go together (our client certificate)")
+                for name in ("cert_file", "key_file", "ca_file"):
+                    value = getattr(dest.tls, name)
+                    if value and not Path(value).is_file():
+                        err(f"{key}.tls.{name}: file {value!r} does not exist")
     for route in ("accept", "quarantine"):
         targets = getattr(cfg.routes, route)
         if not targets:

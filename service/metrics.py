@@ -40,6 +40,9 @@ SPOOL_DEPTH = Gauge("filmgate_spool_depth", "Instances waiting in the spool", ["
 DELIVERY_ATTEMPTS = Counter("filmgate_delivery_attempts", "Delivery attempts", ["destination"])
 DELIVERY_RETRIES = Counter("filmgate_delivery_retries", "Delivery attempts that were retries", ["destination"])
 DELIVERY_FAILURES = Counter("filmgate_delivery_failures", "Failed delivery attempts", ["destination"])
+DELIVERY_TRANSCODED = Counter(
+    "filmgate_delivery_transcoded", "Instances decompressed for a peer that accepts nothing else", ["destination"]
+)
 DEAD_LETTERS = Counter("filmgate_dead_letters", "Instances moved to the dead-letter folder", ["destination"])
 DECODE_RESTARTS = Counter(
     "filmgate_decode_restarts",
@@ -86,7 +89,8 @@ def declare_store_statuses() -> None:
 
 def declare_destination(name: str, forwards: bool) -> None:
     """Zero samples for a configured destination (retries and dead letters only exist for forwarding ones)."""
-    for counter in (DELIVERY_ATTEMPTS, DELIVERY_FAILURES, *((DELIVERY_RETRIES, DEAD_LETTERS) if forwards else ())):
+    forwarding = (DELIVERY_RETRIES, DEAD_LETTERS, DELIVERY_TRANSCODED) if forwards else ()
+    for counter in (DELIVERY_ATTEMPTS, DELIVERY_FAILURES, *forwarding):
         counter.labels(destination=name)
 
 

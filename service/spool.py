@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import re
 import threading
@@ -40,6 +41,41 @@ def safe_component(value: object, default: str = "unknown") -> str:
     """A value (a UID, an AE title) made safe as one path component."""
     text = _UNSAFE.sub("_", str(value or "").strip())[:128].strip(".")
     return text or default
+
+
+def distinct_component(value: object, default: str = "unknown") -> str:
+    """A UID made safe as one path component that stays distinct from every other UID: when sanitising changed or
+    truncated it (``1.2.3.4/5`` and ``1.2.3.4_5`` both become ``1.2.3.4_5``), a short hash of the original value
+    is appended, so two different values never share a file name."""
+    raw = str(value or "").strip()
+    safe = safe_component(raw, default)
+    if raw and safe != raw:
+        digest = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        safe = f"{safe[: 128 - 13]}-{digest}"
+    return safe
+
+
+def place_new(src: Path, dst: Path, *, fsync: bool = True) -> bool:
+    """Put a copy of ``src`` at ``dst`` only if nothing is there (atomic, also between processes): a hard link, or a
+    durable copy linked into place. False when ``dst`` already exists (nothing is overwritten)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return False
+    except OSError:  # another file system, or no hard links there: copy beside it, then link the copy in
+        tmp = dst.parent / f".{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        write_durably(tmp, src.read_bytes(), fsync=fsync)
+        try:
+            os.link(tmp, dst)
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    if fsync:
+        fsync_dir(dst.parent)
+    return True
 
 
 def fsync_dir(path: Path) -> None:

@@ -457,17 +457,35 @@ def write_with_meta(path: Path, payload: bytes, sop_class: str, uid: str, ts: st
 
 
 class Receiver:
-    """A real receiving node (pynetdicom Storage SCP) that records what arrives, and can be stopped and restarted."""
+    """A real receiving node (pynetdicom Storage SCP) that records what arrives, and can be stopped and restarted.
 
-    def __init__(self, port: int, ae_title: str = "PACS") -> None:
+    ``syntaxes`` limits the transfer syntaxes it accepts (default: all the node's); ``answers`` maps an SOP Instance
+    UID to the statuses to answer for it, one per attempt (then 0x0000); ``ssl_context`` serves TLS."""
+
+    def __init__(self, port: int, ae_title: str = "PACS", *, syntaxes: list[str] | None = None,
+                 answers: dict[str, list[int]] | None = None, ssl_context=None) -> None:  # fmt: skip
         self.port = port
         self.ae_title = ae_title
         self.received: list[tuple[str, str]] = []  # (SOP Instance UID, sha256 of the dataset bytes)
+        self.datasets: dict[str, Dataset] = {}  # the last one received per SOP Instance UID
+        self.syntax: dict[str, str] = {}  # and the transfer syntax it came in
+        self.refused: list[tuple[str, int]] = []
+        self.syntaxes = syntaxes
+        self.answers = {k: list(v) for k, v in (answers or {}).items()}
+        self.ssl_context = ssl_context
         self.server = None
 
     def _on_store(self, event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        pending = self.answers.get(uid)
+        if pending:
+            status = pending.pop(0)
+            self.refused.append((uid, status))
+            return status
         raw = event.encoded_dataset(include_meta=False)
-        self.received.append((str(event.request.AffectedSOPInstanceUID), sha(raw)))
+        self.received.append((uid, sha(raw)))
+        self.datasets[uid] = event.dataset
+        self.syntax[uid] = str(event.context.transfer_syntax)
         return 0x0000
 
     def start(self) -> None:
@@ -478,10 +496,11 @@ class Receiver:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_pdu_size = 0
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            ae.add_supported_context(cx.abstract_syntax, self.syntaxes or TRANSFER_SYNTAXES)
         self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ssl_context=self.ssl_context,
+        )  # fmt: skip
 
     def stop(self) -> None:
         """Down for real: no listening socket and no association left open."""
