@@ -92,11 +92,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sort_mode=args.sort_mode, review=args.review, progress=args.progress, report_limit=args.report_limit,
         pacs=pacs,
     )  # fmt: skip
+    from filmgate.sweep.pacs import PacsError
+
     try:
         return sweep(cfg, opts)
-    except RuntimeError as exc:  # no detectors, a cluster that cannot be reached, a PACS that refuses
+    except (RuntimeError, PacsError, OSError) as exc:  # no detectors, no cluster, a PACS that refuses, a full disk
         print(f"filmgate sweep: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while listing the sources (judging handles Ctrl-C itself): nothing judged is lost
+        print("filmgate sweep: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 def _recall_goals(items: list[str]) -> dict[str, float]:
@@ -311,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-list", metavar="FILE", help="also judge the files named in FILE (one path a line)")
     p.add_argument("--config", help=config_help + "; its detectors and policy are used")
     p.add_argument("--jobs", type=int, default=0, help="worker processes (0: every core)")
-    p.add_argument("--batch", type=int, default=32, help="films per batch through the detectors")
+    p.add_argument("--batch", type=int, default=16, help="films per batch through the detectors")
     p.add_argument("--cluster", metavar="ADDRESS",
                    help="a Dask scheduler, e.g. tcp://scheduler:8786 (needs filmgate[cluster])")
     p.add_argument("--sort-into", metavar="DIR2", help="put every film into DIR2/accept/ or DIR2/quarantine/<reason>/")

@@ -29,11 +29,22 @@ class Executor:
     """Runs :func:`judge_batch` on batches, a bounded number in flight; subclasses say where."""
 
     workers: int = 1
-    judge: dict[str, Any]  # describe() of the workers' judge
 
     def __init__(self) -> None:
         self._inflight: dict[Any, list[Item]] = {}
         self._stopping = False
+        self._described: list[Any] = []  # futures of describe(): the workers load their models meanwhile
+
+    @property
+    def judge(self) -> dict[str, Any]:
+        """describe() of the workers' judge (waits for the workers to have loaded their models)."""
+        if not hasattr(self, "_judge"):
+            found = [f.result() for f in self._described]
+            if len({d["fingerprint"] for d in found}) > 1:
+                raise RuntimeError("the workers loaded different detectors or policies: every worker must run the "
+                                   "same filmgate, models and configuration")  # fmt: skip
+            self._judge = found[0]
+        return self._judge
 
     def run(self, batches: Iterable[list[Item]]) -> Iterator[Result]:
         """Results of ``batches`` as they finish; after :meth:`request_stop`, only those already running."""
@@ -107,8 +118,8 @@ class LocalExecutor(Executor):
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method),
                                         initializer=_init_worker, initargs=(cfg,))  # fmt: skip
-        # Start every worker now (not on the first batch) and learn which judge they loaded.
-        self.judge = [f.result() for f in [self.pool.submit(describe, cfg) for _ in range(jobs)]][0]
+        # Start every worker now (not on the first batch): they load their models while the driver enumerates.
+        self._described = [self.pool.submit(describe, cfg) for _ in range(jobs)]
 
     def _submit(self, batch: list[Item]) -> Future[Any]:
         return self.pool.submit(judge_batch, batch, self.cfg)
@@ -140,7 +151,7 @@ class DaskExecutor(Executor):
         self.cfg = cfg
         self.client = Client(address, timeout="30s")
         self.workers = max(1, sum(self.client.nthreads().values()))
-        self.judge = self.client.submit(describe, cfg, pure=False).result()
+        self._described = [self.client.submit(describe, cfg, pure=False)]
 
     def _submit(self, batch: list[Item]) -> Any:
         return self.client.submit(judge_batch, batch, self.cfg, pure=False)

@@ -36,7 +36,7 @@ class SweepOptions:
     sources: tuple[str, ...] = ()
     from_list: str | None = None
     jobs: int = 0  # 0: every core
-    batch: int = 32
+    batch: int = 16
     cluster: str | None = None
     sort_into: Path | None = None
     sort_mode: str = "link"
@@ -101,13 +101,17 @@ def sweep(cfg: Config, opts: SweepOptions) -> int:
     started = time.time()
     store = Store(opts.out)
     try:
-        if opts.pacs is None:
-            store.add_files(_chain(candidates(opts.sources), listed(opts.from_list) if opts.from_list else ()))
-        else:
-            from filmgate.sweep.pacs import find_instances
+        executor = make_executor(cfg, opts)  # workers start and load their models while the sources are listed
+        try:
+            if opts.pacs is None:
+                store.add_files(_chain(candidates(opts.sources), listed(opts.from_list) if opts.from_list else ()))
+            else:
+                from filmgate.sweep.pacs import find_instances
 
-            find_instances(opts.pacs, store)  # C-FIND: every instance is known before judging starts
-        executor = make_executor(cfg, opts)
+                find_instances(opts.pacs, store)  # C-FIND: every instance is known before judging starts
+        except BaseException:
+            executor.close()
+            raise
         try:
             fp = executor.judge["fingerprint"]
             store.set("fingerprint", fp)
