@@ -91,7 +91,7 @@ def cmd_loso(args: argparse.Namespace) -> int:
         if args.sources == "all":
             sources = loso.eligible_sources(config, task, args.min_films)
         for source in sources:
-            rows.append(loso.fold(config, source, _overrides(args.set), args.limit))
+            rows.append(loso.fold(config, source, parse_overrides(args.set), args.limit))
             loso.merge(task.name, rows[-1:])
         if rows:
             report = loso.merge(task.name, rows)
