@@ -291,3 +291,45 @@ class FilmgateNode:
 
     def stop(self) -> int | None:
         return self.process.stop(60)
+
+
+# ------------------------------------------------------------------------------------------------ Docker
+
+
+def docker_cli() -> str:
+    """Debian's docker.io client (speaks BuildKit without the buildx plugin) when installed, else the one on PATH."""
+    return "/usr/bin/docker" if Path("/usr/bin/docker").is_file() else (shutil.which("docker") or "docker")
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run([docker_cli(), *args], capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        pytest.fail(f"docker {' '.join(args)}: exit {res.returncode}\n{res.stdout[-2000:]}{res.stderr[-2000:]}",
+                    pytrace=False)  # fmt: skip
+    return res
+
+
+def _engine_answers() -> bool:
+    try:
+        return subprocess.run([docker_cli(), "info"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def filmgate_image() -> str:
+    """The CPU image, built once per test run by scripts/build-image (which starts the engine when none runs and
+    reuses the engine's layer cache: only what changed is rebuilt). Skipped, saying why, only where no Docker engine
+    can start (not root and none running, or dockerd refusing to start, e.g. without the privileges it needs)."""
+    t0 = time.monotonic()
+    res = subprocess.run([str(REPO / "scripts" / "build-image")], capture_output=True, text=True, timeout=1500,
+                         cwd=REPO)  # fmt: skip
+    if res.returncode != 0:
+        if not _engine_answers():
+            log = REPO / "var" / "dockerd.log"
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:]) if log.exists() else ""
+            pytest.skip(f"no Docker engine can start here ({res.stderr.strip().splitlines()[-1:]}); {tail}")
+        pytest.fail(f"scripts/build-image failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}", pytrace=False)
+    size = int(docker("image", "inspect", "--format", "{{.Size}}", "filmgate:local").stdout.strip())
+    print(f"\nfilmgate:local built by scripts/build-image in {time.monotonic() - t0:.0f} s, {size / 1e6:.0f} MB")
+    return "filmgate:local"
