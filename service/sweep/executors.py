@@ -105,7 +105,7 @@ def describe(cfg: Config) -> dict[str, Any]:
     found = judge.judge(png.tobytes(), suffix=".png").decision.findings if ok else ()
     detectors = [{"name": f.detector, "reason": f.reason, "threshold": f.threshold} for f in found]
     return {"fingerprint": fingerprint(judge), "detectors": sorted(detectors, key=lambda d: d["name"]),
-            "pid": os.getpid()}  # fmt: skip
+            "models": {d["name"]: d["version"] for d in judge.detectors.describe()}, "pid": os.getpid()}  # fmt: skip
 
 
 class LocalExecutor(Executor):

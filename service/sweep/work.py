@@ -97,6 +97,14 @@ def to_row(item: Item, j: Judgement) -> Row:
     for tag, column in HEADER_COLUMNS.items():
         values[column] = j.header.get(tag, "")
     values["error"] = j.error or ""
+    # Not columns of results.csv: what the review console's index records beside the columns.
+    values["_findings"] = [{"detector": f.detector, "reason": f.reason, "score": round(float(f.score), 6),
+                            "threshold": f.threshold, "flagged": f.flagged, "predicted": f.predicted}
+                           for f in d.findings]  # fmt: skip
+    values["_fields"] = {"study_instance_uid": j.fields.get("StudyInstanceUID", ""),
+                         "series_instance_uid": j.fields.get("SeriesInstanceUID", ""),
+                         "sop_class_uid": j.fields.get("SOPClassUID", ""), "transfer_syntax": j.transfer_syntax,
+                         "notes": dict(d.notes)}  # fmt: skip
     want = item.thumb or not d.accepted
     return Row(item.key, values, confidence, thumbnail(j.pixels) if want and j.pixels is not None else None)
 
