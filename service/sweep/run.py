@@ -144,7 +144,8 @@ def sweep(cfg: Config, opts: SweepOptions) -> int:
         if opts.review:
             from filmgate.sweep.review import load_into_review
 
-            load_into_review(cfg, store, fp, opts)
+            n = load_into_review(cfg, store, fp, executor.judge.get("models", {}), str(opts.out))
+            print(f"filmgate sweep: {n} films recorded in the review console's index", file=sys.stderr)
         dec = summary["by_decision"]
         print(f"filmgate sweep: {summary['films']} films ({dec.get('accept', 0)} accepted, "
               f"{dec.get('quarantine', 0)} quarantined), {summary['skipped']} skipped; {judged} judged in "
