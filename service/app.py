@@ -37,6 +37,7 @@ class Node:
         self.destinations: dict = {}
         self.spool: Spool | None = None
         self.studies: Any = None  # StudyWatcher: summaries of stable studies, rejection notes
+        self.review: Any = None  # filmgate.review.setup.ReviewSide
 
     def _set_ready(self, value: bool) -> None:
         self.ready = value
@@ -49,6 +50,10 @@ class Node:
         recovered = spool.recover()
         if recovered:
             log.info("recovered %d instances claimed by the previous run", recovered)
+        from filmgate.review.setup import ReviewSide
+
+        self.review = ReviewSide(cfg, spool)
+        self.review.reconcile()  # before any worker moves a file: the index agrees with the spool again
         if cfg.workers.processes:
             from filmgate.worker import WorkerProcess
 
@@ -64,16 +69,20 @@ class Node:
             self._start_threads(spool)
             on_stored = None  # the pipeline shares this process's spool, whose adopt() wakes its claimer
         if cfg.http.enabled:
-            self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: self.ready, self._metrics)
+            console = self.review.app(self.destinations)
+            self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: self.ready, self._metrics, app=console,
+                                   public=cfg.http.public, tls=cfg.http.tls)  # fmt: skip
             self.http.start()
-            log.info("metrics and health on http://%s:%d/metrics", cfg.http.host, self.http.port)
+            scheme = "https" if cfg.http.tls.enabled else "http"
+            log.info("metrics and health on %s://%s:%d/metrics%s", scheme, cfg.http.host, self.http.port,
+                     ", review console at /" if console else "")  # fmt: skip
         if cfg.studies.enabled:
             from filmgate.followup import StudyWatcher, tracker_for
 
             tracker = tracker_for(cfg, spool)
             assert tracker is not None
             self.studies = StudyWatcher(cfg, spool, tracker)
-        self.listener = Listener(cfg.listener, spool, on_stored)
+        self.listener = Listener(cfg.listener, spool, on_stored, self.review.recorder)
         self.listener.start()
         self._set_ready(True)
         log.info("ready (config %s)", cfg.source)
@@ -86,6 +95,8 @@ class Node:
         self.pipeline.start()
 
     def _metrics(self) -> bytes:
+        if self.review is not None:
+            self.review.refresh_metrics()
         return metrics.render([w.snapshot() for w in self.workers])
 
     def request_stop(self, *_: object) -> None:
@@ -105,6 +116,8 @@ class Node:
                 removed = self.spool.sweep_tmp(max_age)
                 if removed:
                     log.info("removed %d partial file(s) of aborted transfers from the spool's tmp/", removed)
+            if self.review is not None:
+                self.review.sweep()
 
     def _restart_worker(self, worker: Any) -> None:
         log.error("the worker process %s died (exit code %s); restarting it", worker.name, worker.proc.exitcode)

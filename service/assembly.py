@@ -8,6 +8,7 @@ from filmgate.destinations import build as build_destinations
 from filmgate.followup import Aftercare, tracker_for
 from filmgate.judge import Judge
 from filmgate.pipeline import Pipeline
+from filmgate.records import Recorder
 from filmgate.sandbox import DecodeSandbox
 from filmgate.spool import Spool
 
@@ -20,11 +21,12 @@ def build_pipeline(cfg: Config, spool: Spool, *, forward: bool) -> Pipeline:
     if cfg.limits.decode_isolation:  # a crash or a runaway in a decoder costs one film, not this process
         decoder = DecodeSandbox(cfg.limits, size=cfg.workers.decode_threads, log_level=cfg.logging.level)
     judge = Judge.load(cfg, decoder=decoder)
-    destinations = build_destinations(cfg.destinations, spool)
+    recorder = Recorder.for_config(cfg)
+    destinations = build_destinations(cfg.destinations, spool, recorder)
     if forward:
         for dest in destinations.values():
             dest.start()
     aftercare = None
     if cfg.correct.enabled or cfg.studies.enabled:
         aftercare = Aftercare(cfg, spool, judge, tracker_for(cfg, spool))
-    return Pipeline(cfg, spool, judge, destinations, aftercare)
+    return Pipeline(cfg, spool, judge, destinations, aftercare, recorder)

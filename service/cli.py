@@ -1,4 +1,4 @@
-"""``filmgate``: serve, check-config, inspect, sweep, calibrate, healthcheck."""
+"""``filmgate``: serve, check-config, inspect, sweep, calibrate, resend, healthcheck, hash-password."""
 
 from __future__ import annotations
 
@@ -209,6 +209,23 @@ def cmd_healthcheck(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Read a password from stdin (one line; a terminal does not echo it) and print its hash for review.users."""
+    from filmgate.review.auth import hash_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < args.min_length:
+        print(f"filmgate: the password must have at least {args.min_length} characters", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
+
+
 SERVE_KEYS = """most-changed configuration keys (every key, with its default and a comment, is in
 {default_yaml}; docs/OPERATIONS.md explains pointing a PACS at the node):
   listener.ae_title      the node's AE title (default FILMGATE)
@@ -379,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=config_help)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
     p.set_defaults(func=cmd_healthcheck)
+
+    p = add_command(
+        sub, "hash-password", "read a password from stdin, print its scrypt hash for review.users",
+        description="Read one password from stdin (not echoed on a terminal) and print a salted scrypt hash to put "
+        "in review.users[].password_hash. The password itself is never stored or printed.",
+        examples=["filmgate hash-password", "printf '%s\\n' \"$PASSWORD\" | filmgate hash-password"],
+    )  # fmt: skip
+    p.add_argument("--min-length", type=int, default=10, help="refuse shorter passwords")
+    p.set_defaults(func=cmd_hash_password)
     return parser
 
 

@@ -30,6 +30,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PROVIDERS = ("auto", "cpu", "cuda")
 DUPLICATE_RULES = ("keep", "replace")
 TRANSCODE_TARGETS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit, Implicit VR Little Endian
+POLICY_MODES = ("enforce", "shadow")
+ROLES = ("viewer", "reviewer")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 
@@ -151,6 +153,9 @@ class PolicyConfig:
     outranks: Mapping[str, tuple[str, ...]] = field(
         default_factory=lambda: {"not-frontal-chest": ("flipped", "pediatric", "atypical")}
     )
+    # enforce: route by the decision. shadow: decide and record everything (index, sidecars, metrics), but route every
+    # film to the accept route; how a site tries the gate on its own traffic before it holds films back.
+    mode: str = "enforce"
 
 
 @dataclass(frozen=True)
@@ -201,10 +206,66 @@ class RoutesConfig:
 
 
 @dataclass(frozen=True)
+class HttpPublicConfig:
+    """Which operational endpoints answer without a login when the review console is on (false: they need one)."""
+
+    metrics: bool = True
+    healthz: bool = True
+    readyz: bool = True
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = 9108
+    tls: TLSConfig = field(default_factory=TLSConfig)  # HTTPS on this port, the same settings as listener.tls
+    public: HttpPublicConfig = field(default_factory=HttpPublicConfig)
+
+
+@dataclass(frozen=True)
+class ReviewUser:
+    """A console user: ``role`` viewer (sees) or reviewer (also releases, confirms, relabels)."""
+
+    name: str
+    role: str
+    password_hash: str  # made by `filmgate hash-password` (scrypt, salted)
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """The review console and its API on the HTTP port (``/`` and ``/api/``)."""
+
+    enabled: bool = False
+    retention_days: float = 30.0  # how long the received bytes of quarantined instances are kept for release
+    show_patient: bool = False  # show patient name and ID in the detail view (never in the audit log)
+    users: tuple[ReviewUser, ...] = ()
+    session_minutes: float = 480.0  # a console session ends after this long
+    max_failed_logins: int = 5  # failures per user name or address within login_window_seconds before throttling
+    login_window_seconds: float = 300.0
+    thumbnail_size: int = 256  # long side of the stored thumbnails, pixels
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The decision index: every judged instance, in SQLite (WAL) under <spool>/state/."""
+
+    enabled: bool = True
+    retention_days: float = 365.0  # rows (and thumbnails) older than this are removed; 0 = keep forever
+
+
+@dataclass(frozen=True)
+class SyslogConfig:
+    enabled: bool = False
+    address: str = "/dev/log"  # a Unix socket path, or host:port
+    protocol: str = "udp"  # udp or tcp (for host:port)
+    facility: int = 13  # log audit (RFC 5424 facility 13)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: str = ""  # append-only JSON lines; "" = audit.jsonl in the spool folder
+    syslog: SyslogConfig = field(default_factory=SyslogConfig)
 
 
 @dataclass(frozen=True)
@@ -269,8 +330,20 @@ class Config:
     correct: CorrectConfig = field(default_factory=CorrectConfig)
     iocm: IocmConfig = field(default_factory=IocmConfig)
     studies: StudiesConfig = field(default_factory=StudiesConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
+
+    @property
+    def state_dir(self) -> Path:
+        """The spool's state folder (decision index, review copies)."""
+        return Path(self.spool.path) / "state"
+
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit.path) if self.audit.path else Path(self.spool.path) / "audit.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -379,17 +452,7 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
     if lst.allow_list and not lst.allow:
         err("listener.allow: the allow-list is on but empty, so nobody could send; add a rule "
             "or set listener.allow_list: false")  # fmt: skip
-    if lst.tls.enabled:
-        for name in ("cert_file", "key_file"):
-            value = getattr(lst.tls, name)
-            if not value:
-                err(f"listener.tls.{name}: required when listener.tls.enabled is true")
-            elif not Path(value).is_file():
-                err(f"listener.tls.{name}: file {value!r} does not exist")
-        if lst.tls.require_client_cert and not lst.tls.ca_file:
-            err("listener.tls.ca_file: required when listener.tls.require_client_cert is true")
-        if lst.tls.ca_file and not Path(lst.tls.ca_file).is_file():
-            err(f"listener.tls.ca_file: file {lst.tls.ca_file!r} does not exist")
+    _check_tls(lst.tls, "listener.tls", err)
     if not cfg.spool.path:
         err("spool.path: must not be empty")
     w = cfg.workers
@@ -467,6 +530,10 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
                 err(f"routes.{route}: unknown destination {t!r}; defined under destinations: {sorted(names)}")
     if cfg.http.enabled:
         _check_port(cfg.http.port, "http.port", err)
+        _check_tls(cfg.http.tls, "http.tls", err)
+    if cfg.policy.mode not in POLICY_MODES:
+        err(f"policy.mode: must be one of {POLICY_MODES}, got {cfg.policy.mode!r}")
+    _check_review(cfg, err)
     if cfg.logging.level.upper() not in LOG_LEVELS:
         err(f"logging.level: must be one of {LOG_LEVELS}, got {cfg.logging.level!r}")
     _validate_study_features(cfg, err)
@@ -593,6 +660,62 @@ def _validate_study_features(cfg: Config, err: Any) -> None:
         err("studies.summary_layout: only the field {StudyInstanceUID} is known to a study summary")
     if cfg.studies.summary_layout.startswith("/") or ".." in Path(cfg.studies.summary_layout).parts:
         err("studies.summary_layout: must be a relative path inside the destination folder")
+
+
+def _check_tls(tls: TLSConfig, key: str, err: Any) -> None:
+    if not tls.enabled:
+        return
+    for name in ("cert_file", "key_file"):
+        value = getattr(tls, name)
+        if not value:
+            err(f"{key}.{name}: required when {key}.enabled is true")
+        elif not Path(value).is_file():
+            err(f"{key}.{name}: file {value!r} does not exist")
+    if tls.require_client_cert and not tls.ca_file:
+        err(f"{key}.ca_file: required when {key}.require_client_cert is true")
+    if tls.ca_file and not Path(tls.ca_file).is_file():
+        err(f"{key}.ca_file: file {tls.ca_file!r} does not exist")
+
+
+def _check_review(cfg: Config, err: Any) -> None:
+    rv = cfg.review
+    if rv.retention_days <= 0:
+        err("review.retention_days: must be > 0 (days the quarantined bytes are kept for release)")
+    if cfg.index.retention_days < 0:
+        err("index.retention_days: must be >= 0 (0 keeps rows forever)")
+    _positive(rv.session_minutes, "review.session_minutes", err)
+    _positive(rv.max_failed_logins, "review.max_failed_logins", err)
+    _positive(rv.login_window_seconds, "review.login_window_seconds", err)
+    if not 32 <= rv.thumbnail_size <= 1024:
+        err(f"review.thumbnail_size: must be 32-1024 pixels, got {rv.thumbnail_size}")
+    names = set()
+    for i, user in enumerate(rv.users):
+        key = f"review.users[{i}]"
+        if not user.name or ":" in user.name:
+            err(f"{key}.name: must be non-empty and without ':' (HTTP Basic), got {user.name!r}")
+        if user.name in names:
+            err(f"{key}.name: user {user.name!r} is listed twice")
+        names.add(user.name)
+        if user.role not in ROLES:
+            err(f"{key}.role: must be one of {ROLES}, got {user.role!r}")
+        if not user.password_hash.startswith("scrypt$"):
+            err(f"{key}.password_hash: not a hash made by `filmgate hash-password` (scrypt$...)")
+    if rv.enabled:
+        if not cfg.http.enabled:
+            err("review.enabled: the console is served on the HTTP port; set http.enabled: true")
+        if not cfg.index.enabled:
+            err("review.enabled: the console reads the decision index; set index.enabled: true")
+        if not rv.users:
+            err("review.users: the console is on but nobody can log in; add a user "
+                "(name, role, password_hash from `filmgate hash-password`)")  # fmt: skip
+    sl = cfg.audit.syslog
+    if sl.enabled:
+        if sl.protocol not in ("udp", "tcp"):
+            err(f"audit.syslog.protocol: must be udp or tcp, got {sl.protocol!r}")
+        if not 0 <= sl.facility <= 23:
+            err(f"audit.syslog.facility: must be 0-23, got {sl.facility}")
+        if not sl.address:
+            err("audit.syslog.address: required when audit.syslog.enabled (a socket path or host:port)")
 
 
 def _check_ae(value: str, key: str, err: Any) -> None:

@@ -80,9 +80,10 @@ class Destination(Protocol):
 class FolderDestination:
     """Files under ``path`` by ``layout``, each with a JSON sidecar (no patient name or ID in it)."""
 
-    def __init__(self, cfg: FolderDestinationConfig, spool: Spool) -> None:
+    def __init__(self, cfg: FolderDestinationConfig, spool: Spool, recorder: Any = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.recorder = recorder
         self.root = Path(cfg.path)
         self.root.mkdir(parents=True, exist_ok=True)
         self._root_resolved = self.root.resolve()
@@ -111,9 +112,18 @@ class FolderDestination:
                 if duplicate is not None and not identical:
                     record["duplicate"] = duplicate
                 write_durably(_sidecar_of(dst), (json.dumps(record, indent=1) + "\n").encode(), fsync=self.cfg.fsync)
-        except Exception:
+        except Exception as exc:
             metrics.DELIVERY_FAILURES.labels(destination=self.name).inc()
+            if self.recorder is not None:
+                self.recorder.delivery(item.path.name, self.name, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
+        if self.recorder is not None:
+            self.recorder.delivery(item.path.name, self.name, "delivered",
+                                   sop_instance_uid=item.fields.get("SOPInstanceUID", ""))  # fmt: skip
+
+    def sidecar_of(self, item: Delivery) -> Path:
+        """Where the sidecar of ``item`` is (its first copy, by the layout)."""
+        return _sidecar_of(self.target(item))
 
     def _place(self, item: Delivery) -> tuple[Path, dict[str, Any] | None]:
         """Link the instance into place without overwriting anything; returns the file and, when something was
@@ -179,9 +189,10 @@ def _sop_instance_uid(path: Path) -> str:
 class DicomDestination:
     """Forward by C-STORE to another node; durable outbox, per-instance back-off, dead letter with a note."""
 
-    def __init__(self, cfg: DicomDestinationConfig, spool: Spool) -> None:
+    def __init__(self, cfg: DicomDestinationConfig, spool: Spool, recorder: Any = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.recorder = recorder
         self.outbox = spool.outbox(cfg.name)
         self.dead = Path(cfg.dead_letter) if cfg.dead_letter else spool.dead_letter(cfg.name)
         self.dead.mkdir(parents=True, exist_ok=True)
@@ -198,6 +209,8 @@ class DicomDestination:
 
     def deliver(self, item: Delivery) -> None:
         place(item.path, self.outbox / item.path.name, fsync=self.fsync)
+        if self.recorder is not None:
+            self.recorder.delivery(item.path.name, self.name, "queued")
         self._wake.set()
 
     def start(self) -> None:
@@ -301,6 +314,8 @@ class DicomDestination:
             peer_down = isinstance(exc, PeerUnavailable)
             self._close()
         if error is None:
+            if self.recorder is not None:  # recorded before the outbox forgets it: a crash between re-sends
+                self.recorder.delivery(path.name, self.name, "delivered", attempts=attempt + 1)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             self._forget(path)
@@ -311,6 +326,8 @@ class DicomDestination:
             return
         metrics.DELIVERY_FAILURES.labels(**labels).inc()
         attempt += 1
+        if self.recorder is not None:
+            self.recorder.delivery(path.name, self.name, "queued", error=error, attempts=attempt)
         if attempt > self.cfg.retries:
             self._dead_letter(path, error, attempt)
             return
@@ -330,6 +347,8 @@ class DicomDestination:
                 "at": _iso(time.time())}  # fmt: skip
         place(path, self.dead / path.name, fsync=self.fsync)
         write_durably(self.dead / (path.stem + ".json"), (json.dumps(note) + "\n").encode(), fsync=self.fsync)
+        if self.recorder is not None:
+            self.recorder.delivery(path.name, self.name, "dead-letter", error=error, attempts=attempts)
         path.unlink()
         self._forget(path)
         metrics.DEAD_LETTERS.labels(destination=self.name).inc()
@@ -475,16 +494,18 @@ def resend(cfg: Any, paths: list[Path], *, to: str | None = None) -> dict[str, i
 
 
 # The destination registry: config type -> implementation.
-DESTINATIONS: dict[type, Callable[[Any, Spool], Destination]] = {
+DESTINATIONS: dict[type, Callable[[Any, Spool, Any], Destination]] = {
     FolderDestinationConfig: FolderDestination,
     DicomDestinationConfig: DicomDestination,
 }
 
 
-def build(configs: Any, spool: Spool) -> dict[str, Destination]:
+def build(configs: Any, spool: Spool, recorder: Any = None) -> dict[str, Destination]:
+    """The configured destinations; each reports its state per instance to ``recorder``
+    (:class:`filmgate.records.Recorder`) when one is given."""
     for c in configs:
         metrics.declare_destination(c.name, forwards=isinstance(c, DicomDestinationConfig))
-    return {c.name: DESTINATIONS[type(c)](c, spool) for c in configs}
+    return {c.name: DESTINATIONS[type(c)](c, spool, recorder) for c in configs}
 
 
 def _iso(ts: float) -> str:

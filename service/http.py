@@ -1,50 +1,143 @@
 """The HTTP side: ``/metrics`` for Prometheus, ``/healthz`` (the process answers) and ``/readyz`` (accepting
-associations: 503 while starting or draining, so a load balancer stops sending before the listener closes)."""
+associations: 503 while starting or draining, so a load balancer stops sending before the listener closes), and,
+when ``review.enabled``, the review console at ``/`` and its API under ``/api/`` (:mod:`filmgate.review.app`).
+
+The three operational endpoints answer without a login unless ``http.public.<name>`` is false; then they need the
+same login as the API (HTTP Basic for Prometheus' ``basic_auth``). ``http.tls`` serves the port over HTTPS with the
+same kind of settings as the DICOM listener (certificate, key, optional client certificates)."""
 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 log = logging.getLogger("filmgate.http")
+MAX_BODY = 1 << 20  # the API takes small JSON and form bodies only
+
+
+class Request:
+    """What a handler of the console needs from one HTTP request."""
+
+    def __init__(self, method: str, target: str, headers: Any, body: bytes, client: str, secure: bool) -> None:
+        parts = urlsplit(target)
+        self.method = method
+        self.path = parts.path
+        self.query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        self.headers = headers
+        self.body = body
+        self.client = client
+        self.secure = secure
+
+    def header(self, name: str) -> str:
+        return self.headers.get(name, "") or ""
+
+
+class Response:
+    def __init__(self, status: int, body: bytes = b"", ctype: str = "text/plain; charset=utf-8",
+                 headers: list[tuple[str, str]] | None = None) -> None:  # fmt: skip
+        self.status = status
+        self.body = body
+        self.ctype = ctype
+        self.headers = headers or []
 
 
 class HttpServer:
     def __init__(
-        self, host: str, port: int, ready: Callable[[], bool], render: Callable[[], bytes] | None = None
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], bool],
+        render: Callable[[], bytes] | None = None,
+        *,
+        app: Any = None,
+        public: Any = None,
+        tls: Any = None,
     ) -> None:
         is_ready = ready
         exposition = render or (lambda: generate_latest(REGISTRY))
+        review = app  # filmgate.review.app.ReviewApp, or None
+        secure = bool(tls is not None and tls.enabled)
+
+        def is_public(name: str) -> bool:
+            return review is None or public is None or bool(getattr(public, name, True))
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - the http.server API
-                path = self.path.split("?")[0]
-                if path == "/metrics":
-                    self._send(200, exposition(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n")
-                elif path == "/readyz":
-                    ok = is_ready()
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                else:
-                    self._send(404, b"not found\n")
+            server_version = "filmgate"
+            sys_version = ""
+            timeout = 30  # a client that stops sending frees its thread
 
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                self._dispatch("GET")
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._dispatch("HEAD")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self._dispatch("POST")
+
+            def _dispatch(self, method: str) -> None:
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if length < 0 or length > MAX_BODY:
+                    self._send(Response(413, b"request body too large\n"), method)
+                    return
+                body = self.rfile.read(length) if length else b""
+                req = Request(method, self.path, self.headers, body, self.client_address[0], secure)
+                ops = {"/metrics": "metrics", "/healthz": "healthz", "/readyz": "readyz"}.get(req.path)
+                if ops is not None and method in ("GET", "HEAD"):
+                    if not is_public(ops):
+                        denied = review.require_login(req)
+                        if denied is not None:
+                            self._send(denied, method)
+                            return
+                    self._send(self._ops(ops), method)
+                elif review is not None:
+                    try:
+                        rsp = review.handle(req)
+                    except Exception:
+                        log.exception("review console: internal error on %s %s", method, req.path)
+                        rsp = Response(500, b"internal error\n")
+                    self._send(rsp, method)
+                else:
+                    self._send(Response(404, b"not found\n"), method)
+
+            @staticmethod
+            def _ops(name: str) -> Response:
+                if name == "metrics":
+                    return Response(200, exposition(), CONTENT_TYPE_LATEST)
+                if name == "healthz":
+                    return Response(200, b"ok\n")
+                ok = is_ready()
+                return Response(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+
+            def _send(self, rsp: Response, method: str = "GET") -> None:
+                self.send_response(rsp.status)
+                self.send_header("Content-Type", rsp.ctype)
+                self.send_header("Content-Length", str(len(rsp.body)))
+                for k, v in rsp.headers:
+                    self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(body)
+                if method != "HEAD":
+                    self.wfile.write(rsp.body)
 
             def log_message(self, fmt: str, *args: object) -> None:
                 log.debug("http: " + fmt, *args)
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
+        if secure:
+            # the handshake happens in each request's thread (first read), not in the accepting one
+            self.server.socket = _tls_context(tls).wrap_socket(self.server.socket, server_side=True,
+                                                               do_handshake_on_connect=False)  # fmt: skip
         self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
 
     @property
@@ -57,3 +150,14 @@ class HttpServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def _tls_context(tls: Any) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file:
+        ctx.load_verify_locations(cafile=tls.ca_file)
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file else (
+        ssl.CERT_NONE)  # fmt: skip
+    return ctx

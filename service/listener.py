@@ -174,11 +174,12 @@ class Listener:
     """The network side of the node; its only job is to get instances durably into the spool."""
 
     def __init__(
-        self, cfg: ListenerConfig, spool: Spool, on_stored: Callable[[], None] | None = None
-    ) -> None:
+        self, cfg: ListenerConfig, spool: Spool, on_stored: Callable[[], None] | None = None, recorder: Any = None,
+    ) -> None:  # fmt: skip
         self.cfg = cfg
         self.spool = spool
         self.on_stored = on_stored
+        self.recorder = recorder  # filmgate.records.Recorder: the index row and the audit events
         ae = _GateAE(ae_title=cfg.ae_title)
         ae.rules = cfg.allow
         ae.enforce = cfg.allow_list
@@ -256,20 +257,27 @@ class Listener:
         event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
 
     def _on_accepted(self, event: Any) -> None:
-        ae = metrics.ae_label(event.assoc.requestor.ae_title)
+        req = event.assoc.requestor
+        ae = metrics.ae_label(req.ae_title)
         metrics.ASSOCIATIONS.labels(calling_ae=ae, result="accepted").inc()
+        if self.recorder is not None:
+            self.recorder.association(True, req.ae_title.strip(), req.address)
 
     def _on_rejected(self, event: Any) -> None:
         req = event.assoc.requestor
         ae = metrics.ae_label(req.ae_title)
         metrics.ASSOCIATIONS.labels(calling_ae=ae, result="rejected").inc()
         if self.cfg.allow_list and not sender_allowed(self.cfg.allow, req.ae_title, req.address):
+            why = "not in the sender allow-list"
             log.warning(
                 "refused association from AE %r at %s: not in the sender allow-list (listener.allow)",
                 req.ae_title.strip(), req.address,
             )  # fmt: skip
         else:
+            why = "too many associations"
             log.warning("refused association from AE %r at %s (too many associations?)", req.ae_title, req.address)
+        if self.recorder is not None:
+            self.recorder.association(False, req.ae_title.strip(), req.address, why)
 
     def _on_store(self, event: Any) -> int:
         t0 = time.perf_counter()
@@ -288,11 +296,13 @@ class Listener:
             peer_address=str(req.address), peer_port=int(req.port or 0), sop_instance_uid=uid,
         )  # fmt: skip
         try:
-            self.spool.adopt(received, arrival, started=t0)
+            path = self.spool.adopt(received, arrival, started=t0)
         except Exception as exc:
             metrics.STORE_FAILURES.labels(status="0xA700").inc()
             log.error("C-STORE from %s answered 0xA700: could not persist the instance (%s)", calling, exc)
             return 0xA700
+        if self.recorder is not None:  # before the acknowledgement: the index knows every instance we answer for
+            self.recorder.stored(path.name, uid, calling_ae, arrival.peer_address, arrival.received_at)
         elapsed = time.perf_counter() - t0
         if self.on_stored is not None:
             self.on_stored()

@@ -176,3 +176,42 @@ class _Merged:
 def render(workers: list[Snapshot] | None = None) -> bytes:
     """The exposition text of this process, plus the worker processes' snapshots."""
     return generate_latest(_Merged(_combine(workers or [])))  # type: ignore[arg-type]
+
+# ------------------------------------------------------------------------------------------------- review workflow
+# The decision index, the review console and shadow mode. The review gauges are read from the index at each scrape
+# (the parent process owns them), so they are right after a restart; the counters count this run's actions.
+
+INDEX_ERRORS = Counter("filmgate_index_errors", "Decision index writes that failed (the spool keeps the truth)")
+REVIEW_PENDING = Gauge("filmgate_review_pending", "Quarantined instances awaiting review, by first reason", ["reason"])
+REVIEWED = Gauge("filmgate_reviewed", "Instances reviewed, by outcome (released, confirmed) and reason",
+                 ["state", "reason"])  # fmt: skip
+REVIEW_ACTIONS = Counter("filmgate_review_actions", "Review actions taken in the console or API", ["action"])
+ROUTED = Counter("filmgate_routed", "Instances routed, by route (differs from decisions in shadow mode)", ["route"])
+SHADOW_MODE = Gauge("filmgate_shadow_mode", "1 when policy.mode is shadow (every film routed to accept)")
+SHADOW_WOULD_QUARANTINE = Counter(
+    "filmgate_shadow_would_quarantine", "Instances shadow mode routed to accept that enforcement would quarantine",
+    ["reason"],
+)  # fmt: skip
+LOGINS = Counter("filmgate_logins", "Console and API logins, by method (form, basic) and result", ["method", "result"])
+HTTP_SECONDS = Histogram("filmgate_http_seconds", "Console and API requests", ["route"], buckets=_FAST)
+
+
+def set_review_counts(counts: dict[tuple[str, str], int], reasons: Iterable[str]) -> None:
+    """The review gauges from :meth:`filmgate.index.DecisionIndex.review_counts` (known reasons at 0)."""
+    for reason in reasons:
+        REVIEW_PENDING.labels(reason=reason).set(0)
+        for state in ("released", "confirmed"):
+            REVIEWED.labels(state=state, reason=reason).set(0)
+    for (state, reason), n in counts.items():
+        if state == "pending":
+            REVIEW_PENDING.labels(reason=reason).set(n)
+        elif state in ("released", "confirmed"):
+            REVIEWED.labels(state=state, reason=reason).set(n)
+
+
+def declare_review() -> None:
+    for action in ("release", "confirm", "relabel"):
+        REVIEW_ACTIONS.labels(action=action)
+    for method in ("form", "basic"):
+        for result in ("ok", "failed", "throttled"):
+            LOGINS.labels(method=method, result=result)

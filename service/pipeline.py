@@ -29,6 +29,7 @@ from filmgate.followup import Aftercare
 from filmgate.judge import Examined, Judge, Judgement
 from filmgate.policy import known_reasons
 from filmgate.record import Arrival, InstanceRecord
+from filmgate.records import Recorder
 from filmgate.spool import SUFFIX, Spool
 
 log = logging.getLogger("filmgate.pipeline")
@@ -57,9 +58,10 @@ class Pipeline:
     (:meth:`_deliver`, the one place a judgement leaves the pipeline). Built by :func:`filmgate.assembly.build`."""
 
     def __init__(self, cfg: Config, spool: Spool, judge: Judge, destinations: dict[str, Destination],
-                 aftercare: Aftercare | None = None) -> None:  # fmt: skip
+                 aftercare: Aftercare | None = None, recorder: Recorder | None = None) -> None:  # fmt: skip
         self.cfg = cfg
         self.aftercare = aftercare
+        self.recorder = recorder  # the decision index and the audit trail (filmgate.records)
         self.spool = spool
         self.judge = judge
         self.destinations = destinations
@@ -256,12 +258,21 @@ class Pipeline:
         j = item.judgement
         assert j is not None
         d = j.decision
-        route = self.cfg.routes.accept if d.accepted else self.cfg.routes.quarantine
+        shadow = self.cfg.policy.mode == "shadow"
+        routed = "accept" if d.accepted or shadow else "quarantine"  # shadow mode: decide, record, but accept all
+        route = self.cfg.routes.accept if routed == "accept" else self.cfg.routes.quarantine
         fields, record = self._fields_and_record(j, item)
-        corrected = self.aftercare.correct(item.path, j) if self.aftercare else None
+        if shadow:  # the accept folders see an accepted film; the sidecar and the index keep the would-be decision
+            fields.update(outcome="accept", reason="accepted", reasons="accepted")
+            record.update(shadow=True, routed=routed)
+        corrected = self.aftercare.correct(item.path, j) if self.aftercare and not shadow else None
         if corrected is not None:
             record["corrected"] = {**corrected.links["derived"], "outcome": corrected.judgement.decision.outcome,
                                    "reasons": list(corrected.judgement.decision.reasons)}  # fmt: skip
+        rec = self.recorder
+        if rec is not None:  # the index row and the audit event, before any destination has it
+            kept = rec.keep(item.path, item.received) if routed == "quarantine" else None
+            rec.judged(item.path, j, record, received=item.received, routed=routed, kept=kept)
         try:
             for name in route:
                 self.destinations[name].deliver(Delivery(path=item.path, fields=fields, record=record))
@@ -284,7 +295,13 @@ class Pipeline:
                     self.aftercare.done_with(corrected)
             except Exception:  # the instance is delivered: a study note lost is a summary short, never a loop
                 log.exception("noting a delivered instance for its study failed")
+        if rec is not None:
+            rec.delivered(item.path.name)  # recorded before the spool lets it go: a crash in between re-delivers
         self.spool.finish(item.path)
+        metrics.ROUTED.labels(route=routed).inc()
+        if shadow and not d.accepted:
+            for reason in d.reasons:
+                metrics.SHADOW_WOULD_QUARANTINE.labels(reason=reason).inc()
         metrics.declare_sender(item.calling_ae, self._known_reasons)
         metrics.DECISIONS.labels(outcome=d.outcome, calling_ae=item.calling_ae).inc()
         for reason in d.reasons:

@@ -68,8 +68,9 @@ def _row(task: object, label: str, path: Path, source: str, licence: str) -> Lab
             if idx is not None and labels[idx] == label:
                 return candidate
         return None
-    identity = labels[0] if labels else "typical"
-    return base if label == identity else None
+    # the untransformed class, by the task's name for it or the console's for a score detector (not-<reason>)
+    identity = {labels[0] if labels else "typical", f"not-{getattr(task, 'reason', '')}"}
+    return base if label in identity else None
 
 
 def review_rows(sources: Sequence[object], task: object) -> list[LabelledFilm]:

@@ -53,6 +53,17 @@ STORESCU_TS_OPTION = {
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key for CN=localhost (openssl), for the TLS tests."""
+    cert, key = folder / "node.crt", folder / "node.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -312,14 +323,54 @@ class Gate:
             time.sleep(0.1)
         raise AssertionError(f"filmgate serve not ready after {timeout} s:\n{self.log()}")
 
+    @property
+    def base_url(self) -> str:
+        tls = self.config.get("http", {}).get("tls", {})
+        return f"{'https' if tls.get('enabled') else 'http'}://127.0.0.1:{self.http_port}"
+
+    def _tls_context(self):
+        """HTTPS to the node: its own certificate is the trust anchor (no host name check: 127.0.0.1)."""
+        tls = self.config.get("http", {}).get("tls", {})
+        if not tls.get("enabled"):
+            return None
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=tls["cert_file"])
+        ctx.check_hostname = False
+        return ctx
+
     def http_get(self, path: str) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as rsp:
+            with urllib.request.urlopen(self.base_url + path, timeout=5, context=self._tls_context()) as rsp:
                 return rsp.status, rsp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
         except OSError:
             return 0, ""
+
+    def api(self, path: str, *, user: str | None = None, password: str = "", method: str = "GET",
+            body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes, dict]:  # fmt: skip
+        """One request to the node's HTTP port (the review API), with HTTP Basic when ``user`` is given; returns
+        (status, body, headers). Never follows redirects."""
+        import base64
+
+        hdrs = dict(headers or {})
+        if user is not None:
+            hdrs["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        if body is not None and "Content-Type" not in hdrs:
+            hdrs["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.base_url + path, data=body, headers=hdrs, method=method)
+        opener = urllib.request.build_opener(_NoRedirect, urllib.request.HTTPSHandler(context=self._tls_context()))
+        try:
+            with opener.open(req, timeout=30) as rsp:
+                return rsp.status, rsp.read(), dict(rsp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers)
+
+    def api_json(self, path: str, user: str, password: str, **kw) -> dict:
+        code, body, _ = self.api(path, user=user, password=password, **kw)
+        assert code == 200, (code, body[:500])
+        return json.loads(body)
 
     def metrics(self) -> dict[str, float]:
         code, text = self.http_get("/metrics")
@@ -362,6 +413,11 @@ class Gate:
                 return found
             time.sleep(0.2)
         raise AssertionError(f"only {len(self.sidecars())} of {count} delivered:\n{self.log()[-4000:]}")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003 - urllib's signature
+        return None
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from filmgate.index import DecisionIndex, Query
 from filmgate.spool import Spool
 from tests.service.conftest import Gate, sha, wait_for
 
@@ -98,6 +99,16 @@ def test_kill9_then_restart_delivers_every_acknowledged_instance(tmp_path, made_
         print("missing", acked - _delivered_uids(gate), "extra", _delivered_uids(gate) - acked, [p.name for p in left])
         raise
     assert not list((spool / "claimed").rglob("*.dcm"))
+    # the decision index agrees with the spool and the destinations: one row per instance, each delivered
+    index = DecisionIndex(spool / "state" / "index.sqlite")
+    wait_for(lambda: index.count("WHERE state != 'delivered'") == 0 and index.count() >= len(acked), 30,
+             "every index row delivered")  # fmt: skip
+    rows = index.query(Query(limit=1000))[0]
+    uids = [r["sop_instance_uid"] for r in rows]
+    assert len(uids) == len(set(uids)) and set(uids) == _delivered_uids(gate) and acked <= set(uids)
+    assert all(r["outcome"] == "accept" and r["calling_ae"] == "BURST" for r in rows)
+    assert all([d["state"] for d in index.get(r["id"])["deliveries"]] == ["delivered"] for r in rows)
+    index.close()
     assert gate.stop() == 0
 
 

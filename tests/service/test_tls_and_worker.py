@@ -9,21 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.service.conftest import DX_FOR_PRESENTATION, REPO, Gate, send_file_raw, wait_for
-
-
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    cert, key = folder / "node.crt", folder / "node.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
-    return cert, key
+from tests.service.conftest import DX_FOR_PRESENTATION, REPO, Gate, self_signed, send_file_raw, wait_for
 
 
 def test_tls_listener(tmp_path, made_films, models_dir):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     gate = Gate.create(
         tmp_path,
         listener={"tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key)}},
