@@ -437,6 +437,8 @@ class DecisionIndex:
                 fixed["added"] += 1
             # rows the spool no longer holds but that never were recorded delivered: an index write that failed
             for r in db.execute("SELECT id, spool_name FROM instances WHERE state IN ('received', 'decided')"):
+                if not _is_spool_name(r["spool_name"]):
+                    continue  # a row another part recorded with its own key (e.g. ``sweep:<file>``): not the spool's
                 if r["spool_name"] not in in_spool:
                     db.execute("UPDATE instances SET state = 'unknown' WHERE id = ?", (r["id"],))
                     fixed["lost"] += 1
@@ -479,6 +481,11 @@ class DecisionIndex:
                               (older_than,)).fetchall()  # fmt: skip
             db.executemany("UPDATE instances SET kept_path = '' WHERE id = ?", [(r["id"],) for r in rows])
         return [r["kept_path"] for r in rows]
+
+
+def _is_spool_name(name: str) -> bool:
+    """A key made by the spool (``<ns><seq>.dcm``, or the previous version's form), not another part's own key."""
+    return name.endswith(".dcm") and ":" not in name and "/" not in name
 
 
 def _iso(ts: float | None) -> str | None:

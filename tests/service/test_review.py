@@ -340,3 +340,30 @@ def test_shadow_mode_delivers_everything_and_records_would_be_decisions(tmp_path
     finally:
         syslog.close()
         assert gate.stop() == 0
+
+
+def test_index_reconcile_adds_what_the_spool_holds_and_keeps_foreign_rows(tmp_path):
+    """What the spool holds and the index lacks is added (with its arrival); a row the spool no longer holds and that
+    was never recorded delivered is marked unknown; rows other parts keyed themselves (a sweep) are left alone;
+    queued deliveries resolve against the outbox and the dead letters."""
+    from filmgate.index import DecisionIndex
+    from filmgate.record import Arrival
+    from filmgate.spool import Spool
+
+    spool = Spool(tmp_path / "spool", fsync=False)
+    kept = spool.persist(b"DICM-ish", Arrival(received_at=1.0e9, calling_ae="CR01", peer_address="10.1.2.3",
+                                               sop_instance_uid="1.2.3"))  # fmt: skip
+    index = DecisionIndex(tmp_path / "spool" / "state" / "index.sqlite")
+    index.record_received("0000gone.dcm", sop_instance_uid="9.9", calling_ae="X", received_at=1.0e9)
+    index.record_instance("sweep:/data/a.dcm", {"decision": "quarantine", "reasons": ["rotated"]}, received_at=2.0e9)
+    index.record_instance("0000sent.dcm", {"decision": "accept"}, received_at=3.0e9)
+    index.record_delivery("0000sent.dcm", "pacs", "queued")
+    index.record_delivered("0000sent.dcm")
+    fixed = index.reconcile(spool, [("pacs", spool.outbox("pacs"), spool.dead_letter("pacs"))])
+    assert fixed == {"added": 1, "lost": 1, "queued": 0, "sent": 1, "dead": 0}
+    row = index.get_by_name(kept.name)
+    assert (row["sop_instance_uid"], row["calling_ae"], row["peer_address"]) == ("1.2.3", "CR01", "10.1.2.3")
+    assert index.get_by_name("0000gone.dcm")["state"] == "unknown"
+    assert index.get_by_name("sweep:/data/a.dcm")["state"] == "decided"
+    assert index.get_by_name("0000sent.dcm")["deliveries"][0]["state"] == "delivered"
+    assert index.reconcile(spool, []) == {"added": 0, "lost": 0, "queued": 0, "sent": 0, "dead": 0}
