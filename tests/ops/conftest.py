@@ -318,12 +318,13 @@ def _engine_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def filmgate_image() -> str:
-    """The CPU image, built once per test run by scripts/build-image (which starts the engine when none runs and
-    reuses the engine's layer cache: only what changed is rebuilt). Skipped, saying why, only where no Docker engine
-    can start (not root and none running, or dockerd refusing to start, e.g. without the privileges it needs)."""
+    """The CPU image and the Compose stack's Orthanc and Prometheus images, built once per test run by
+    `scripts/build-image --stack` (which starts the engine when none runs and reuses the engine's layer cache: only
+    what changed is rebuilt). Skipped, saying why, only where no Docker engine can start (not root and none running,
+    or dockerd refusing to start, e.g. without the privileges it needs)."""
     t0 = time.monotonic()
-    res = subprocess.run([str(REPO / "scripts" / "build-image")], capture_output=True, text=True, timeout=1500,
-                         cwd=REPO)  # fmt: skip
+    res = subprocess.run([str(REPO / "scripts" / "build-image"), "--stack"], capture_output=True, text=True,
+                         timeout=1500, cwd=REPO)  # fmt: skip
     if res.returncode != 0:
         if not _engine_answers():
             log = REPO / "var" / "dockerd.log"

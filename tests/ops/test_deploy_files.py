@@ -184,7 +184,7 @@ def test_check_config_is_not_blind(tmp_path):
 # ------------------------------------------------------------------------------------------------ Compose
 
 
-@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml", "compose.local.yaml"])
 def test_compose_files_match_the_compose_specification(name):
     res = subprocess.run(
         [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / name)],
