@@ -412,6 +412,94 @@ def panels() -> list[dict]:
         8,
         8,
     )
+    lay.row("Review")
+    lay.add(
+        _stat(
+            "Awaiting review",
+            f"sum(filmgate_review_pending{{{NODE}}}) or vector(0)",
+            "short",
+            "Quarantined films (or, in shadow mode, would-be quarantined) nobody has released or confirmed yet.",
+            [{"color": "green", "value": None}, {"color": "orange", "value": 200}],
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        _stat(
+            "Shadow mode",
+            f"max(filmgate_shadow_mode{{{NODE}}}) or vector(0)",
+            "short",
+            "1: policy.mode is shadow, every film is delivered to the accept route; the panels below show what "
+            "enforcing would have held back.",
+        ),
+        4,
+        4,
+    )
+    lay.add(
+        _series(
+            "Awaiting review by reason",
+            [_target(f"sum by (reason) (filmgate_review_pending{{{NODE}}})", "{{reason}}")],
+            "short",
+            "Films awaiting review, by their first reason (read from the decision index at each scrape).",
+            stack=True,
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        _series(
+            "Released and confirmed by reason",
+            [
+                _target(f'sum by (reason) (filmgate_reviewed{{{NODE}, state="released"}})', "released {{reason}}",
+                        "A"),  # fmt: skip
+                _target(f'sum by (reason) (filmgate_reviewed{{{NODE}, state="confirmed"}})', "confirmed {{reason}}",
+                        "B"),  # fmt: skip
+            ],
+            "short",
+            "Reviewed films. Many releases for one reason = that detector holds back good films at this site: "
+            "relabel them and fine-tune (docs/OPERATIONS.md), or calibrate its threshold.",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        _series(
+            "Review actions and logins",
+            [
+                _target(f"sum by (action) (increase(filmgate_review_actions_total{{{NODE}}}[1h]))", "{{action}} (1 h)",
+                        "A"),  # fmt: skip
+                _target(
+                    f'sum by (method) (increase(filmgate_logins_total{{{NODE}, result!="ok"}}[1h]))',
+                    "failed or throttled logins {{method}} (1 h)",
+                    "B",
+                ),
+            ],
+            "short",
+            "Releases, confirmations and relabels per hour; failed and throttled console/API logins.",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        _series(
+            "Shadow mode: would have quarantined, by reason",
+            [_target(f"sum by (reason) (rate(filmgate_shadow_would_quarantine_total{{{NODE}}}[{W}]))", "{{reason}}")],
+            "ops",
+            "Films shadow mode delivered that enforcing would have quarantined.",
+        ),
+        8,
+        8,
+    )
+    lay.add(
+        _series(
+            "Routed",
+            [_target(f"sum by (route) (rate(filmgate_routed_total{{{NODE}}}[{W}]))", "{{route}}")],
+            "ops",
+            "Where films went (differs from the decisions in shadow mode); releases are not counted here.",
+        ),
+        8,
+        8,
+    )
     for i, p in enumerate(lay.panels, start=1):
         p["id"] = i
     return lay.panels
@@ -438,7 +526,7 @@ def dashboard() -> dict:
     return {
         "uid": "filmgate",
         "title": "filmgate",
-        "description": "DICOM quality gate: quarantine, throughput, latency, spool and delivery, models in use.",
+        "description": "DICOM quality gate: quarantine, throughput, latency, spool, delivery, models, review.",
         "tags": ["filmgate", "dicom"],
         "timezone": "browser",
         "editable": False,

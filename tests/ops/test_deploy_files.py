@@ -316,6 +316,10 @@ def test_dashboard_covers_the_issue():
         "filmgate_delivery_failures_total",
         "filmgate_dead_letters_total",
         "filmgate_model_info",
+        "sum by (reason) (filmgate_review_pending",
+        'filmgate_reviewed{job="filmgate", instance=~"$instance", state="released"}',
+        'filmgate_reviewed{job="filmgate", instance=~"$instance", state="confirmed"}',
+        "filmgate_shadow_would_quarantine_total",
     ):
         assert needle in exprs, needle
 
