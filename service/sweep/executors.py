@@ -11,16 +11,20 @@ same unit of work, the same films, and a tenth of the installed size.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
 import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from filmgate.config import Config
-from filmgate.sweep.work import Item, Row, fingerprint, judge_batch, judge_for
+from filmgate.sweep.work import Item, Row, crashed_row, fingerprint, judge_batch, judge_for
+
+log = logging.getLogger("filmgate.sweep")
 
 Result = tuple[list[Item], str, list[Row]]
 
@@ -29,6 +33,7 @@ class Executor:
     """Runs :func:`judge_batch` on batches, a bounded number in flight; subclasses say where."""
 
     workers: int = 1
+    cfg: Config
 
     def __init__(self) -> None:
         self._inflight: dict[Any, list[Item]] = {}
@@ -61,10 +66,21 @@ class Executor:
             if not self._inflight:
                 return
             for fut in self._wait(list(self._inflight)):
+                if fut not in self._inflight:
+                    continue  # recovered below with the others
                 batch = self._inflight.pop(fut)
                 if fut.cancelled():
                     continue
-                fp, rows = fut.result()
+                try:
+                    fp, rows = fut.result()
+                except self.broken:  # a worker died (a decoder crashed, the OOM killer)
+                    lost = [batch]
+                    if self.loses_all:  # a broken process pool fails every batch in flight
+                        lost += self._inflight.values()
+                        self._inflight.clear()
+                    for b in lost:
+                        yield self._isolate(b)
+                    continue
                 yield batch, fp, rows
 
     def request_stop(self) -> None:
@@ -76,6 +92,28 @@ class Executor:
 
     def _submit(self, batch: list[Item]) -> Any:
         raise NotImplementedError
+
+    broken: tuple[type[BaseException], ...] = ()  # what a batch's result raises when its worker died
+    loses_all = False  # whether every batch in flight is lost with it
+
+    def _recover(self) -> None:
+        """After a worker died (local workers: a new pool)."""
+
+    def _isolate(self, batch: list[Item]) -> Result:
+        """The batch of a worker that died, judged again film by film: a film that kills its worker again becomes an
+        undecodable row saying so, the others are judged as usual."""
+        log.warning("a sweep worker died; judging its batch of %d films one by one", len(batch))
+        self._recover()
+        rows: list[Row] = []
+        for item in batch:
+            try:
+                _, got = self._submit([item]).result()
+                rows.extend(got)
+            except self.broken:
+                self._recover()
+                rows.append(crashed_row(item, self.cfg, "judging this film killed the worker process (a decoder or "
+                                        "detector crashed, or memory ran out)"))  # fmt: skip
+        return batch, self.judge["fingerprint"], rows
 
     def _wait(self, futures: list[Any]) -> Iterable[Any]:
         raise NotImplementedError
@@ -115,11 +153,21 @@ class LocalExecutor(Executor):
         super().__init__()
         self.cfg = cfg
         self.workers = jobs
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context(method),
-                                        initializer=_init_worker, initargs=(cfg,))  # fmt: skip
+        self.pool = self._start()
         # Start every worker now (not on the first batch): they load their models while the driver enumerates.
         self._described = [self.pool.submit(describe, cfg) for _ in range(jobs)]
+
+    def _start(self) -> ProcessPoolExecutor:
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
+                                   initializer=_init_worker, initargs=(self.cfg,))  # fmt: skip
+
+    broken = (BrokenProcessPool,)
+    loses_all = True
+
+    def _recover(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = self._start()
 
     def _submit(self, batch: list[Item]) -> Future[Any]:
         return self.pool.submit(judge_batch, batch, self.cfg)
@@ -147,7 +195,10 @@ class DaskExecutor(Executor):
             from distributed import Client
         except ImportError as exc:
             raise RuntimeError("--cluster needs Dask distributed: pip install 'filmgate[cluster]'") from exc
+        from distributed import KilledWorker
+
         super().__init__()
+        self.broken = (KilledWorker,)  # Dask retries a batch whose worker died on others, then gives up with this
         self.cfg = cfg
         self.client = Client(address, timeout="30s")
         self.workers = max(1, sum(self.client.nthreads().values()))

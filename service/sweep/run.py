@@ -9,6 +9,7 @@ Ctrl-C aborts at once (the store still holds every committed batch).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -86,8 +87,9 @@ class _Progress:
         from tqdm import tqdm
 
         on = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = tqdm(total=total, initial=done, unit="film", dynamic_ncols=True, smoothing=0.05,
-                        disable=not on, file=sys.stderr)  # fmt: skip
+        sized = shutil.get_terminal_size((0, 0)).columns > 0  # a terminal that reports no width gets 100 columns
+        self.bar = tqdm(total=total, initial=done, unit="film", dynamic_ncols=sized, ncols=None if sized else 100,
+                        smoothing=0.05, disable=not on, file=sys.stderr)  # fmt: skip
 
     def update(self, n: int) -> None:
         self.bar.update(n)

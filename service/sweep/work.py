@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 
 from filmgate.config import Config
-from filmgate.judge import Judge, Judgement
+from filmgate.judge import Examined, Judge, Judgement
+from filmgate.policy import Metadata
 
 HEADER_COLUMNS = {
     "Modality": "modality",
@@ -56,7 +57,8 @@ def judge_for(cfg: Config) -> Judge:
     key = repr(cfg)
     judge = _JUDGES.get(key)
     if judge is None:
-        _JUDGES.clear()
+        for old in [k for k in _JUDGES if not k.startswith("metadata-only:")]:
+            del _JUDGES[old]  # one judge with models per process
         judge = _JUDGES[key] = Judge.load(cfg)
     return judge
 
@@ -78,6 +80,15 @@ def judge_batch(items: Sequence[Item], cfg: Config) -> tuple[str, list[Row]]:
             examined.append(judge.examine(Path(item.abspath or item.path)))
     judgements = judge.conclude(examined)
     return fingerprint(judge), [to_row(item, j) for item, j in zip(items, judgements, strict=True)]
+
+
+def crashed_row(item: Item, cfg: Config, message: str) -> Row:
+    """The row of a film that could not be judged because judging it killed the process: the judge's verdict on an
+    undecodable film (no detectors needed, so the driver makes it without loading models)."""
+    key = f"metadata-only:{cfg!r}"
+    judge = _JUDGES.get(key) or _JUDGES.setdefault(key, Judge.load(cfg, metadata_only=True))
+    examined = Examined(metadata=Metadata(is_dicom=False, decode_error=message), error=message)
+    return to_row(item, judge.conclude([examined])[0])
 
 
 def to_row(item: Item, j: Judgement) -> Row:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -152,20 +153,22 @@ def _copy_films(dst: Path, count: int) -> list[Path]:
     return out
 
 
+def _rows(out: Path) -> int:
+    """Results committed so far by a running sweep (read beside it: the state file is in WAL mode)."""
+    try:
+        with sqlite3.connect(out / "sweep.sqlite", timeout=5) as db:
+            return db.execute("SELECT count(*) FROM results").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # not created yet
+
+
 def test_interrupted_sweep_resumes_and_judges_every_film_once(tmp_path):
     films = _copy_films(tmp_path / "films", 240)
     out = tmp_path / "out"
     proc = subprocess.Popen([FILMGATE, "sweep", str(tmp_path / "films"), "--out", str(out), "--jobs", "1",
                              "--batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
-    def rows_so_far() -> int:
-        try:
-            with sqlite3.connect(out / "sweep.sqlite", timeout=5) as db:
-                return db.execute("SELECT count(*) FROM results").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0  # not created yet
-
-    wait_until(lambda: rows_so_far() >= 12 or proc.poll() is not None, 120, "the first rows", interval=0.02)
+    wait_until(lambda: _rows(out) >= 12 or proc.poll() is not None, 120, "the first rows", interval=0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
@@ -193,3 +196,53 @@ def test_interrupted_sweep_resumes_and_judges_every_film_once(tmp_path):
     row = next(r for r in now if r["path"] == rel)
     before = next(r for r in rows if r["path"] == row["path"])
     assert row["orientation_score"] != before["orientation_score"]
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The sweep's worker processes: its children running the same command (not multiprocessing's helpers)."""
+    own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if Path(f"/proc/{c}/cmdline").read_bytes() == own]
+
+
+def test_a_worker_that_dies_costs_no_film(tmp_path):
+    films = _copy_films(tmp_path / "films", 120)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([FILMGATE, "sweep", str(tmp_path / "films"), "--out", str(out), "--jobs", "2",
+                             "--batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    workers = wait_until(lambda: proc.poll() is None and len(_workers_of(proc.pid)) == 2 and _workers_of(proc.pid),
+                         60, "two workers")  # fmt: skip
+    wait_until(lambda: _rows(out) >= 8 or proc.poll() is not None, 120, "the first rows", interval=0.02)
+    os.kill(workers[0], signal.SIGKILL)  # as the OOM killer or a crashing decoder would
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "a sweep worker died" in err
+    rows = read_csv(out / "results.csv")
+    assert sorted(r["path"] for r in rows) == sorted(p.relative_to(tmp_path / "films").as_posix() for p in films)
+    assert not [r for r in rows if r["error"]], "a film of the dead worker's batch was not judged again"
+
+
+def test_progress_bar_with_rate_and_time_left_on_a_terminal_only(film_tree, swept, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: filmgate sweep with its stderr on a terminal of 120 x 30
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+        os.execv(FILMGATE, [FILMGATE, "sweep", str(film_tree["root"] / "chest"), "--out", str(tmp_path / "out")])
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    _, status = os.waitpid(pid, 0)
+    text = seen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "film/s" in text and "100%" in text and "<" in text, text[-2000:]  # rate, done, time left (elapsed<left)
+    assert "film/s" not in swept["stderr"] and "%|" not in swept["stderr"]  # not a terminal: quiet
