@@ -99,7 +99,15 @@ class WorkersConfig:
     queue_size: int = 8
     poll_interval: float = 0.5
     drain_timeout: float = 30.0
-    retry_delay: float = 5.0
+    retry_delay: float = 5.0  # first wait before a failed delivery is tried again; doubles each time, up to the max
+    retry_delay_max: float = 300.0
+    # Times one instance may be taken up (claimed) without being finished: a film a worker dies or stalls on, or one
+    # no destination of its route takes. Beyond it the instance is quarantined (undecodable, with a note) or, when
+    # even that cannot be delivered, moved to <spool>/dead-letter/pipeline with a note. Never retried forever.
+    max_attempts: int = 10
+    # A stage that holds one film (or batch) this long without passing it on is stalled: the watchdog starts a new
+    # thread for it, hands the film back to the spool, and counts it (filmgate_stage_restarts_total).
+    stall_timeout: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -465,6 +473,13 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
     for name in ("batch_wait_ms", "drain_timeout"):
         if getattr(w, name) < 0:
             err(f"workers.{name}: must be >= 0")
+    if w.max_attempts < 1:
+        err(f"workers.max_attempts: must be >= 1, got {w.max_attempts}")
+    if w.retry_delay_max < w.retry_delay:
+        err("workers.retry_delay_max: must be >= workers.retry_delay")
+    if w.stall_timeout <= cfg.limits.decode_timeout:
+        err(f"workers.stall_timeout: must be longer than limits.decode_timeout ({cfg.limits.decode_timeout:g} s), "
+            "or a decode that is still allowed to run would count as stalled")
     for name in ("poll_interval", "retry_delay"):
         _positive(getattr(w, name), f"workers.{name}", err)
     lim = cfg.limits
@@ -484,6 +499,9 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
     names: set[str] = set()
     for dest in cfg.destinations:
         key = f"destinations.{dest.name}"
+        if dest.name == "pipeline":
+            err(f"{key}: the name 'pipeline' is the node's own dead-letter folder (<spool>/dead-letter/pipeline); "
+                "choose another name")
         if dest.name in names:
             err(f"{key}: defined twice; give each destination its own name")
         names.add(dest.name)

@@ -40,7 +40,15 @@ from pydicom.filereader import read_file_meta_info
 from filmgate import metrics
 from filmgate.config import DicomDestinationConfig, FolderDestinationConfig, TLSConfig
 from filmgate.record import LAYOUT_FIELDS
-from filmgate.spool import Spool, distinct_component, place, place_new, safe_component, write_durably
+from filmgate.spool import (
+    PIPELINE_DEAD_LETTER,
+    Spool,
+    distinct_component,
+    place,
+    place_new,
+    safe_component,
+    write_durably,
+)
 
 log = logging.getLogger("filmgate.destinations")
 # Warning statuses of a Storage SCP still mean the instance is stored (PS3.4 B.2.3).
@@ -472,6 +480,9 @@ def resend(cfg: Any, paths: list[Path], *, to: str | None = None) -> dict[str, i
                 except (OSError, ValueError, KeyError, TypeError):
                     raise ValueError(f"{f}: no readable note ({f.with_suffix('.json').name}) naming its "
                                      "destination; say which with --to") from None  # fmt: skip
+            if name == PIPELINE_DEAD_LETTER:
+                plan.append((f, name))  # one the pipeline gave up on: it goes back to incoming/, judged again
+                continue
             if name not in dicom:
                 raise ValueError(f"{f}: destination {name!r} is not a DICOM destination of this configuration "
                                  f"({', '.join(sorted(dicom)) or 'none'})")  # fmt: skip
@@ -479,12 +490,14 @@ def resend(cfg: Any, paths: list[Path], *, to: str | None = None) -> dict[str, i
     spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync, worker="resend")
     done: dict[str, int] = {}
     for f, name in plan:
-        outbox = spool.outbox(name)
-        target = outbox / f.name
-        place(f, target, fsync=spool.fsync)
-        with contextlib.suppress(FileNotFoundError):
-            (outbox / (f.stem + ".retry.json")).unlink()
-        f.unlink()
+        if name == PIPELINE_DEAD_LETTER:
+            spool.requeue(f)
+        else:
+            outbox = spool.outbox(name)
+            place(f, outbox / f.name, fsync=spool.fsync)
+            with contextlib.suppress(FileNotFoundError):
+                (outbox / (f.stem + ".retry.json")).unlink()
+            f.unlink()
         with contextlib.suppress(FileNotFoundError):
             f.with_suffix(".json").unlink()
         done[name] = done.get(name, 0) + 1

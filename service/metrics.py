@@ -49,6 +49,11 @@ DECODE_RESTARTS = Counter(
     "Decode child processes killed and started again (cause: crash, timeout); each cost one film",
     ["cause"],
 )
+STAGE_RESTARTS = Counter(
+    "filmgate_stage_restarts",
+    "Pipeline stage threads the watchdog started again (cause: died, stalled with work waiting)",
+    ["stage", "cause"],
+)
 MODEL_INFO = Gauge("filmgate_model_info", "Loaded detectors (value 1)", ["model", "version", "provider"])
 STUDIES = Counter(
     "filmgate_studies", "Study summaries made (usable: at least one film of the study accepted)", ["outcome"]

@@ -16,7 +16,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,9 @@ from filmgate.destinations import Delivery, Destination
 from filmgate.followup import Aftercare
 from filmgate.judge import Examined, Judge, Judgement
 from filmgate.policy import known_reasons
-from filmgate.record import Arrival, InstanceRecord
+from filmgate.record import Arrival, InstanceRecord, iso
 from filmgate.records import Recorder
-from filmgate.spool import SUFFIX, Spool
+from filmgate.spool import PIPELINE_DEAD_LETTER, SUFFIX, Spool
 
 log = logging.getLogger("filmgate.pipeline")
 _STOP = object()
@@ -46,10 +47,35 @@ class Item:
     calling_ae: str = "unknown"  # the metric-safe label of the sender (``unknown`` when nobody said)
     examined: Examined | None = None
     judgement: Judgement | None = None
+    attempt: int = 1  # how many times this instance has been taken up (this time included)
 
     @property
     def received(self) -> float:
         return self.arrival.received_at
+
+
+@dataclass
+class _Stage:
+    """One stage thread under the watchdog: what it holds and since when, so that a stalled or dead stage is seen."""
+
+    name: str
+    loop: Callable[[_Stage], None]
+    thread: threading.Thread | None = None
+    held: list[Item] = field(default_factory=list)
+    since: float = 0.0
+    abandoned: bool = False  # replaced by the watchdog: pass nothing on, end at the next chance
+    finished: bool = False  # ended by its stop marker
+
+    @property
+    def kind(self) -> str:
+        return self.name.split("-")[0]
+
+    def take(self, items: list[Item]) -> None:
+        self.since = time.monotonic()
+        self.held = items
+
+    def drop(self) -> None:
+        self.held = []
 
 
 class Pipeline:
@@ -72,9 +98,12 @@ class Pipeline:
         self._deliver_q: queue.Queue = queue.Queue(maxsize=w.queue_size)
         self._claiming = threading.Event()
         self._abort = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._stages: dict[str, _Stage] = {}
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self._stops = 0  # stop markers the inference stage has seen (kept here: a restarted stage continues it)
         self.models = judge.detectors.describe()
 
     # ------------------------------------------------------------------------------------------ life cycle
@@ -82,32 +111,73 @@ class Pipeline:
     def start(self) -> None:
         self._claiming.set()
         w = self.cfg.workers
-        self._spawn("claimer", self._claim_loop)
+        self._spawn(_Stage("claimer", self._claim_loop))
         for i in range(w.decode_threads):
-            self._spawn(f"decode-{i}", self._decode_loop)
-        self._spawn("inference", self._infer_loop)
+            self._spawn(_Stage(f"decode-{i}", self._decode_loop))
+        self._spawn(_Stage("inference", self._infer_loop))
         for i in range(w.deliver_threads):
-            self._spawn(f"deliver-{i}", self._deliver_loop)
+            self._spawn(_Stage(f"deliver-{i}", self._deliver_loop))
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._watchdog.start()
 
-    def _spawn(self, name: str, target: Any) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
+    def _spawn(self, stage: _Stage) -> None:
+        stage.thread = threading.Thread(target=self._run_stage, args=(stage,), name=stage.name, daemon=True)
+        self._stages[stage.name] = stage
+        stage.thread.start()
+
+    @staticmethod
+    def _run_stage(stage: _Stage) -> None:
+        try:
+            stage.loop(stage)
+            stage.finished = True
+        except BaseException:  # a bug (or a native panic) escaped the loop: the watchdog starts the stage again
+            log.exception("pipeline stage %s died", stage.name)
+
+    def _watch(self) -> None:
+        """Start again a stage thread that died, or that holds work for longer than ``workers.stall_timeout``: its
+        films go back to the spool (their attempt count bounds how often), the fresh thread takes the queue on."""
+        stall = self.cfg.workers.stall_timeout
+        while not self._stopping.wait(min(2.0, stall / 4)):
+            for stage in list(self._stages.values()):
+                if stage.finished or stage.abandoned or self._stopping.is_set():
+                    continue
+                assert stage.thread is not None
+                if stage.thread.is_alive():
+                    if not stage.held or time.monotonic() - stage.since <= stall:
+                        continue
+                    cause = "stalled"
+                else:
+                    cause = "died"
+                self._replace(stage, cause)
+
+    def _replace(self, stage: _Stage, cause: str) -> None:
+        held, stage.held = stage.held, []
+        stage.abandoned = True
+        metrics.STAGE_RESTARTS.labels(stage=stage.kind, cause=cause).inc()
+        log.error("pipeline stage %s %s%s; starting it again", stage.name,
+                  "died" if cause == "died" else f"made no progress for {self.cfg.workers.stall_timeout:g} s",
+                  f" holding {len(held)} instance(s), handed back to the spool" if held else "")  # fmt: skip
+        for item in held:
+            self.spool.release(item.path)
+            self._done()
+        self._spawn(_Stage(stage.name, stage.loop))
 
     def stop(self, timeout: float) -> bool:
         """Stop claiming, finish what is in flight within ``timeout``, hand the rest back. True when drained."""
         self._claiming.clear()
+        self._stopping.set()
         self.spool.arrived.set()
         deadline = time.monotonic() + timeout
-        claimer = self._threads[0] if self._threads else None
-        if claimer:
-            claimer.join(max(0.0, deadline - time.monotonic()))
+        claimer = self._stages.get("claimer")
+        if claimer is not None and claimer.thread is not None:
+            claimer.thread.join(max(0.0, deadline - time.monotonic()))
         # Stop markers flow behind the work: every stage finishes its queue, then passes the marker on.
         for _ in range(self.cfg.workers.decode_threads):
             self._put(self._decode_q, _STOP, deadline)
-        for t in self._threads[1:]:
+        threads = [st.thread for st in self._stages.values() if st.thread is not None]
+        for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        drained = not any(t.is_alive() for t in self._threads)
+        drained = not any(t.is_alive() for t in threads)
         if not drained:
             self._abort.set()
             log.warning("drain timeout: handing unfinished instances back to the spool")
@@ -128,9 +198,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ stages
 
-    def _claim_loop(self) -> None:
+    def _claim_loop(self, stage: _Stage) -> None:
         poll = self.cfg.workers.poll_interval
-        while self._claiming.is_set():
+        while self._claiming.is_set() and not stage.abandoned:
             self.spool.arrived.clear()
             took = False
             try:
@@ -154,7 +224,7 @@ class Pipeline:
                     self._busy += 1
                 arrival = self.spool.arrival(claimed)  # read once: the item carries it from here
                 sender = metrics.ae_label(arrival.calling_ae) if arrival.calling_ae else "unknown"
-                item = Item(path=claimed, arrival=arrival, calling_ae=sender)
+                item = Item(path=claimed, arrival=arrival, calling_ae=sender, attempt=self.spool.count_attempt(claimed))
                 while True:
                     try:
                         self._decode_q.put(item, timeout=0.2)
@@ -177,23 +247,39 @@ class Pipeline:
         with self._busy_lock:
             self._busy -= 1
 
-    def _decode_loop(self) -> None:
-        while True:
-            item = self._decode_q.get()
+    def _decode_loop(self, stage: _Stage) -> None:
+        while not stage.abandoned:
+            try:
+                item = self._decode_q.get(timeout=1.0)
+            except queue.Empty:
+                continue
             if item is _STOP:
                 self._infer_q.put(_STOP)
                 return
             if self._abort.is_set():
                 continue
+            stage.take([item])
             try:
                 self._decode(item)
-            except Exception as exc:  # never lose an instance to a bug: quarantine it as undecodable
+            except BaseException as exc:  # never lose an instance to a bug or a panic: quarantine it as undecodable
                 log.exception("unexpected error while decoding")
-                item.examined = Judge.failed(f"internal error: {exc}")
+                item.examined = Judge.failed(f"internal error while decoding: {type(exc).__name__}: {exc}")
+            if stage.abandoned:
+                return  # the watchdog handed this instance back to the spool already
+            stage.drop()
             self._infer_q.put(item)
 
     def _decode(self, item: Item) -> None:
-        """Decode stage: the judge examines the spooled file (never raises for a bad film)."""
+        """Decode stage: the judge examines the spooled file (never raises for a bad film). An instance taken up more
+        than ``workers.max_attempts`` times is not examined again: whatever stopped it before (a worker that died on
+        it, a stall) would again; it is concluded undecodable with a note."""
+        max_attempts = self.cfg.workers.max_attempts
+        if item.attempt > max_attempts:
+            item.examined = Judge.failed(
+                f"taken up {item.attempt - 1} times without being finished (a worker died or stalled on it, or no "
+                f"destination took it; workers.max_attempts is {max_attempts}); not examined again"
+            )
+            return
         ex = self.judge.examine(item.path, suffix=SUFFIX)
         if item.calling_ae == "unknown" and ex.source_ae:  # a file the listener did not name (dropped in by hand)
             item.calling_ae = metrics.ae_label(ex.source_ae)
@@ -201,15 +287,18 @@ class Pipeline:
         ts_label = (UID(ex.transfer_syntax).name or ex.transfer_syntax) if ex.transfer_syntax else "unknown"
         metrics.DECODE_SECONDS.labels(transfer_syntax=ts_label).observe(ex.timings.get("decode", 0.0))
 
-    def _infer_loop(self) -> None:
+    def _infer_loop(self, stage: _Stage) -> None:
         w = self.cfg.workers
-        stops = 0
-        while stops < w.decode_threads:
-            first = self._infer_q.get()
+        while self._stops < w.decode_threads and not stage.abandoned:
+            try:
+                first = self._infer_q.get(timeout=1.0)
+            except queue.Empty:
+                continue
             if first is _STOP:
-                stops += 1
+                self._stops += 1
                 continue
             batch = [first]
+            stage.take(batch)
             deadline = time.monotonic() + w.batch_wait_ms / 1000.0
             while len(batch) < w.max_batch:
                 try:
@@ -217,14 +306,27 @@ class Pipeline:
                 except queue.Empty:
                     break
                 if nxt is _STOP:
-                    stops += 1
-                    if stops >= w.decode_threads:
+                    self._stops += 1
+                    if self._stops >= w.decode_threads:
                         break
                     continue
                 batch.append(nxt)
-            self._infer(batch)
+            try:
+                self._infer(batch)
+            except BaseException as exc:  # conclude() contains detector failures; this is a bug or a native panic
+                log.exception("unexpected error while concluding a batch")
+                for it in batch:
+                    if it.examined is not None:
+                        it.examined.inputs = None
+                        it.examined.detector_error = f"internal error while concluding: {type(exc).__name__}: {exc}"
+                self._infer(batch)  # no inputs left: only the policy runs, every film gets detector-error
+            if stage.abandoned:
+                return
+            stage.drop()
             for item in batch:
                 self._deliver_q.put(item)
+        if stage.abandoned:
+            return
         for _ in range(w.deliver_threads):
             self._deliver_q.put(_STOP)
 
@@ -237,17 +339,27 @@ class Pipeline:
             it.judgement = judgement
             it.examined = None
 
-    def _deliver_loop(self) -> None:
-        while True:
-            item = self._deliver_q.get()
+    def _deliver_loop(self, stage: _Stage) -> None:
+        while not stage.abandoned:
+            try:
+                item = self._deliver_q.get(timeout=1.0)
+            except queue.Empty:
+                continue
             if item is _STOP:
                 return
             if self._abort.is_set():
                 continue
+            stage.take([item])
             try:
                 self._deliver(item)
-            finally:
-                self._done()
+            except BaseException as exc:  # a bug or a panic: the instance is still in the spool; try it later
+                log.exception("unexpected error while delivering")
+                if not stage.abandoned:
+                    self._retry_or_give_up(item, f"internal error while delivering: {type(exc).__name__}: {exc}")
+            if stage.abandoned:
+                return
+            stage.drop()
+            self._done()
             self._update_depth()
 
     def _deliver(self, item: Item) -> None:
@@ -282,9 +394,7 @@ class Pipeline:
                 for name in self.cfg.routes.accept:
                     self.destinations[name].deliver(Delivery(path=corrected.path, fields=d_fields, record=d_record))
         except Exception as exc:
-            log.error("delivery of an instance to %s failed (%s); it will be retried", route, exc)
-            time.sleep(min(self.cfg.workers.retry_delay, 1.0))
-            self._retry_later(item.path)
+            self._retry_or_give_up(item, f"delivery to {', '.join(route)} failed: {type(exc).__name__}: {exc}")
             return
         if self.aftercare is not None:
             try:
@@ -334,7 +444,25 @@ class Pipeline:
             timings=j.timings,
         )
 
-    def _retry_later(self, path: Path) -> None:
-        timer = threading.Timer(self.cfg.workers.retry_delay, self.spool.release, args=(path,))
+    def _retry_or_give_up(self, item: Item, error: str) -> None:
+        """A delivery failed: hand the instance back to the spool after its back-off (``workers.retry_delay``,
+        doubling, at most ``retry_delay_max``), or, after ``workers.max_attempts``, move it to the pipeline's
+        dead-letter folder with a note (never retried forever, never dropped)."""
+        w = self.cfg.workers
+        if item.attempt >= w.max_attempts:
+            note = {"destination": PIPELINE_DEAD_LETTER, "error": error, "attempts": item.attempt,
+                    "at": iso(time.time()), "received_at": iso(item.received)}  # fmt: skip
+            try:
+                self.spool.dead_letter_instance(item.path, note)
+            except OSError as exc:  # not even that: keep it in the spool, try again later
+                log.error("cannot move an undeliverable instance to the dead-letter folder (%s)", exc)
+            else:
+                metrics.DEAD_LETTERS.labels(destination=PIPELINE_DEAD_LETTER).inc()
+                log.error("gave up on an instance after %d attempts (%s); moved to %s", item.attempt, error,
+                          self.spool.dead_letter(PIPELINE_DEAD_LETTER))  # fmt: skip
+                return
+        delay = min(w.retry_delay * 2 ** max(0, item.attempt - 1), w.retry_delay_max)
+        log.error("%s; attempt %d of %d, trying again in %.0f s", error, item.attempt, w.max_attempts, delay)
+        timer = threading.Timer(delay, self.spool.release, args=(item.path,))
         timer.daemon = True
         timer.start()

@@ -35,6 +35,8 @@ from filmgate.record import Arrival
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
 SUFFIX = ".dcm"
 RECORD_SUFFIX = ".json"  # the arrival record beside an instance in incoming/
+ATTEMPTS_SUFFIX = ".attempts"  # how many times the instance was claimed, beside it in incoming/
+PIPELINE_DEAD_LETTER = "pipeline"  # dead-letter/<this>: instances the pipeline itself could not deliver
 
 
 def safe_component(value: object, default: str = "unknown") -> str:
@@ -238,10 +240,11 @@ class Spool:
             fsync_dir(self.incoming)
         # Records whose instance is gone: the run died between finishing an instance and removing its record, or
         # between writing a record and its instance (that C-STORE was never acknowledged).
-        for record in self.incoming.glob(f"*{RECORD_SUFFIX}"):
-            if not (self.incoming / (record.name[: -len(RECORD_SUFFIX)] + SUFFIX)).exists():
-                with contextlib.suppress(OSError):
-                    record.unlink()
+        for suffix in (RECORD_SUFFIX, ATTEMPTS_SUFFIX):
+            for record in self.incoming.glob(f"*{suffix}"):
+                if not (self.incoming / (record.name[: -len(suffix)] + SUFFIX)).exists():
+                    with contextlib.suppress(OSError):
+                        record.unlink()
         return n
 
     def sweep_tmp(self, older_than: float) -> int:
@@ -288,8 +291,55 @@ class Spool:
         """The instance was delivered everywhere it had to go: it and its arrival record leave the spool."""
         with contextlib.suppress(FileNotFoundError):
             claimed.unlink()
+        for extra in (self.record_path(claimed), self._attempts_path(claimed)):
+            with contextlib.suppress(FileNotFoundError):
+                extra.unlink()
+
+    def _attempts_path(self, instance: Path) -> Path:
+        return self.incoming / (instance.name[: -len(SUFFIX)] + ATTEMPTS_SUFFIX)
+
+    def count_attempt(self, claimed: Path) -> int:
+        """Count one more take-up of a claimed instance and return the count (1 the first time). Kept beside the
+        instance, so a worker that dies on a film (and the restarts that follow) cannot take it up without end. Not
+        fsynced: it must survive the process, not the power."""
+        path = self._attempts_path(claimed)
+        try:
+            n = int(path.read_text() or 0) + 1
+        except (OSError, ValueError):
+            n = 1
+        with contextlib.suppress(OSError):
+            write_durably(path, str(n).encode(), fsync=False, tmp_dir=self.tmp)
+        return n
+
+    def dead_letter_instance(self, claimed: Path, note: dict[str, object]) -> Path:
+        """Move an instance the pipeline gave up on (and its arrival record) to ``dead-letter/pipeline/`` with a JSON
+        note; ``filmgate resend`` puts it back into incoming/."""
+        import json
+
+        folder = self.dead_letter(PIPELINE_DEAD_LETTER)
+        target = folder / claimed.name
+        write_durably(target.with_suffix(RECORD_SUFFIX), (json.dumps(note) + "\n").encode(), fsync=self.fsync)
+        os.replace(claimed, target)
+        with contextlib.suppress(OSError):
+            os.replace(self.record_path(claimed), folder / (claimed.name[: -len(SUFFIX)] + ".arrival.json"))
         with contextlib.suppress(FileNotFoundError):
-            self.record_path(claimed).unlink()
+            self._attempts_path(claimed).unlink()
+        if self.fsync:
+            fsync_dir(folder)
+        return target
+
+    def requeue(self, dead: Path) -> Path:
+        """Put an instance from ``dead-letter/pipeline/`` (and its arrival record) back into incoming/, to be judged
+        again with a fresh attempt count."""
+        path = self.incoming / dead.name
+        arrival = dead.with_name(dead.name[: -len(SUFFIX)] + ".arrival.json")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(arrival, self.record_path(path))
+        os.replace(dead, path)
+        if self.fsync:
+            fsync_dir(self.incoming)
+        self.arrived.set()
+        return path
 
     def depth(self) -> dict[str, int]:
         return {

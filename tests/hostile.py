@@ -51,6 +51,13 @@ def save(ds: Dataset, path: Path) -> Path:
     return path
 
 
+def pydicom_uid(path: Path) -> str:
+    """The SOP Instance UID in a file's meta (readable however broken its dataset is)."""
+    from pydicom.filereader import read_file_meta_info
+
+    return str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
+
+
 def rle_film(seed: int = 0) -> Dataset:
     ds = small_dataset(seed=seed)
     ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
