@@ -56,7 +56,7 @@ class _Collect:
         self.limit, self.sample = limit, sample
         self.ranges = ranges  # detector -> (low, high) of its histogram
         self.hist: dict[str, list[int]] = {name: [0] * BINS for name in ranges}
-        self.sheets: dict[str, list[tuple[float, int, str, str, str | None]]] = {}  # min-heaps of the most confident
+        self.sheets: dict[str, list[tuple[float, int, str, str, str | None, str]]] = {}  # min-heaps: most confident
         self.flagged: dict[str, int] = {}
         self.accepted: list[tuple[int, str, str, str | None]] = []  # max-heap by -crc: a stable pseudo-random sample
         self.errors: list[tuple[str, str]] = []
@@ -87,7 +87,7 @@ class _Collect:
             self.flagged[reason] = self.flagged.get(reason, 0) + 1
             conf = row["_confidence"].get(reason, 0.0)
             heap = self.sheets.setdefault(reason, [])
-            item = (conf, -self.n, key, path, href)  # ties: earlier films first
+            item = (conf, -self.n, key, path, href, row["reasons"])  # ties: earlier films first
             if len(heap) < self.limit:
                 heapq.heappush(heap, item)
             elif item > heap[0]:
@@ -165,9 +165,11 @@ def write_report(store: Store, fingerprint: str, detectors: Sequence[dict[str, A
     body.append('<h2>Scores</h2><div class="hists">')
     body.extend(_histogram(name, counts, *ranges[name], thresholds.get(name)) for name, counts in col.hist.items())
     body.append("</div>")
-    nav = " · ".join(f'<a href="#reason-{_esc(r)}">{_esc(r)} ({col.flagged[r]})</a>' for r in col.sheets)
+    order = sorted(col.sheets, key=lambda r: -col.flagged[r])  # as the counts table: most films first
+    nav = " · ".join(f'<a href="#reason-{_esc(r)}">{_esc(r)} ({col.flagged[r]})</a>' for r in order)
     body.append(f"<h2>Flagged films</h2><p>{nav or 'none'}</p>")
-    for reason, heap in col.sheets.items():
+    for reason in order:
+        heap = col.sheets[reason]
         det = reason_detector.get(reason)
         ranked = sorted(heap, reverse=True)
         shown = len(ranked)
@@ -176,8 +178,11 @@ def write_report(store: Store, fingerprint: str, detectors: Sequence[dict[str, A
         body.append(f'<h3 id="reason-{_esc(reason)}">{_esc(reason)}: {col.flagged[reason]} films, {order}'
                     + (f"; the {more} least confident are in results.csv" if more > 0 else "") + "</h3>")
         figs = []
-        for conf, _, key, path, abspath in ranked:
+        for conf, _, key, path, abspath, reasons in ranked:
             caption = f"{det} {conf:.3f}" if det else reason
+            others = [r for r in reasons.split(";") if r and r != reason]
+            if others:
+                caption += f" (also {', '.join(others)})"
             figs.append(_figure(store, out, key, path, abspath, caption))
         body.append(f'<div class="sheet" data-reason="{_esc(reason)}">{"".join(figs)}</div>')
     body.append(f"<h2>A sample of accepted films ({len(col.accepted)} of {dec.get('accept', 0)})</h2>")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -116,7 +117,7 @@ def test_report_contact_sheets_hold_the_flagged_films(film_tree, swept):
         figures = page.sheets[reason]
         assert [f["key"] for f in figures if f["key"] in flagged] == [f["key"] for f in figures]
         assert {f["key"] for f in figures} == flagged, reason
-        scores = [float(f["caption"].rsplit(" ", 1)[1]) for f in figures if f["caption"].split()[-1][0].isdigit()]
+        scores = [float(m.group(1)) for f in figures if (m := re.search(r" (\d+\.\d+)", f["caption"]))]
         assert scores == sorted(scores, reverse=True), f"{reason}: not most confident first"
         for f in figures:
             assert (swept["out"] / f["href"]).resolve() == (film_tree["root"] / f["key"]).resolve()
