@@ -385,12 +385,32 @@ class DecisionIndex:
     def spool_names(self, where: str = "", args: Sequence[Any] = ()) -> list[str]:
         return [r["spool_name"] for r in self._read(f"SELECT spool_name FROM instances {where}", args)]
 
-    def studies(self, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """Study summaries (written by :meth:`record_study`), most recently updated first."""
-        rows = self._read("SELECT * FROM studies ORDER BY updated_at DESC LIMIT ? OFFSET ?",
-                          (max(1, min(limit, 1000)), max(0, offset)))  # fmt: skip
-        return [{"study_instance_uid": r["study_instance_uid"], "summary": json.loads(r["summary"]),
-                 "updated_at": _iso(r["updated_at"])} for r in rows]  # fmt: skip
+    def studies(self, limit: int = 100, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """Studies, most recently received first: instances per outcome, quarantine reasons, awaiting review, the
+        first and last arrival, and the study summary when one was recorded (:meth:`record_study`)."""
+        total = int(self._read("SELECT COUNT(DISTINCT study_instance_uid) AS n FROM instances"
+                               " WHERE study_instance_uid != ''")[0]["n"])  # fmt: skip
+        rows = self._read(
+            "SELECT i.study_instance_uid AS uid, COUNT(*) AS n, SUM(i.outcome = 'accept') AS accepted,"
+            " SUM(i.outcome = 'quarantine') AS quarantined, SUM(i.review_state = 'pending') AS pending,"
+            " MIN(i.received_at) AS first, MAX(i.received_at) AS last, s.summary AS summary"
+            " FROM instances i LEFT JOIN studies s ON s.study_instance_uid = i.study_instance_uid"
+            " WHERE i.study_instance_uid != '' GROUP BY i.study_instance_uid ORDER BY last DESC LIMIT ? OFFSET ?",
+            (max(1, min(limit, 1000)), max(0, offset)),
+        )
+        out = []
+        for r in rows:
+            reasons = self._read(
+                "SELECT j.value AS reason, COUNT(*) AS n FROM instances, json_each(instances.reasons) j"
+                " WHERE study_instance_uid = ? GROUP BY j.value ORDER BY n DESC", (r["uid"],),
+            )  # fmt: skip
+            out.append({
+                "study_instance_uid": r["uid"], "instances": r["n"], "accepted": r["accepted"] or 0,
+                "quarantined": r["quarantined"] or 0, "pending": r["pending"] or 0,
+                "reasons": {x["reason"]: x["n"] for x in reasons}, "first_received_at": _iso(r["first"]),
+                "last_received_at": _iso(r["last"]), "summary": json.loads(r["summary"]) if r["summary"] else None,
+            })  # fmt: skip
+        return out, total
 
     def senders(self) -> list[str]:
         return [r["calling_ae"] for r in self._read("SELECT DISTINCT calling_ae FROM instances ORDER BY 1")]

@@ -121,8 +121,10 @@ class Recorder:
                 "kept_path": str(kept) if kept else "",
                 "error": getattr(judgement, "error", None) or "",
             }
-            thumb = self._guard("a thumbnail", thumbnail_png, getattr(judgement, "pixels", None),
-                                self.cfg.review.thumbnail_size)  # fmt: skip
+            thumb = None
+            if self.cfg.review.enabled:  # the console shows them; otherwise made from the kept bytes when needed
+                thumb = self._guard("a thumbnail", thumbnail_png, getattr(judgement, "pixels", None),
+                                    self.cfg.review.thumbnail_size)  # fmt: skip
             self._guard("a decision", self.index.record_instance, path.name, full, received_at=received,
                         thumbnail=thumb)  # fmt: skip
         if self.audit:

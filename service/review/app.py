@@ -113,11 +113,11 @@ class ReviewApp:
                 if bad is not None:
                     return bad
             return self._api(req, who)
-        if path == "/" and method in ("GET", "HEAD"):
+        if path in ("/", "/studies") and method in ("GET", "HEAD"):
             who = self._principal(req, page=True)
             if not isinstance(who, Principal):
                 return who
-            return self._grid(req, who)
+            return self._grid(req, who) if path == "/" else self._studies(req, who)
         return Response(404, b"not found\n")
 
     # ------------------------------------------------------------------------------------------ authentication
@@ -221,7 +221,8 @@ class ReviewApp:
         q = _query(req.query, default_limit=48)
         items, total = self.index.query(q)
         filters = {k: req.query.get(k, "") for k in ("outcome", "reason", "calling_ae", "since", "until",
-                                                    "review_state", "detector", "min_score", "limit")}  # fmt: skip
+                                                    "review_state", "detector", "min_score", "limit",
+                                                    "study_instance_uid")}  # fmt: skip
 
         def page_link(offset: int) -> str:
             return "/?" + urlencode({**{k: v for k, v in filters.items() if v}, "offset": max(0, offset)})
@@ -233,6 +234,20 @@ class ReviewApp:
             prev_link=page_link(q.offset - q.limit) if q.offset > 0 else "",
             next_link=page_link(q.offset + q.limit) if q.offset + q.limit < total else "",
             shadow=self.cfg.policy.mode == "shadow", show_patient=self.cfg.review.show_patient,
+        )  # fmt: skip
+        return Response(200, html.encode(), "text/html; charset=utf-8")
+
+    def _studies(self, req: Request, who: Principal) -> Response:
+        q = _query(req.query, default_limit=50)
+        items, total = self.index.studies(q.limit, q.offset)
+
+        def page_link(offset: int) -> str:
+            return "/studies?" + urlencode({"limit": q.limit, "offset": max(0, offset)})
+
+        html = self.templates.get_template("studies.html").render(
+            user=who.user, role=who.role, csrf=who.session.csrf if who.session else "", items=items, total=total,
+            offset=q.offset, limit=q.limit, prev_link=page_link(q.offset - q.limit) if q.offset > 0 else "",
+            next_link=page_link(q.offset + q.limit) if q.offset + q.limit < total else "",
         )  # fmt: skip
         return Response(200, html.encode(), "text/html; charset=utf-8")
 
@@ -250,7 +265,9 @@ class ReviewApp:
         if path == "/api/me" and method in ("GET", "HEAD"):
             return _json(200, {"user": who.user, "role": who.role, "detectors": self.detector_labels})
         if path == "/api/studies" and method in ("GET", "HEAD"):
-            return _json(200, {"items": self.index.studies(limit=int(req.query.get("limit") or 100))})
+            q = _query(req.query, default_limit=50)
+            items, total = self.index.studies(q.limit, q.offset)
+            return _json(200, {"items": items, "total": total, "limit": q.limit, "offset": q.offset})
         m = _ID_ROUTE.match(path)
         if m is None:
             return _json(404, {"error": "no such API route; see docs/ARCHITECTURE.md"})

@@ -98,7 +98,8 @@
       (d.reasons.length ? ": " + d.reasons.join(", ") : "") + " \u2014 review: " + d.review_state + (d.reviewed_by ? " by " + d.reviewed_by : "");
     detailBody.appendChild(h);
     section("Detectors", table(["detector", "score", "threshold", "class", "flagged", "version"],
-      (d.findings || []).map(f => [f.detector, f.score, f.threshold, f.predicted || "", f.flagged ? "yes" : "", f.version])));
+      (d.findings || []).map(f => [f.detector, f.score, f.threshold == null ? "" : Number(f.threshold.toPrecision(4)), f.predicted || "",
+        f.flagged ? "yes" : "", f.version])));
     const facts = [["SOP Instance UID", d.sop_instance_uid], ["Study Instance UID", d.study_instance_uid],
       ["Sender", d.calling_ae + (d.peer_address ? " @ " + d.peer_address : "")], ["Received", d.received_at], ["Decided", d.decided_at]];
     Object.entries(d.header || {}).forEach(([k, v]) => facts.push([k, v]));
@@ -108,8 +109,10 @@
     section("Facts", table(["", ""], facts));
     section("Deliveries", table(["destination", "state", "at", "error"], (d.deliveries || []).map(x => [x.destination, x.state, x.at, x.error])));
     const form = document.createElement("div");
+    // digits relabel the detector behind the film's first reason (else the first that flagged it)
+    const first = (d.findings || []).find(f => d.reasons.length && f.reason === d.reasons[0]);
     const flagged = (d.findings || []).filter(f => f.flagged).map(f => f.detector);
-    activeDetector = flagged[0] || Object.keys(detectors)[0] || null;
+    activeDetector = (first && first.detector) || flagged[0] || Object.keys(detectors)[0] || null;
     Object.entries(detectors).forEach(([det, labels]) => {
       const label = document.createElement("label");
       label.textContent = det + " ";
@@ -127,7 +130,11 @@
     save.addEventListener("click", () => saveLabels());
     form.appendChild(save);
     section("True class (relabel" + (activeDetector ? "; digits set " + activeDetector : "") + ")", form);
-    if (!dialog.open) dialog.showModal();
+    const keep = activeDetector;
+    if (!dialog.open) dialog.showModal();  // focuses the first control, which would make its detector active
+    activeDetector = keep;
+    const sel = detailBody.querySelector('select[data-detector="' + keep + '"]');
+    if (sel) sel.focus();
   }
   async function saveLabels(only) {
     if (role !== "reviewer") { say("Only reviewers can relabel."); return; }
