@@ -13,6 +13,7 @@ A-ASSOCIATE-RJ (calling AE title not recognised) and a log line saying why.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -126,6 +127,103 @@ def _receive_into(folder: Path) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(folder))  # type: ignore
     AssociationSocket.recv = _recv_whole  # type: ignore[method-assign]
+    _event_driven_reactors()
+
+
+# The longest a reactor waits for nothing in particular (its timers, a kill flag, a release it is not woken for).
+REACTOR_IDLE_CAP = 0.02
+_ASSOC_REACTOR_SLEEP = 0.001  # the literal in pynetdicom 3.0's Association._run_reactor
+
+
+def _event_driven_reactors() -> None:
+    """Make pynetdicom's two reactor threads per association wait for events instead of polling.
+
+    pynetdicom 3.0 polls: the DUL thread sleeps ``_run_loop_delay`` (0.1 ms here, see :meth:`Listener._on_open`)
+    and the Association thread 1 ms whenever nothing happened, so every open association costs 13 % of a core
+    while it waits for data (bench: an idle association, listener CPU 0.132 s per s), and 4 parallel senders half a
+    core (pynetdicom#917). Here the DUL thread waits in ``select`` on its socket and on a wake-up socket that
+    ``send_pdu`` and ``kill_dul`` write to; the Association thread waits on its DIMSE message queue's condition.
+    Both still wake at least every :data:`REACTOR_IDLE_CAP` for their timers and flags. Incoming data, an outgoing
+    primitive and a complete message wake them at once, so latency falls too. Idle association: 0.016 s per s.
+    """
+    import select
+    import types
+    import weakref
+
+    import pynetdicom
+    import pynetdicom.association as association
+    import pynetdicom.dul as dul
+
+    if getattr(dul.DULServiceProvider, "_filmgate_event_driven", False):
+        return
+    if not pynetdicom.__version__.startswith("3.0."):
+        log.warning("pynetdicom %s: reactors left polling (patched for 3.0.x only)", pynetdicom.__version__)
+        return
+    wakes: weakref.WeakKeyDictionary[Any, tuple[socket.socket, socket.socket]] = weakref.WeakKeyDictionary()
+    wakes_lock = threading.Lock()
+
+    def wake_pair(provider: Any) -> tuple[socket.socket, socket.socket]:
+        with wakes_lock:
+            pair = wakes.get(provider)
+            if pair is None:
+                pair = socket.socketpair()
+                for s in pair:
+                    s.setblocking(False)
+                    weakref.finalize(provider, s.close)
+                wakes[provider] = pair
+            return pair
+
+    def wake(provider: Any) -> None:
+        with contextlib.suppress(OSError):  # the pair is full (already woken) or closed (the association is gone)
+            wake_pair(provider)[1].send(b"\0")
+
+    send_pdu, kill_dul = dul.DULServiceProvider.send_pdu, dul.DULServiceProvider.kill_dul
+
+    def send_pdu_and_wake(self: Any, primitive: Any) -> None:
+        send_pdu(self, primitive)
+        wake(self)
+
+    def kill_dul_and_wake(self: Any) -> None:
+        kill_dul(self)
+        wake(self)
+
+    def dul_sleep(delay: float) -> None:
+        provider = threading.current_thread()
+        sock = getattr(getattr(provider, "socket", None), "socket", None)
+        if not isinstance(provider, dul.DULServiceProvider) or sock is None:
+            time.sleep(delay)  # stop_dul's wait in another thread, or no socket yet
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes already buffered: select would not see them
+        woken = wake_pair(provider)[0]
+        try:
+            ready, _, _ = select.select([sock, woken], [], [], REACTOR_IDLE_CAP)
+        except (OSError, ValueError):  # the socket was closed under us: the reactor finds out itself
+            return
+        if woken in ready:
+            with contextlib.suppress(OSError):
+                while woken.recv(4096):
+                    pass
+
+    def association_sleep(delay: float) -> None:
+        assoc = threading.current_thread()
+        if delay != _ASSOC_REACTOR_SLEEP or not isinstance(assoc, Association) or assoc.dimse is None:
+            time.sleep(delay)
+            return
+        messages = assoc.dimse.msg_queue
+        with messages.not_empty:
+            if not messages._qsize():
+                messages.not_empty.wait(REACTOR_IDLE_CAP)
+
+    def time_with(sleep: Callable[[float], None]) -> types.SimpleNamespace:
+        names = {k: getattr(time, k) for k in dir(time) if not k.startswith("__")}
+        return types.SimpleNamespace(**{**names, "sleep": sleep})
+
+    dul.time = time_with(dul_sleep)  # type: ignore[assignment]
+    association.time = time_with(association_sleep)  # type: ignore[assignment]
+    dul.DULServiceProvider.send_pdu = send_pdu_and_wake  # type: ignore[method-assign]
+    dul.DULServiceProvider.kill_dul = kill_dul_and_wake  # type: ignore[method-assign]
+    dul.DULServiceProvider._filmgate_event_driven = True  # type: ignore[attr-defined]
 
 
 def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
