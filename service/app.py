@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from filmgate import metrics
@@ -61,10 +62,11 @@ class Node:
             for worker in self.workers:
                 worker.start()
 
-            def on_stored() -> None:  # wake the workers' claimers now rather than at their next poll
+            def ring_workers() -> None:  # wake the workers' claimers now rather than at their next poll
                 for worker in self.workers:
                     worker.ring()
 
+            on_stored: Callable[[], None] | None = ring_workers
         else:
             self._start_threads(spool)
             on_stored = None  # the pipeline shares this process's spool, whose adopt() wakes its claimer

@@ -195,8 +195,8 @@ def _turn_orientation(ds: Dataset, *, mirror: bool) -> None:
         ds.PatientOrientation = [_opposite(r), c] if mirror else [c, _opposite(r)]
     iop = list(ds.get("ImageOrientationPatient", []) or [])
     if len(iop) == 6:
-        r, c = [float(v) for v in iop[:3]], [float(v) for v in iop[3:]]
-        new = [-v for v in r] + c if mirror else c + [-v for v in r]
+        row, col = [float(v) for v in iop[:3]], [float(v) for v in iop[3:]]
+        new = [-v for v in row] + col if mirror else col + [-v for v in row]
         ds.ImageOrientationPatient = [round(v, 6) for v in new]
 
 

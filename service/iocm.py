@@ -69,7 +69,7 @@ def _evidence(ds: Dataset) -> Dataset:
     out = Dataset()
     for keyword in _KEEP:
         if keyword in ds:
-            setattr(out, keyword, ds.data_element(keyword).value)
+            setattr(out, keyword, ds[keyword].value)
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                     "ReferringPhysicianName", "StudyID", "AccessionNumber"):  # fmt: skip
         if keyword not in out:

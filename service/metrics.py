@@ -165,8 +165,8 @@ class _Merged:
                     key = (name, tuple(sorted(labels.items())))
                     totals[key] = totals.get(key, 0.0) + value
                 merged = Metric(fam.name, fam.documentation, fam.type)
-                for (name, labels), value in totals.items():
-                    merged.add_sample(name, dict(labels), value)
+                for (name, label_items), value in totals.items():
+                    merged.add_sample(name, dict(label_items), value)
                 yield merged
             else:
                 yield fam

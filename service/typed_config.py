@@ -74,11 +74,12 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(inner[0], value, key)
-    if isinstance(tp, type) and callable(getattr(tp, "from_dict", None)):
+    from_dict = getattr(tp, "from_dict", None) if isinstance(tp, type) else None
+    if callable(from_dict):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: must be a mapping, got {value!r}")
         try:
-            return tp.from_dict(value)
+            return from_dict(value)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{key}: {exc}") from exc
     if dataclasses.is_dataclass(tp):
@@ -113,7 +114,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
 
 def _each(items: list[tuple[str, Any]], tp: Any) -> dict[str, Any]:
     """``coerce`` on each (key, value), collecting every item's errors before raising them together."""
-    out, errors = {}, []
+    out: dict[str, Any] = {}
+    errors: list[str] = []
     for key, value in items:
         try:
             out[key] = coerce(tp, value, key)

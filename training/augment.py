@@ -110,8 +110,8 @@ def border(img: np.ndarray, rng: np.random.Generator, border_max: float) -> np.n
     """A frame on some sides (scanner edges, film holders)."""
     h, w = img.shape
     value = float(rng.choice([0.0, 1.0, rng.uniform(0.0, 1.0)]))
-    sides = [int(s * rng.uniform(0, border_max)) if rng.random() < 0.6 else 0 for s in (h, h, w, w)]
-    return cv2.copyMakeBorder(img, *sides, cv2.BORDER_CONSTANT, value=value)
+    top, bottom, left, right = [int(s * rng.uniform(0, border_max)) if rng.random() < 0.6 else 0 for s in (h, h, w, w)]
+    return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=value)
 
 
 def pad(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -38,6 +38,8 @@ def model_card(
     p = val["pooled"]
     aug = config.augment
     task = get_task(config.task)
+    nuisance = getattr(task, "nuisance", ())  # synthetic tasks only
+    nuisance_p = getattr(task, "nuisance_p", 0.0)
     lines = [
         f"# Model card: `{manifest.name}` {manifest.version}",
         "",
@@ -87,11 +89,11 @@ def model_card(
         f"noise (p {aug.p_noise}, sigma up to {aug.noise_max}), padding (p {aug.p_pad}).",
         *(
             [
-                f"- Nuisance faults: {task.nuisance_p:.0%} of training films of every class also get another "
-                f"detector's fault ({', '.join(fn.__name__.lstrip('_') for fn in task.nuisance)}), so that this "
+                f"- Nuisance faults: {nuisance_p:.0%} of training films of every class also get another "
+                f"detector's fault ({', '.join(fn.__name__.lstrip('_') for fn in nuisance)}), so that this "
                 "detector's answer does not depend on it.",
             ]
-            if getattr(task, "nuisance", ())
+            if nuisance
             else []
         ),
         f"- Sources balanced: a source of n films is sampled in proportion to n^{config.data.source_balance} "

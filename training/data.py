@@ -150,5 +150,7 @@ def eval_items(
             pixels = film_augment(pixels, rng, augment)
         examples: list[Example] = task.eval_examples(pixels, film)
         for ex in examples:
-            img = ex.pixels if rng is None else display_augment(np.ascontiguousarray(ex.pixels), rng, augment)
+            img = ex.pixels if rng is None or augment is None else display_augment(
+                np.ascontiguousarray(ex.pixels), rng, augment
+            )
             yield EvalItem(film, ex.variant, ex.label, preprocess(img, spec))

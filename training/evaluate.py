@@ -145,7 +145,7 @@ def check_films(config: Config, task: Task, runner: Runner, threshold: float) ->
 
 def dicom_survey(config: Config, task: Task, runner: Runner, threshold: float) -> list[dict[str, Any]]:
     """What the detector says about every real DICOM file (for the report; most are not chest films)."""
-    out = []
+    out: list[dict[str, Any]] = []
     for film in select(kind="dicom"):
         try:
             x = preprocess(decode_file(film.path).pixels, config.preprocessing)[None]

@@ -70,7 +70,7 @@ def parity(config: Config, model: Any, onnx_path: Path) -> dict[str, Any]:
     diff = float(np.abs(a - b).max())
     diff_single = float(np.abs(a[:1] - single).max())
     agree = float((a.argmax(1) == b.argmax(1)).mean()) if task.kind == "classifier" else None
-    result = {
+    result: dict[str, Any] = {
         "films": len(films),
         "inputs": int(len(x)),
         "max_abs_diff": max(diff, diff_single),

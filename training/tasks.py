@@ -22,7 +22,7 @@ import hashlib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class Task:
         if share_fn is None:
             return weights
         share = dict(share_fn())
-        names = np.array([self.labels[self.label_of(f)] for f in films], dtype=object)
+        names = np.array([self.labels[cast(int, self.label_of(f))] for f in films], dtype=np.object_)  # all labelled
         present = {n: v for n, v in share.items() if (names == n).any()}
         total = sum(present.values())
         out = np.zeros(len(films), dtype=np.float64)

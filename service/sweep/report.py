@@ -77,11 +77,11 @@ class _Collect:
                 self.errors.append((path, row["error"]))
         if row["decision"] == "accept":
             if row["_has_thumb"]:
-                item = (-zlib.crc32(key.encode()), key, path, href)
+                sample = (-zlib.crc32(key.encode()), key, path, href)
                 if len(self.accepted) < self.sample:
-                    heapq.heappush(self.accepted, item)
-                elif item > self.accepted[0]:
-                    heapq.heapreplace(self.accepted, item)
+                    heapq.heappush(self.accepted, sample)
+                elif sample > self.accepted[0]:
+                    heapq.heapreplace(self.accepted, sample)
             return
         for reason in filter(None, row["reasons"].split(";")):
             self.flagged[reason] = self.flagged.get(reason, 0) + 1
@@ -196,9 +196,9 @@ def write_report(store: Store, fingerprint: str, detectors: Sequence[dict[str, A
         body.append(f"<h2>Skipped ({summary['skipped']}; all in skipped.csv)</h2>" + _table(skipped, ("path", "why")))
     page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>filmgate sweep</title>'
             f'<style>{CSS}</style></head><body>{"".join(body)}</body></html>\n')  # fmt: skip
-    path = out / "report.html"
-    tmp = path.with_suffix(".tmp")
+    report = out / "report.html"
+    tmp = report.with_suffix(".tmp")
     tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    os.replace(tmp, report)
+    return report
 

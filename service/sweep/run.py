@@ -205,13 +205,14 @@ def _drive(store: Store, executor: Executor, fp: str, items_fn: Callable[[Callab
 def _placer(store: Store, opts: SweepOptions) -> Callable[[list[Item], list[Row]], None]:
     """Films received from a PACS exist only in memory: with --sort-into they are written into the tree as they
     are judged (and the store remembers where); otherwise their bytes are dropped."""
-    if opts.sort_into is None:
+    root = opts.sort_into
+    if root is None:
         return lambda batch, rows: None
 
     def write(batch: list[Item], rows: list[Row]) -> None:
         for item, row in zip(batch, rows, strict=True):
             if item.data is not None:
-                dst = sort.target(opts.sort_into, row.values["decision"], row.values["reasons"], item.path)
+                dst = sort.target(root, row.values["decision"], row.values["reasons"], item.path)
                 sort.write_bytes(item.data, dst)
                 store.set_abspath(item.key, str(dst))
 

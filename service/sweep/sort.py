@@ -80,7 +80,7 @@ def _remove_stale(store: Store, fingerprint: str, root: Path) -> None:
                 parts = entry.relative_to(root).parts
                 path = "/".join(parts[1:] if top == "accept" else parts[2:])
                 found = store.decision_of(path, fingerprint)
-                if found is None or target(root, *found, path) != entry:
+                if found is None or target(root, found[0], found[1], path) != entry:
                     entry.unlink()
             if dirpath != str(base) and not os.listdir(dirpath):
                 os.rmdir(dirpath)

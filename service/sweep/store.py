@@ -42,7 +42,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
-        self.run = int(self.get("run", "0")) + 1
+        self.run = int(self.get("run", "0") or 0) + 1
         self.set("run", str(self.run))
 
     def close(self) -> None:

@@ -124,7 +124,7 @@ def thumbnail(pixels: np.ndarray) -> bytes | None:
     """A small grey JPEG of the decoded film (the report inlines it)."""
     h, w = pixels.shape[:2]
     scale = THUMB_SIDE / max(h, w)
-    img = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    img: np.ndarray = np.clip(pixels * 255.0 + 0.5, 0, 255).astype(np.uint8)
     if scale < 1:
         img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, THUMB_QUALITY])

@@ -37,6 +37,11 @@ class Atypicality(nn.Module):
     """(N, 1, S, S) ``unit`` films -> (N, 1): max of the content and display distances, each in units of its own
     calibration quantile (so 1.0 means "as unusual as the rarest 0.5% of held-out frontal films" in either)."""
 
+    mean: torch.Tensor  # buffers (registered in __init__), declared for the type checker
+    scale: torch.Tensor
+    whiten_content: torch.Tensor
+    whiten_display: torch.Tensor
+
     def __init__(
         self,
         backbone: FilmNet,

@@ -274,7 +274,7 @@ def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None
             "caught": int((s >= threshold).sum()),
             "rate": float((s >= threshold).mean()),
         }
-    dicom = []
+    dicom: list[dict[str, Any]] = []
     for film in select(kind="dicom"):
         try:
             x = preprocess(decode_file(film.path).pixels, spec)[None]

@@ -17,9 +17,10 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     ok, buf = cv2.imencode(
         ".jpg", np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, quality]
     )
-    if not ok:
+    decoded = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else None
+    if decoded is None:
         return img
-    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+    return decoded.astype(np.float32) / 255.0
 
 
 def low_resolution_copy(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -130,7 +130,7 @@ def pediatric_extra(config: Config, runner: Runner, threshold: float) -> dict[st
     task = get_task("pediatric")
     spec = config.preprocessing
     val = [f for f in labels() if f.split == "val" and f.kind == "frontal-chest"]
-    adults = _pixels([f for f in val if task.label_of(f) is not None and task.labels[task.label_of(f)] == "adult"])
+    adults = _pixels([f for f in val if (label := task.label_of(f)) is not None and task.labels[label] == "adult"])
     fullres_children = _pixels([f for f in val if f.source == "kermany-fullres"])
     unknown = _pixels([f for f in val if task.label_of(f) is None])
     out: dict[str, Any] = {}
