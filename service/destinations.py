@@ -450,11 +450,12 @@ def transcode(path: Path, target: str) -> Any:
     """The instance decompressed to ``target`` (Explicit or Implicit VR Little Endian): lossless with respect to
     what was received. Only used when the peer accepts nothing else and ``transcode_to`` allows it."""
     from pydicom import dcmread
+    from pydicom.uid import UID
 
     ds = dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.decompress(generate_instance_uid=False)  # the same instance, only its encoding changes
-    ds.file_meta.TransferSyntaxUID = target
+    ds.file_meta.TransferSyntaxUID = UID(target)
     return ds
 
 

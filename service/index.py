@@ -430,7 +430,7 @@ class DecisionIndex:
         d["kept"] = bool(d["kept_path"]) and Path(d["kept_path"]).is_file()
         return d
 
-    def labels_of(self, instance_id: int) -> dict[str, dict[str, str]]:
+    def labels_of(self, instance_id: int) -> dict[str, dict[str, str | None]]:
         rows = self._read("SELECT * FROM labels WHERE instance_id = ?", (instance_id,))
         return {r["detector"]: {"label": r["label"], "user": r["user"], "at": _iso(r["at"])} for r in rows}
 

@@ -37,7 +37,7 @@ def thumbnail_png(pixels: np.ndarray | None, size: int) -> bytes | None:
 
     h, w = pixels.shape
     scale = min(1.0, size / max(h, w))
-    img = np.asarray(pixels, dtype=np.float32)
+    img: np.ndarray = np.asarray(pixels, dtype=np.float32)
     if scale < 1.0:
         img = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".png", np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8))
@@ -128,11 +128,12 @@ class Recorder:
             self._guard("a decision", self.index.record_instance, path.name, full, received_at=received,
                         thumbnail=thumb)  # fmt: skip
         if self.audit:
+            shadow: dict[str, Any] = {"shadow": True} if record.get("shadow") else {}
             self.audit.event(
                 "decided", sop_instance_uid=record.get("sop_instance_uid", ""),
                 study_instance_uid=record.get("study_instance_uid", ""), calling_ae=record.get("calling_ae", ""),
                 outcome=record.get("decision", ""), reasons=list(record.get("reasons") or []), routed=routed,
-                **({"shadow": True} if record.get("shadow") else {}),
+                **shadow,
             )  # fmt: skip
 
     def delivery(self, spool_name: str, destination: str, state: str, *, sop_instance_uid: str = "",

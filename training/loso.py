@@ -177,7 +177,7 @@ def report_path(task_name: str) -> Path:
 def merge(task_name: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Add rows to the task's report (a row replaces the one of the same source, mode and model)."""
     path = report_path(task_name)
-    old = json.loads(path.read_text()) if path.is_file() else {"detector": task_name, "rows": []}
+    old: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"detector": task_name, "rows": []}
     key: Callable[[dict[str, Any]], tuple[str, str, str]] = lambda r: (r["source"], r["mode"], r["model"])  # noqa: E731
     new = {key(r) for r in rows}
     merged = [r for r in old["rows"] if key(r) not in new] + [_jsonable(dict(r)) for r in rows]

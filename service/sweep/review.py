@@ -26,7 +26,9 @@ def _png(jpeg: bytes | None) -> bytes | None:
     if not jpeg:
         return None
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
-    ok, buf = cv2.imencode(".png", img) if img is not None else (False, None)
+    if img is None:
+        return None
+    ok, buf = cv2.imencode(".png", img)
     return buf.tobytes() if ok else None
 
 
