@@ -11,6 +11,7 @@ Loading again (a rerun) updates the rows and keeps what reviewers did (released,
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -72,9 +73,12 @@ def load_into_review(cfg: Config, store: Store, fingerprint: str, models: dict[s
     now = time.time()
     try:
         for row in store.results(fingerprint, with_thumbs=True):
+            kept = bool(row["_abspath"]) and Path(row["_abspath"]).is_file()
+            # A film the console can read makes its own thumbnail (its size, through the judge's decode); a PACS film
+            # whose bytes were not kept gets the sweep's.
             index.record_instance(f"sweep:{row['_key'] if row['_key'].startswith('dicom:') else row['_abspath']}",
                                   record_of(row, models, out), received_at=now,
-                                  thumbnail=_png(row.get("_thumb")))  # fmt: skip
+                                  thumbnail=None if kept else _png(row.get("_thumb")))  # fmt: skip
             n += 1
     finally:
         index.close()
