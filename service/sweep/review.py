@@ -64,7 +64,7 @@ def load_into_review(cfg: Config, store: Store, fingerprint: str, models: dict[s
     """Record every current result in the node's decision index; returns how many."""
     try:
         from filmgate.index import DecisionIndex
-    except ImportError as exc:  # the index (issue 13) is not in this build
+    except ImportError as exc:  # a build without the review console
         raise RuntimeError("--review: this filmgate has no decision index (filmgate.index)") from exc
     index = DecisionIndex.for_config(cfg)
     if index is None:

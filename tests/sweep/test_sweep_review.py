@@ -1,4 +1,4 @@
-"""``filmgate sweep --review``: the sweep's films appear in a running node's review API (issue 13), with their
+"""``filmgate sweep --review``: the sweep's films appear in a running node's review API, with their
 decisions, thumbnails, and a release that delivers the swept file to the node's accept route."""
 
 from __future__ import annotations
