@@ -174,8 +174,8 @@ def write_report(store: Store, fingerprint: str, detectors: Sequence[dict[str, A
         ranked = sorted(heap, reverse=True)
         shown = len(ranked)
         more = col.flagged[reason] - shown
-        order = f"most confident first ({_esc(det)} score)" if det else "in the order found"
-        body.append(f'<h3 id="reason-{_esc(reason)}">{_esc(reason)}: {col.flagged[reason]} films, {order}'
+        ranking = f"most confident first ({_esc(det)} score)" if det else "in the order found"
+        body.append(f'<h3 id="reason-{_esc(reason)}">{_esc(reason)}: {col.flagged[reason]} films, {ranking}'
                     + (f"; the {more} least confident are in results.csv" if more > 0 else "") + "</h3>")
         figs = []
         for conf, _, key, path, abspath, reasons in ranked:
