@@ -106,7 +106,8 @@ def sweep(cfg: Config, opts: SweepOptions) -> int:
         executor = make_executor(cfg, opts)  # workers start and load their models while the sources are listed
         try:
             if opts.pacs is None:
-                store.add_files(_chain(candidates(opts.sources), listed(opts.from_list) if opts.from_list else ()))
+                own = [opts.out, *([opts.sort_into] if opts.sort_into else [])]  # never swept, even inside a source
+                store.add_files(_chain(candidates(opts.sources, own), listed(opts.from_list) if opts.from_list else ()))
             else:
                 from filmgate.sweep.pacs import find_instances
 

@@ -102,15 +102,18 @@ def classify(abspath: Path, source: str, rel: str) -> Candidate:
     return Candidate(source, rel, str(abspath), st.st_size, st.st_mtime_ns, kind, reason)
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Every regular file under ``root``, sorted, without following symlinked folders."""
+def _walk(root: Path, exclude: frozenset[str]) -> Iterator[Path | tuple[Path, str]]:
+    """Every regular file under ``root``, sorted, without following symlinked folders or entering ``exclude`` (the
+    sweep's own output folders); a folder that cannot be listed is yielded as (folder, why)."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except OSError:
+    except OSError as exc:
+        yield root, f"cannot list the folder: {exc.strerror}"
         return
     for entry in entries:
         if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path))
+            if os.path.realpath(entry.path) not in exclude:
+                yield from _walk(Path(entry.path), exclude)
         elif entry.is_file():
             yield Path(entry.path)
 
@@ -133,19 +136,26 @@ def source_labels(sources: Iterable[str]) -> dict[str, str]:
     return labels
 
 
-def candidates(sources: Iterable[str]) -> Iterator[Candidate]:
-    """Every file of ``sources`` (files and folders) classified, DICOMDIR references included, each once."""
+def candidates(sources: Iterable[str], exclude: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Candidate]:
+    """Every file of ``sources`` (files and folders) classified, DICOMDIR references included, each once; folders in
+    ``exclude`` (the sweep's --out and --sort-into, when they lie inside a source) are not entered."""
     sources = list(sources)
+    skip_dirs = frozenset(os.path.realpath(p) for p in exclude)
     labels = source_labels(sources)
     seen_refs: set[str] = set()  # only DICOMDIR references outside the walk need remembering
     for src in sources:
         label = labels[src]
         root = Path(src)
         if root.is_dir():
-            base, files = root, _walk(root)
+            base, files = root, _walk(root, skip_dirs)
         else:
             base, files = root.parent, iter([root])
         for f in files:
+            if isinstance(f, tuple):
+                folder, why = f
+                yield Candidate(label, (folder.relative_to(base).as_posix() or ".") + "/", str(folder), 0, 0, "skip",
+                                why)  # fmt: skip
+                continue
             rel = f.relative_to(base).as_posix()
             cand = classify(f, label, rel)
             yield cand

@@ -247,3 +247,13 @@ def test_progress_bar_with_rate_and_time_left_on_a_terminal_only(film_tree, swep
     assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
     assert "film/s" in text and "100%" in text and "<" in text, text[-2000:]  # rate, done, time left (elapsed<left)
     assert "film/s" not in swept["stderr"] and "%|" not in swept["stderr"]  # not a terminal: quiet
+
+
+def test_output_folders_inside_the_source_are_not_swept(tmp_path):
+    data = tmp_path / "data"
+    films = _copy_films(data, 12)
+    for _ in range(2):  # the second run finds the first one's outputs and sorted links inside the source
+        run_sweep(data, "--out", data / "sweep-out", "--sort-into", data / "sorted", "--jobs", "1")
+    rows = read_csv(data / "sweep-out" / "results.csv")
+    assert sorted(r["path"] for r in rows) == sorted(p.relative_to(data).as_posix() for p in films)
+    assert read_csv(data / "sweep-out" / "skipped.csv") == []
