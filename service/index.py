@@ -31,7 +31,7 @@ from typing import Any
 
 log = logging.getLogger("filmgate.index")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REVIEW_STATES = ("none", "pending", "released", "confirmed")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -70,6 +70,12 @@ CREATE INDEX IF NOT EXISTS instances_outcome ON instances (outcome, received_at 
 CREATE INDEX IF NOT EXISTS instances_review ON instances (review_state, reason);
 CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid);
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid);
+CREATE TABLE IF NOT EXISTS instance_reasons (      -- every reason of an instance, for fast filtering by reason
+    reason TEXT NOT NULL,
+    instance_id INTEGER NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
+    PRIMARY KEY (reason, instance_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS instance_reasons_instance ON instance_reasons (instance_id);
 CREATE TABLE IF NOT EXISTS deliveries (
     instance_id INTEGER NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
     destination TEXT NOT NULL,
@@ -149,7 +155,11 @@ class DecisionIndex:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     db.execute(stmt)
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is not None and int(row["value"]) < 2:  # version 1 had no reason table: fill it once
+                db.execute("INSERT OR IGNORE INTO instance_reasons (reason, instance_id)"
+                           " SELECT j.value, i.id FROM instances i, json_each(i.reasons) j")  # fmt: skip
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     @classmethod
     def for_config(cls, cfg: Any) -> DecisionIndex | None:
@@ -231,6 +241,9 @@ class DecisionIndex:
                 (spool_name, received_at, *values.values()),
             ).fetchone()
             iid = int(row["id"])
+            db.execute("DELETE FROM instance_reasons WHERE instance_id = ?", (iid,))
+            db.executemany("INSERT OR IGNORE INTO instance_reasons (reason, instance_id) VALUES (?, ?)",
+                           [(r, iid) for r in reasons])  # fmt: skip
             if thumbnail:
                 db.execute("INSERT OR REPLACE INTO thumbnails (instance_id, png) VALUES (?, ?)", (iid, thumbnail))
         return iid
@@ -308,7 +321,7 @@ class DecisionIndex:
                 where.append(f"{col} = ?")
                 args.append(value)
         if q.reason:
-            where.append("EXISTS (SELECT 1 FROM json_each(instances.reasons) WHERE value = ?)")
+            where.append("id IN (SELECT instance_id FROM instance_reasons WHERE reason = ?)")
             args.append(q.reason)
         if q.since is not None:
             where.append("received_at >= ?")
@@ -401,8 +414,9 @@ class DecisionIndex:
         out = []
         for r in rows:
             reasons = self._read(
-                "SELECT j.value AS reason, COUNT(*) AS n FROM instances, json_each(instances.reasons) j"
-                " WHERE study_instance_uid = ? GROUP BY j.value ORDER BY n DESC", (r["uid"],),
+                "SELECT x.reason AS reason, COUNT(*) AS n FROM instances i JOIN instance_reasons x"
+                " ON x.instance_id = i.id WHERE i.study_instance_uid = ? GROUP BY x.reason ORDER BY n DESC",
+                (r["uid"],),
             )  # fmt: skip
             out.append({
                 "study_instance_uid": r["uid"], "instances": r["n"], "accepted": r["accepted"] or 0,
@@ -416,8 +430,7 @@ class DecisionIndex:
         return [r["calling_ae"] for r in self._read("SELECT DISTINCT calling_ae FROM instances ORDER BY 1")]
 
     def reasons(self) -> list[str]:
-        rows = self._read("SELECT DISTINCT j.value AS r FROM instances, json_each(instances.reasons) j ORDER BY 1")
-        return [r["r"] for r in rows]
+        return [r["reason"] for r in self._read("SELECT DISTINCT reason FROM instance_reasons ORDER BY 1")]
 
     @staticmethod
     def _item(row: sqlite3.Row) -> dict[str, Any]:
