@@ -364,9 +364,12 @@ def test_shadow_mode_delivers_everything_and_records_would_be_decisions(tmp_path
             n = sum(reason in i["reasons"] for i in flagged)
             assert f'filmgate_shadow_would_quarantine_total{{reason="{reason}"}} {n:.1f}' in text
         assert 'filmgate_routed_total{route="accept"} 4.0' in text
-        # the port speaks TLS only
+        # the port speaks TLS only, and the container's health check speaks it too
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{gate.http_port}/healthz", timeout=5)
+        hc = subprocess.run([sys.executable, "-m", "filmgate.cli", "healthcheck", "--config", str(gate.config_path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)  # fmt: skip
+        assert hc.returncode == 0 and "healthz ok" in hc.stdout, hc.stdout + hc.stderr
         messages = []
         while True:
             try:
