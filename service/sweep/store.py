@@ -10,6 +10,7 @@ until they come back or the folder is removed).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -37,6 +38,14 @@ class Store:
 
     def __init__(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        # One sweep per folder at a time: a second one would interleave runs and outputs.
+        self._lock = open(out_dir / "sweep.lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise RuntimeError(
+                f"{out_dir} is in use by another filmgate sweep (wait for it, or use another --out)") from None
         self.path = out_dir / self.FILE
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -47,6 +56,7 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        self._lock.close()
 
     # ------------------------------------------------------------------ meta
 

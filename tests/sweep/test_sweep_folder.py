@@ -164,7 +164,7 @@ def _rows(out: Path) -> int:
 
 
 def test_interrupted_sweep_resumes_and_judges_every_film_once(tmp_path):
-    films = _copy_films(tmp_path / "films", 240)
+    films = _copy_films(tmp_path / "films", 160)
     out = tmp_path / "out"
     proc = subprocess.Popen([FILMGATE, "sweep", str(tmp_path / "films"), "--out", str(out), "--jobs", "1",
                              "--batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -257,3 +257,15 @@ def test_output_folders_inside_the_source_are_not_swept(tmp_path):
     rows = read_csv(data / "sweep-out" / "results.csv")
     assert sorted(r["path"] for r in rows) == sorted(p.relative_to(data).as_posix() for p in films)
     assert read_csv(data / "sweep-out" / "skipped.csv") == []
+
+
+def test_a_folder_in_use_by_another_sweep_is_refused(film_tree, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "sweep.lock", "a+") as held:  # as a running sweep holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_sweep(film_tree["root"] / "chest", "--out", out, check=False)
+    assert proc.returncode == 1 and "in use by another filmgate sweep" in proc.stderr, proc.stderr
+    assert not (out / "results.csv").exists()

@@ -22,7 +22,7 @@ from tests.sweep.conftest import inspect, read_csv, run_sweep
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 OUTPUTS = {"results.csv", "results.parquet", "skipped.csv", "summary.json", "report.html", "sweep.sqlite",
-           "sweep.sqlite-wal", "sweep.sqlite-shm"}  # fmt: skip
+           "sweep.sqlite-wal", "sweep.sqlite-shm", "sweep.lock"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
