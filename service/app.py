@@ -83,7 +83,7 @@ class Node:
 
             tracker = tracker_for(cfg, spool)
             assert tracker is not None
-            self.studies = StudyWatcher(cfg, spool, tracker)
+            self.studies = StudyWatcher(cfg, spool, tracker, recorder=self.review.recorder)
         self.listener = Listener(cfg.listener, spool, on_stored, self.review.recorder)
         self.listener.start()
         self._set_ready(True)

@@ -38,16 +38,10 @@ from filmgate.studies import NotedInstance, StudyTracker
 log = logging.getLogger("filmgate.followup")
 
 
-def state_dir(spool: Spool) -> Path:
-    path = spool.root / "state"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def tracker_for(cfg: Config, spool: Spool) -> StudyTracker | None:
     if not cfg.studies.enabled:
         return None
-    return StudyTracker(state_dir(spool) / "studies.sqlite", stable_seconds=cfg.studies.stable_seconds)
+    return StudyTracker(Path(cfg.state_dir) / "studies.sqlite", stable_seconds=cfg.studies.stable_seconds)
 
 
 @dataclass(frozen=True)
@@ -68,10 +62,10 @@ class Aftercare:
         self.spool = spool
         self.judge = judge
         self.tracker = tracker
-        self.derived_dir = state_dir(spool) / "derived"
-        self.headers_dir = state_dir(spool) / "headers"
-        self.derived_dir.mkdir(exist_ok=True)
-        self.headers_dir.mkdir(exist_ok=True)
+        self.derived_dir = Path(cfg.state_dir) / "derived"
+        self.headers_dir = Path(cfg.state_dir) / "headers"
+        self.derived_dir.mkdir(parents=True, exist_ok=True)
+        self.headers_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ corrected derived films
 
@@ -155,10 +149,11 @@ class Aftercare:
 class StudyWatcher:
     """The node's half: summaries of stable studies and their rejection notes."""
 
-    def __init__(self, cfg: Config, spool: Spool, tracker: StudyTracker) -> None:
+    def __init__(self, cfg: Config, spool: Spool, tracker: StudyTracker, recorder: Any = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.tracker = tracker
+        self.recorder = recorder  # filmgate.records.Recorder: the decision index and the audit trail, when on
         for outcome in ("usable", "unusable"):
             metrics.STUDIES.labels(outcome=outcome)
         if cfg.iocm.enabled:
@@ -181,10 +176,29 @@ class StudyWatcher:
                 metrics.STUDIES.labels(outcome="usable" if summary["usable"] else "unusable").inc()
                 if self.cfg.studies.summary_file:
                     self._write_summary(study, summary)
+                self._record(study, summary)
                 made.append(summary)
             except Exception:
                 log.exception("summarising a study failed; it is tried again at the next instance of the study")
         return made
+
+    def _record(self, study: str, summary: dict[str, Any]) -> None:
+        """The summary, and each rejection note on the instances it names, in the decision index; audit events."""
+        index = getattr(self.recorder, "index", None)
+        audit = getattr(self.recorder, "audit", None)
+        if index is not None:
+            index.record_study(study, summary)
+            for note in summary.get("rejection_notes", []):
+                for uid in note["instances"]:
+                    for iid in index.ids_of(uid):
+                        index.record_note("iocm-rejection", note, instance_id=iid, study_instance_uid=study)
+        if audit is not None:
+            audit.event("study-summarised", study_instance_uid=study, instances=summary["instances"],
+                        outcomes=summary["outcomes"], usable=summary["usable"])  # fmt: skip
+            for note in summary.get("rejection_notes", []):
+                audit.event("rejection-note-queued", study_instance_uid=study,
+                            note_sop_instance_uid=note["sop_instance_uid"], sop_instance_uids=note["instances"],
+                            reasons=note["reasons"], destination=note["destination"])  # fmt: skip
 
     def _write_summary(self, study: str, summary: dict[str, Any]) -> None:
         rel = self.cfg.studies.summary_layout.format(StudyInstanceUID=safe_component(study))

@@ -361,6 +361,11 @@ class DecisionIndex:
         ]
         return item
 
+    def ids_of(self, sop_instance_uid: str) -> list[int]:
+        """Index rows of an SOP Instance UID (a second copy received makes a second row)."""
+        return [int(r["id"]) for r in self._read("SELECT id FROM instances WHERE sop_instance_uid = ? ORDER BY id",
+                                                 (sop_instance_uid,))]  # fmt: skip
+
     def get_by_name(self, spool_name: str) -> dict[str, Any] | None:
         rows = self._read("SELECT id FROM instances WHERE spool_name = ?", (spool_name,))
         return self.get(int(rows[0]["id"])) if rows else None

@@ -391,8 +391,13 @@ class Pipeline:
             if corrected is not None and corrected.judgement.decision.accepted:
                 d_fields, d_record = self._fields_and_record(corrected.judgement, item)
                 d_record.update(derived_from=corrected.links["derived_from"], derivation=corrected.description)
+                if rec is not None:
+                    rec.judged(corrected.path, corrected.judgement, d_record, received=item.received, routed="accept",
+                               kept=None)  # fmt: skip
                 for name in self.cfg.routes.accept:
                     self.destinations[name].deliver(Delivery(path=corrected.path, fields=d_fields, record=d_record))
+                if rec is not None:
+                    rec.delivered(corrected.path.name)
         except Exception as exc:
             self._retry_or_give_up(item, f"delivery to {', '.join(route)} failed: {type(exc).__name__}: {exc}")
             return

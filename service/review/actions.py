@@ -60,9 +60,15 @@ class Actions:
         self.index.set_review_state(iid, "released", user)
         self._mark_quarantine_sidecars(item, {"released_by": user, "released_at": _iso(now)})
         metrics.REVIEW_ACTIONS.labels(action="release").inc()
+        notes = [n["data"]["sop_instance_uid"] for n in item.get("notes_log", []) if n["kind"] == "iocm-rejection"]
+        if notes:  # IOCM has no message that takes a rejection back: the archive must restore it (OPERATIONS.md)
+            log.warning("a released instance was named by %d IOCM rejection note(s) sent to %s; the archive still "
+                        "hides it until it is restored there", len(notes),
+                        self.cfg.iocm.destination or "the PACS")  # fmt: skip
         self.recorder.audit.event("released", user=user, sop_instance_uid=item["sop_instance_uid"],
                                   study_instance_uid=item["study_instance_uid"], id=iid,
-                                  destinations=list(self.cfg.routes.accept))  # fmt: skip
+                                  destinations=list(self.cfg.routes.accept),
+                                  rejection_notes=notes or None)  # fmt: skip
         return self._item(iid)
 
     def confirm(self, iid: int, user: str) -> dict[str, Any]:

@@ -26,11 +26,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from filmgate.config import parse_config
 from filmgate.datasets import select
+from filmgate.index import DecisionIndex
 from filmgate.judge import Judge
+from filmgate.review.auth import hash_password
 from tests.ops.conftest import Orthanc, wait_until
 from tests.service.conftest import MODELS, Gate, film_pixels, free_port, storescu
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+ANN_PASSWORD = "correct horse battery staple"
+ANN_HASH = hash_password(ANN_PASSWORD)
 FAULTS = {
     "rotated": lambda px: np.rot90(px, 1),  # stored turned 90 degrees counter-clockwise
     "flipped": lambda px: px[:, ::-1],
@@ -190,6 +194,13 @@ def test_corrected_films_and_a_study_summary(tmp_path, films, val_chest, judge):
     assert len(summary["derived"]) == len(FAULTS)
     metrics = gate.metrics()
     assert metrics['filmgate_studies_total{outcome="usable"}'] == 1.0
+    index = DecisionIndex(gate.root / "spool" / "state" / "index.sqlite")  # the index links the pair as well
+    for fault in FAULTS:
+        derived_uid = by_uid[sent[fault]]["corrected"]["sop_instance_uid"]
+        row = index.get(index.ids_of(derived_uid)[0])
+        assert row["outcome"] == "accept" and row["routed"] == "accept"
+    studies, _ = index.studies()
+    assert studies[0]["summary"]["instances"] == 5
     assert metrics['filmgate_corrected_total{result="accepted"}'] == float(len(FAULTS))
     assert gate.stop() == 0
 
@@ -210,6 +221,7 @@ def test_a_quarantined_study_tells_the_pacs_by_an_iocm_rejection_note(tmp_path, 
         gate = Gate.create(
             root, dicom_port=port,
             iocm={"enabled": True, "reasons": ["rotated"], "destination": "pacs"},
+            review={"enabled": True, "users": [{"name": "ann", "role": "reviewer", "password_hash": ANN_HASH}]},
             studies={"stable_seconds": 1.0},
             destinations={
                 "accept": {"type": "folder", "path": str(root / "accept"), "layout": "{SOPInstanceUID}.dcm"},
@@ -243,6 +255,21 @@ def test_a_quarantined_study_tells_the_pacs_by_an_iocm_rejection_note(tmp_path, 
         kos.write_bytes(pacs.get_bytes(f"/instances/{found[0]}/file"))
         assert dciodvfy_errors(kos) == []
         assert gate.metrics()['filmgate_rejection_notes_total{destination="pacs"}'] == 1.0
+        # Released from review: delivered to the accept route, and the node says that the PACS still hides it.
+        index = DecisionIndex(root / "spool" / "state" / "index.sqlite")
+        iid = index.ids_of(rotated)[0]
+        gate.api_json(f"/api/instances/{iid}/release", "ann", ANN_PASSWORD, method="POST", body=b"{}")
+        wait_until(lambda: "IOCM rejection note" in gate.log(), 10, "the release's log line about the note")
         assert gate.stop() == 0
+        # The decision index records the note on the rejected instance, and the audit trail says so.
+        logged = [n for n in index.get(index.ids_of(rotated)[0])["notes_log"] if n["kind"] == "iocm-rejection"]
+        assert [n["data"]["sop_instance_uid"] for n in logged] == [tags["SOPInstanceUID"]]
+        assert not [n for n in index.get(index.ids_of(good)[0])["notes_log"] if n["kind"] == "iocm-rejection"]
+        events = [json.loads(line) for line in (root / "spool" / "audit.jsonl").read_text().splitlines()]
+        queued = [e for e in events if e["event"] == "rejection-note-queued"]
+        assert len(queued) == 1 and queued[0]["sop_instance_uids"] == [rotated]
+        released = [e for e in events if e["event"] == "released"]
+        assert released[0]["rejection_notes"] == [tags["SOPInstanceUID"]] and released[0]["user"] == "ann"
+        assert not any("TEST-0001" in json.dumps(e) or "Test^Film" in json.dumps(e) for e in events)
     finally:
         pacs.stop()
