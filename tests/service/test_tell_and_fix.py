@@ -30,7 +30,7 @@ from filmgate.index import DecisionIndex
 from filmgate.judge import Judge
 from filmgate.review.auth import hash_password
 from tests.ops.conftest import Orthanc, wait_until
-from tests.service.conftest import MODELS, Gate, film_pixels, free_port, storescu
+from tests.service.conftest import MODELS, Gate, compress, film_pixels, free_port, storescu
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 ANN_PASSWORD = "correct horse battery staple"
@@ -137,6 +137,9 @@ def test_corrected_films_and_a_study_summary(tmp_path, films, val_chest, judge):
     sent = {}
     for name in ("good", *FAULTS):
         sent[name] = _restudy(films[name][0], tmp_path / f"{name}.dcm", study)
+    # The rotated film arrives JPEG-lossless compressed: its derived film is stored uncompressed, pixels exact.
+    compress(tmp_path / "rotated.dcm", tmp_path / "rotated-jpeg.dcm", "jpeg-lossless")
+    (tmp_path / "rotated-jpeg.dcm").replace(tmp_path / "rotated.dcm")
     lateral_px = film_pixels(val_chest["lateral"][0])
     make_cr(lateral_px, tmp_path / "lateral.dcm", study_uid=study, series_uid=generate_uid(), number=2)
     sent["lateral"] = str(pydicom.dcmread(tmp_path / "lateral.dcm").SOPInstanceUID)
@@ -168,6 +171,7 @@ def test_corrected_films_and_a_study_summary(tmp_path, films, val_chest, judge):
         assert ds.StudyInstanceUID == study
         assert ds.SeriesInstanceUID != pydicom.dcmread(tmp_path / f"{fault}.dcm").SeriesInstanceUID
         assert ds.DerivationDescription and ds.DerivationCodeSequence
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         again = judge.judge(path)  # the detectors' own judgement of the derived film
         assert again.decision.accepted, (fault, again.decision)
         predicted = {f.detector: f.predicted for f in again.findings}
