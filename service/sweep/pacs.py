@@ -34,6 +34,7 @@ log = logging.getLogger("filmgate.sweep.pacs")
 STUDY_KEYS = {"StudyDate", "StudyTime", "AccessionNumber", "PatientID", "StudyDescription", "StudyID",
               "ReferringPhysicianName", "InstitutionName"}  # fmt: skip
 QUEUE_FILMS = 64  # received instances waiting for the workers (the memory bound of a PACS sweep)
+RETRIEVE_UIDS = 500  # at most this many SOP Instance UIDs in one instance-level retrieve
 TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.1",  # explicit VR little endian
     "1.2.840.10008.1.2",  # implicit VR little endian
@@ -212,19 +213,14 @@ def find_instances(q: PacsQuery, store: Store) -> int:
 
 
 def pacs_items(q: PacsQuery, store: Store, fingerprint: str, keep: Callable[[str], bool]) -> Iterator[Item]:
-    """The pending instances as they arrive from the PACS (C-GET or C-MOVE in a thread; bounded queue)."""
-    series: dict[tuple[str, str], list[str]] = {}
-    for _key, path, _ in store.pending(fingerprint):
-        study, uid, sop = path.split("/")
-        series.setdefault((study, uid), []).append(sop)
-    if not series:
-        return
+    """The pending instances as they arrive from the PACS. A thread reads the pending instances series by series
+    (its own connection to the state file) and retrieves them; arrivals wait in a bounded queue. Memory stays
+    bounded by one series' UIDs and the queue, however large the archive."""
     arrived: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_FILMS)
     done = object()
-    wanted = {sop for sops in series.values() for sop in sops}
-    whole = {k for k, sops in series.items() if len(sops) == store.count_series(*k)}  # retrieved as one series
-    retriever = threading.Thread(target=_retrieve, args=(q, series, whole, arrived, done), daemon=True,
-                                 name="pacs-retrieve")  # fmt: skip
+    counts = {"requested": 0, "received": 0}
+    retriever = threading.Thread(target=_retrieve, args=(q, store.path, fingerprint, arrived, done, counts),
+                                 daemon=True, name="pacs-retrieve")  # fmt: skip
     retriever.start()
     while True:
         got = arrived.get()
@@ -233,45 +229,67 @@ def pacs_items(q: PacsQuery, store: Store, fingerprint: str, keep: Callable[[str
         if isinstance(got, Exception):
             raise got
         sop, path, data = got
-        if sop in wanted:
-            wanted.discard(sop)
-            key = f"dicom:{sop}"
+        key = f"dicom:{sop}"
+        if store.is_pending(key, fingerprint):  # not an instance the PACS gained since the C-FIND, nor a repeat
             yield Item(key, path, data=data, thumb=keep(key))
     retriever.join()
-    if wanted:
-        log.warning("%d instances found by C-FIND did not arrive", len(wanted))
+    missing = counts["requested"] - counts["received"]
+    if missing > 0:
+        log.warning("%d of %d instances asked for did not arrive", missing, counts["requested"])
 
 
-def _retrieve(q: PacsQuery, series: dict[tuple[str, str], list[str]], whole: set[tuple[str, str]],
-              arrived: queue.Queue[Any], done: object) -> None:  # fmt: skip
+def _series_groups(db_path: Any, fingerprint: str) -> Iterator[tuple[str, str, list[str], bool]]:
+    """(study, series, pending SOP Instance UIDs, whether that is the whole series) in the order found, at most
+    RETRIEVE_UIDS UIDs a group."""
+    reader = Store.reader(db_path)
     try:
-        if q.retrieve == "move":
-            _by_move(q, series, whole, arrived)
-        else:
-            _by_get(q, series, whole, arrived)
+        group: list[str] = []
+        current: tuple[str, str] | None = None
+        for _key, path, _ in reader.pending(fingerprint):
+            study, series, sop = path.split("/")
+            if (study, series) != current or len(group) >= RETRIEVE_UIDS:
+                if current and group:
+                    yield (*current, group, len(group) == reader.count_series(*current))
+                current, group = (study, series), []
+            group.append(sop)
+        if current and group:
+            yield (*current, group, len(group) == reader.count_series(*current))
+    finally:
+        reader.close()
+
+
+def _retrieve(q: PacsQuery, db_path: Any, fingerprint: str, arrived: queue.Queue[Any], done: object,
+              counts: dict[str, int]) -> None:  # fmt: skip
+    try:
+        (_by_move if q.retrieve == "move" else _by_get)(q, _series_groups(db_path, fingerprint), arrived, counts)
     except Exception as exc:  # handed to the driver, which stops the sweep with it
         arrived.put(exc if isinstance(exc, PacsError) else PacsError(f"retrieve: {exc}"))
     finally:
         arrived.put(done)
 
 
-def _on_store(arrived: queue.Queue[Any], paths: dict[str, str]) -> Callable[[Any], int]:
+class _Target:
+    """The series being retrieved (C-GET and C-MOVE retrieve one at a time), so an arrival knows its path."""
+
+    study = series = ""
+
+
+def _on_store(arrived: queue.Queue[Any], target: _Target, counts: dict[str, int]) -> Callable[[Any], int]:
     def handle(event: Any) -> int:
         data = bytes(event.encoded_dataset())  # preamble, file meta and the dataset exactly as received
         sop = str(event.request.AffectedSOPInstanceUID)
-        arrived.put((sop, paths.get(sop, f"unknown/unknown/{sop}"), data))  # blocks while the workers catch up
+        counts["received"] += 1
+        arrived.put((sop, f"{target.study}/{target.series}/{sop}", data))  # blocks while the workers catch up
         return 0x0000
 
     return handle
 
 
-def _targets(series: dict[tuple[str, str], list[str]], whole: set[tuple[str, str]]) -> Iterator[Any]:
-    """One retrieve identifier per series (a whole series, or its pending instances)."""
-    for (study, uid), sops in series.items():
-        if (study, uid) in whole:
-            yield _query("SERIES", StudyInstanceUID=study, SeriesInstanceUID=uid)
-        else:
-            yield _query("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=uid, SOPInstanceUID="\\".join(sops))
+def _identifier(target: _Target, study: str, series: str, sops: list[str], whole: bool) -> Any:
+    target.study, target.series = study, series
+    if whole:
+        return _query("SERIES", StudyInstanceUID=study, SeriesInstanceUID=series)
+    return _query("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID="\\".join(sops))
 
 
 def _check(status: Any, what: str) -> None:
@@ -282,41 +300,46 @@ def _check(status: Any, what: str) -> None:
         raise PacsError(f"{what} failed: status 0x{code:04X}")
 
 
-def _by_get(q: PacsQuery, series: dict[tuple[str, str], list[str]], whole: set[tuple[str, str]],
-            arrived: queue.Queue[Any]) -> None:  # fmt: skip
+def _by_get(q: PacsQuery, groups: Iterator[tuple[str, str, list[str], bool]], arrived: queue.Queue[Any],
+            counts: dict[str, int]) -> None:  # fmt: skip
     from pynetdicom import build_role, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
-    paths = {sop: f"{st}/{se}/{sop}" for (st, se), sops in series.items() for sop in sops}
+    target = _Target()
     ae = _ae(q)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for uid in STORAGE_CLASSES:
         ae.add_requested_context(uid, list(TRANSFER_SYNTAXES))
     roles = [build_role(uid, scp_role=True) for uid in STORAGE_CLASSES]
-    assoc = _associate(ae, q, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, paths))])
+    assoc = _associate(ae, q, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, target, counts))])
     try:
-        for ident in _targets(series, whole):
+        for study, series, sops, whole in groups:
+            counts["requested"] += len(sops)
+            ident = _identifier(target, study, series, sops, whole)
             for status, _ in assoc.send_c_get(ident, StudyRootQueryRetrieveInformationModelGet):
                 _check(status, "C-GET")
     finally:
         assoc.release()
 
 
-def _by_move(q: PacsQuery, series: dict[tuple[str, str], list[str]], whole: set[tuple[str, str]],
-             arrived: queue.Queue[Any]) -> None:  # fmt: skip
+def _by_move(q: PacsQuery, groups: Iterator[tuple[str, str, list[str], bool]], arrived: queue.Queue[Any],
+             counts: dict[str, int]) -> None:  # fmt: skip
     from pynetdicom import evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-    paths = {sop: f"{st}/{se}/{sop}" for (st, se), sops in series.items() for sop in sops}
+    target = _Target()
     ae = _ae(q)
     for uid in STORAGE_CLASSES:
         ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
-    scp = ae.start_server(("", q.move_port), block=False, evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, paths))])
+    scp = ae.start_server(("", q.move_port), block=False,
+                          evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, target, counts))])  # fmt: skip
     try:
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         assoc = _associate(ae, q)
         try:
-            for ident in _targets(series, whole):
+            for study, series, sops, whole in groups:
+                counts["requested"] += len(sops)
+                ident = _identifier(target, study, series, sops, whole)
                 for status, _ in assoc.send_c_move(ident, q.calling_ae, StudyRootQueryRetrieveInformationModelMove):
                     _check(status, "C-MOVE")
         finally:

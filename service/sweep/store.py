@@ -54,9 +54,19 @@ class Store:
         self.run = int(self.get("run", "0") or 0) + 1
         self.set("run", str(self.run))
 
+    @classmethod
+    def reader(cls, path: Path) -> Store:
+        """A second, read-only connection to a sweep's state file (for a thread of the driver; no lock, no run)."""
+        self = cls.__new__(cls)
+        self.path = path
+        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        self._lock = None
+        return self
+
     def close(self) -> None:
         self.db.close()
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
     # ------------------------------------------------------------------ meta
 
@@ -134,8 +144,11 @@ class Store:
                 last = rowid
                 yield key, path, abspath
 
-    def has_current(self, key: str, fingerprint: str) -> bool:
-        return self.db.execute(self._current_sql("1") + " AND f.key = ?", (fingerprint, key)).fetchone() is not None
+    def is_pending(self, key: str, fingerprint: str) -> bool:
+        """Whether ``key`` is a film found by this run that has no current result."""
+        found = self.db.execute(f"SELECT 1 FROM files WHERE key = ? AND kind IN {FILM_KINDS}", (key,)).fetchone()
+        current = self.db.execute(self._current_sql("1") + " AND f.key = ?", (fingerprint, key)).fetchone()
+        return found is not None and current is None
 
     # ------------------------------------------------------------------ results
 

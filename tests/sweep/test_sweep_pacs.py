@@ -81,6 +81,19 @@ def test_pacs_sweep_by_c_get_returns_every_instance_and_keeps_no_bytes(pacs, tmp
     again = run_sweep(pacs["url"], "--query", "Modality=CR,DX", "--since", "2024-01-01", "--out", out)
     assert json.loads((out / "summary.json").read_text())["run"]["judged_this_run"] == 0, again.stderr
 
+    # The archive grows: a new instance in a series already judged is retrieved alone (an instance-level C-GET).
+    first = next(p for p, keep in pacs["films"] if keep)
+    ds = pydicom.dcmread(first)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.InstanceNumber = 99
+    added = tmp_path / "added.dcm"
+    ds.save_as(added)
+    pacs["orthanc"].post("/instances", added.read_bytes())
+    pacs["films"].append((added, True))
+    grown = run_sweep(pacs["url"], "--query", "Modality=CR,DX", "--since", "2024-01-01", "--out", out)
+    assert json.loads((out / "summary.json").read_text())["run"]["judged_this_run"] == 1, grown.stderr
+    assert sorted(r["sop_instance_uid"] for r in read_csv(out / "results.csv")) == sorted(_expected(pacs))
+
 
 def test_pacs_sweep_by_c_move_sorts_the_received_bytes_intact(pacs, tmp_path):
     out, tree = tmp_path / "out", tmp_path / "sorted"
