@@ -701,6 +701,9 @@ def _check_review(cfg: Config, err: Any) -> None:
         err("review.retention_days: must be > 0 (days the quarantined bytes are kept for release)")
     if cfg.index.retention_days < 0:
         err("index.retention_days: must be >= 0 (0 keeps rows forever)")
+    elif 0 < cfg.index.retention_days < rv.retention_days:
+        err(f"index.retention_days: {cfg.index.retention_days:g} is shorter than review.retention_days "
+            f"({rv.retention_days:g}): kept films would outlive the rows that find them; raise it or set 0")
     _positive(rv.session_minutes, "review.session_minutes", err)
     _positive(rv.max_failed_logins, "review.max_failed_logins", err)
     _positive(rv.login_window_seconds, "review.login_window_seconds", err)

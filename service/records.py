@@ -98,7 +98,10 @@ class Recorder:
     # ------------------------------------------------------------------------------------------ pipeline
 
     def keep(self, path: Path, received: float) -> Path | None:
-        """Keep the received bytes of a quarantined instance for review (a hard link under state/kept/<day>/)."""
+        """Keep the received bytes of a quarantined instance for review (a hard link under state/kept/<day>/); not
+        without an index, which is what finds and expires them."""
+        if self.index is None:
+            return None
         dst = self.kept_root / time.strftime("%Y%m%d", time.gmtime(received)) / path.name
         try:
             place(path, dst, fsync=self.cfg.spool.fsync)

@@ -85,7 +85,8 @@ class ReviewApp:
             rsp = _json(400, {"error": str(exc)})
         except KeyError:
             rsp = _json(404, {"error": "no such instance"})
-        rsp.headers.extend(_SECURITY_HEADERS)
+        present = {k.lower() for k, _ in rsp.headers}
+        rsp.headers.extend((k, v) for k, v in _SECURITY_HEADERS if k.lower() not in present)
         if self.cfg.http.tls.enabled:
             rsp.headers.append(("Strict-Transport-Security", "max-age=31536000"))
         metrics.HTTP_SECONDS.labels(route=route).observe(time.perf_counter() - t0)

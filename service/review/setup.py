@@ -93,7 +93,12 @@ class ReviewSide:
             for p in gone:
                 with contextlib.suppress(FileNotFoundError):
                     Path(p).unlink()
+            oldest = time.strftime("%Y%m%d", time.gmtime(now - self.cfg.review.retention_days * 86400))
             for day in (self.recorder.kept_root.iterdir() if self.recorder.kept_root.is_dir() else ()):
+                if day.name < oldest:  # copies the index lost track of (a failed write) go with their day too
+                    for p in day.iterdir():
+                        with contextlib.suppress(OSError):
+                            p.unlink()
                 with contextlib.suppress(OSError):
                     day.rmdir()  # empty day folders only
             pruned = self.index.prune(self.cfg.index.retention_days, now)

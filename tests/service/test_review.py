@@ -322,6 +322,8 @@ def test_hash_password_reads_stdin_and_config_checks_users(tmp_path):
         parse_config({"review": {"users": [{"name": "a", "role": "viewer", "password_hash": "secret"}]}})
     with pytest.raises(ConfigError, match=r"review\.users: the console is on but nobody can log in"):
         parse_config({"review": {"enabled": True}})
+    with pytest.raises(ConfigError, match=r"index\.retention_days: 7 is shorter than review\.retention_days"):
+        parse_config({"index": {"retention_days": 7}})
     with pytest.raises(ConfigError, match=r"policy\.mode"):
         parse_config({"policy": {"mode": "dry-run"}})
 
