@@ -45,7 +45,7 @@ class AuditLog:
         """Append one event (never raises: an audit write failing is logged, the node goes on)."""
         now = time.time()
         rec: dict[str, Any] = {"time": _iso(now), "event": event}
-        if user is not None:
+        if user is not None or "known_user" in facts:
             rec["user"] = user
         rec.update({k: v for k, v in facts.items() if k not in _PATIENT_KEYS and v is not None})
         line = json.dumps(rec, separators=(",", ":"), default=str)

@@ -139,7 +139,7 @@ class ReviewApp:
             if user is None:
                 self.auth.throttle.failed(f"user:{name}", f"addr:{req.client}")
                 metrics.LOGINS.labels(method="basic", result="failed").inc()
-                self.audit.event("login-failed", user=name, method="basic", address=req.client)
+                self.audit.event("login-failed", **self._who_tried(name), method="basic", address=req.client)
                 return self._unauthorised("wrong user name or password")
             metrics.LOGINS.labels(method="basic", result="ok").inc()
             return Principal(user.name, user.role, "basic")
@@ -149,6 +149,11 @@ class ReviewApp:
         if page:
             return Response(303, b"", headers=[("Location", "/login?next=" + quote(_safe_next(req), safe=""))])
         return self._unauthorised("login required (HTTP Basic, or the console's session)")
+
+    def _who_tried(self, name: str) -> dict[str, Any]:
+        """A failed login names the user only when it is a configured one: what someone typed into the user field
+        may be a password, and the audit trail must not keep it."""
+        return {"user": name} if name in self.auth.users else {"user": None, "known_user": False}
 
     @staticmethod
     def _unauthorised(why: str) -> Response:
@@ -180,7 +185,7 @@ class ReviewApp:
         wait = self.auth.throttle.blocked(f"user:{name}", f"addr:{req.client}")
         if wait > 0:
             metrics.LOGINS.labels(method="form", result="throttled").inc()
-            self.audit.event("login-throttled", user=name, method="form", address=req.client)
+            self.audit.event("login-throttled", **self._who_tried(name), method="form", address=req.client)
             rsp = self._login_page(req, "Too many failed logins. Try again later.", 429)
             rsp.headers.append(("Retry-After", str(math.ceil(wait))))
             return rsp
@@ -188,7 +193,7 @@ class ReviewApp:
         if user is None:
             self.auth.throttle.failed(f"user:{name}", f"addr:{req.client}")
             metrics.LOGINS.labels(method="form", result="failed").inc()
-            self.audit.event("login-failed", user=name, method="form", address=req.client)
+            self.audit.event("login-failed", **self._who_tried(name), method="form", address=req.client)
             return self._login_page(req, "Wrong user name or password.", 401)
         self.auth.throttle.succeeded(f"user:{name}")
         session = self.auth.open_session(user)
