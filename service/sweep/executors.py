@@ -125,9 +125,10 @@ class Executor:
         raise NotImplementedError
 
 
-def _init_worker(cfg: Config) -> None:
+def _init_worker() -> None:
+    # Only the driver decides when to stop. The models are loaded by describe() (or the first batch), so that a
+    # model that cannot load is that call's error with its message, not a broken pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    judge_for(cfg)  # load the detectors before the first batch arrives
 
 
 def describe(cfg: Config) -> dict[str, Any]:
@@ -160,7 +161,7 @@ class LocalExecutor(Executor):
     def _start(self) -> ProcessPoolExecutor:
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method),
-                                   initializer=_init_worker, initargs=(self.cfg,))  # fmt: skip
+                                   initializer=_init_worker)  # fmt: skip
 
     broken = (BrokenProcessPool,)
     loses_all = True
