@@ -207,7 +207,7 @@ def _workers_of(pid: int) -> list[int]:
 
 
 def test_a_worker_that_dies_costs_no_film(tmp_path):
-    films = _copy_films(tmp_path / "films", 120)
+    films = _copy_films(tmp_path / "films", 60)
     out = tmp_path / "out"
     proc = subprocess.Popen([FILMGATE, "sweep", str(tmp_path / "films"), "--out", str(out), "--jobs", "2",
                              "--batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
