@@ -99,6 +99,8 @@ class ReviewApp:
 
     def _route(self, req: Request) -> Response:
         path, method = req.path, req.method
+        if path == "/favicon.ico":  # browsers ask for it on every page; nothing to show, nothing to log
+            return Response(204)
         if path.startswith("/static/") and method in ("GET", "HEAD"):
             return self._static(path[len("/static/"):])
         if path == "/login":

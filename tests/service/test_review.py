@@ -113,6 +113,9 @@ def test_browser_logs_in_filters_and_releases_by_keyboard(node):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
         page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
         page.goto(base + "/")
         assert "/login" in page.url  # no session: the console sends the browser to the login page
         page.fill("input[name=user]", "ann")
@@ -148,6 +151,12 @@ def test_browser_logs_in_filters_and_releases_by_keyboard(node):
         page.goto(base + "/?review_state=pending")
         pending = page.locator(".tile").count()
         assert pending == len(sent) - 2  # not the accepted film, not the released one
+        for i in range(pending):  # every film's details open (one carries the decision's notes) and close
+            page.locator(".tile").nth(i).focus()
+            page.keyboard.press("Enter")
+            page.wait_for_selector("#detail[open] table")
+            page.keyboard.press("Escape")
+            page.wait_for_selector("#detail:not([open])", state="attached")
         page.keyboard.press("a")
         page.keyboard.press("c")
         until(page, f"document.getElementById('status').textContent.startsWith('Confirmed {pending} of {pending}')",
@@ -156,6 +165,7 @@ def test_browser_logs_in_filters_and_releases_by_keyboard(node):
         page.wait_for_selector("#studies")
         assert page.locator("#studies tr").count() == 1 + len(sent)  # every film is its own study here
         browser.close()
+    assert errors == [], errors  # no script error, no failed request (CSP included) on any page
     item = gate.api_json(f"/api/instances/{target}", "ann", PASSWORDS["ann"])
     uid = item["sop_instance_uid"]
     assert uid in rotated and item["review_state"] == "released" and item["reviewed_by"] == "ann"

@@ -104,7 +104,9 @@
       ["Sender", d.calling_ae + (d.peer_address ? " @ " + d.peer_address : "")], ["Received", d.received_at], ["Decided", d.decided_at]];
     Object.entries(d.header || {}).forEach(([k, v]) => facts.push([k, v]));
     if (d.patient) { facts.push(["Patient name", d.patient.name]); facts.push(["Patient ID", d.patient.id]); }
-    (d.notes || []).forEach(n => facts.push(["Note", n]));
+    const notes = d.notes || {};  // the decision's notes by reason; a list from other sources (a sweep)
+    if (Array.isArray(notes)) notes.forEach(n => facts.push(["Note", typeof n === "string" ? n : JSON.stringify(n)]));
+    else Object.entries(notes).forEach(([k, v]) => facts.push(["Note (" + k + ")", v]));
     if (d.error) facts.push(["Error", d.error]);
     section("Facts", table(["", ""], facts));
     section("Deliveries", table(["destination", "state", "at", "error"], (d.deliveries || []).map(x => [x.destination, x.state, x.at, x.error])));
