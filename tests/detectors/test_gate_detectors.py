@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 from filmgate.datasets import select
-from tests.detectors.conftest import MODELS, val_subset
-from tests.service.conftest import REPO, Gate, film_pixels, make_dicom, normalise, storescu
+from tests.helpers import MODELS, REPO, Gate, film_pixels, make_dicom, normalise, storescu, val_subset
 
 
 def _first(kind: str, source: str | None = None, pediatric: str | None = None):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from filmgate.datasets import LabelledFilm, select
-from tests.detectors.conftest import pixels
+from tests.helpers import pixels
 
 
 def wrong_rows() -> set[str]:

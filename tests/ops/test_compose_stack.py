@@ -19,8 +19,7 @@ import pytest
 import yaml
 
 from filmgate.datasets import select
-from tests.ops.conftest import DEPLOY, REPO, docker, http, wait_until
-from tests.service.conftest import film_pixels, make_dicom, normalise
+from tests.helpers import DEPLOY, REPO, docker, film_pixels, http, make_dicom, normalise, wait_until
 
 pytestmark = pytest.mark.slow
 AUTH = ("demo", "demo")

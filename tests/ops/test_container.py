@@ -17,8 +17,7 @@ import uuid
 import pytest
 
 from filmgate.datasets import select
-from tests.ops.conftest import docker, http, wait_until
-from tests.service.conftest import CT_STORAGE, film_pixels, make_dicom, normalise
+from tests.helpers import CT_STORAGE, docker, film_pixels, http, make_dicom, normalise, wait_until
 
 pytestmark = pytest.mark.slow
 

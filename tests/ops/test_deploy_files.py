@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ops.conftest import DEPLOY, exported_series_names, metrics_names_in_contract, tool
+from tests.helpers import DEPLOY, exported_series_names, metrics_names_in_contract, tool
 
 K8S = DEPLOY / "k8s"
 COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())

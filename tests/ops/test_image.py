@@ -23,7 +23,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from filmgate.datasets import select
-from tests.ops.conftest import DEPLOY, REPO, free_port, http, tool, wait_until
+from tests.helpers import DEPLOY, REPO, free_port, http, tool, wait_until
 
 DOCKERFILE = REPO / "Dockerfile"
 

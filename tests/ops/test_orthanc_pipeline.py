@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from filmgate.datasets import data_root
-from tests.ops.conftest import (
+from tests.helpers import (
     DEPLOY,
     REPO,
     FilmgateNode,
@@ -41,7 +41,9 @@ from tests.ops.conftest import (
     free_port,
     http,
     metrics_names_in_contract,
+    spool_drained,
     tool,
+    wait_for,
     wait_until,
 )
 from tests.ops.test_deploy_files import dashboard_queries
@@ -236,7 +238,8 @@ def test_hospital_pacs_to_research_pacs_through_filmgate(stack, tmp_path):
         return len(research.get("/instances")) + len(q) >= len(FILMS)
 
     wait_until(settled, 120, f"all films delivered (filmgate log:\n{node.process.tail(30)})", interval=0.5)
-    time.sleep(1.0)  # a duplicate delivery, if any, would show up now
+    # filmgate's spool and outbox are empty: nothing more can be sent, so a duplicate delivery would be here now.
+    wait_until(lambda: spool_drained(Path(cfg["spool"]["path"])), 60, "filmgate's spool and outbox to drain")
     elapsed = time.monotonic() - t0
 
     # --- the research PACS holds exactly the clean frontal films, once each, pixels intact
@@ -370,17 +373,13 @@ def test_dead_letters_raise_the_alert_and_the_documented_resend_delivers_them(tm
             alerts = prom.api("alerts")["alerts"]
             return {a["labels"]["alertname"]: a["state"] for a in alerts if a["labels"].get("destination")}
 
-        deadline = time.monotonic() + 30
-        while True:
+        def raised() -> bool:
             states = alert_states()
-            ok = states.get("FilmgateDeadLetters") == "firing"  # fires at once
-            ok &= states.get("FilmgateDeliveriesFailing") in ("pending", "firing")  # fires after 10 minutes
-            if ok:
-                break
-            if time.monotonic() > deadline:
-                series = prom.query('{job="filmgate", destination="research-pacs"}')
-                pytest.fail(f"alerts not raised: {states}; series: {series}", pytrace=False)
-            time.sleep(0.5)
+            return (states.get("FilmgateDeadLetters") == "firing"  # fires at once
+                    and states.get("FilmgateDeliveriesFailing") in ("pending", "firing"))  # fires after 10 minutes
+
+        series = '{job="filmgate", destination="research-pacs"}'
+        wait_for(raised, 30, lambda: f"alerts raised: {alert_states()}; series: {prom.query(series)}", interval=0.5)
         (row,) = prom.query('sum(filmgate_dead_letters_total{job="filmgate", destination="research-pacs"})')
         assert float(row["value"][1]) == 1
 

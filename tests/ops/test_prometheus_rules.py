@@ -7,7 +7,7 @@ import subprocess
 
 import yaml
 
-from tests.ops.conftest import DEPLOY, exported_series_names, metrics_names_in_contract, tool
+from tests.helpers import DEPLOY, exported_series_names, metrics_names_in_contract, tool
 
 PROM = DEPLOY / "prometheus"
 RULES = sorted((PROM / "rules").glob("*.yml"))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.service.conftest import REPO, Gate, storescu
+from tests.helpers import REPO, Gate, storescu
 
 
 def test_waiting_films_are_batched_with_the_same_scores(tmp_path, made_films, models_dir):

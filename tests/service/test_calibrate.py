@@ -18,8 +18,7 @@ import yaml
 from filmgate.config import load_config
 from filmgate.datasets import select
 from filmgate.judge import Judge
-from tests.helpers import MODELS, REPO
-from tests.service.conftest import film_pixels, make_dicom
+from tests.helpers import MODELS, REPO, film_pixels, make_dicom
 
 LOW = {"orientation": 1e-6, "flip": 0.01}
 TARGET = 0.05

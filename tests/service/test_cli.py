@@ -70,7 +70,7 @@ def test_version_names_the_models():
 
 
 def test_no_internal_jargon_in_model_cards_and_user_docs():
-    from tests.service.conftest import REPO
+    from tests.helpers import REPO
 
     docs = [*REPO.glob("models/*/MODEL_CARD.md"), REPO / "README.md", REPO / "training" / "README.md",
             *REPO.glob("docs/*.md")]  # fmt: skip

@@ -15,7 +15,7 @@ from filmgate.config import (
     load_config,
     parse_config,
 )
-from tests.service.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_defaults_match_the_contract(monkeypatch):

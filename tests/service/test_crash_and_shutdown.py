@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from filmgate.index import DecisionIndex, Query
 from filmgate.spool import Spool
-from tests.service.conftest import Gate, sha, wait_for
+from tests.helpers import Gate, sha, wait_for
 
 
 class Burst(threading.Thread):

@@ -14,7 +14,7 @@ from filmgate.config import FolderDestinationConfig, parse_config
 from filmgate.destinations import Delivery, FolderDestination
 from filmgate.spool import Spool, distinct_component
 from tests import hostile
-from tests.service.conftest import sha
+from tests.helpers import sha
 
 
 def folder(tmp_path: Path, **kw) -> FolderDestination:

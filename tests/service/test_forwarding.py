@@ -3,7 +3,7 @@ forwarded are the bytes received; a node that never answers ends in the dead-let
 
 from __future__ import annotations
 
-from tests.service.conftest import Gate, Receiver, dataset_bytes, free_port, sha, storescu, wait_for
+from tests.helpers import Gate, Receiver, dataset_bytes, free_port, sha, storescu, wait_for
 
 
 def test_forwarding_with_a_peer_down_part_of_the_time(tmp_path, made_films, models_dir):

@@ -21,7 +21,7 @@ from filmgate.config import DicomDestinationConfig, TLSConfig, parse_config
 from filmgate.destinations import Delivery, DicomDestination
 from filmgate.spool import Spool
 from tests import hostile
-from tests.service.conftest import REPO, Receiver, dataset_bytes, free_port, sha, wait_for
+from tests.helpers import REPO, Receiver, dataset_bytes, free_port, sha, wait_for
 
 EXPLICIT = "1.2.840.10008.1.2.1"
 

@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from filmgate.datasets import select
-from tests.service.conftest import (
+from tests.helpers import (
     CR_STORAGE,
     DCMTK_ENV,
     HTJ2K,
@@ -95,8 +94,8 @@ def run(gate, made_films, data_dir, tmp_path_factory):
             found[rec["sop_instance_uid"]].append(rec)
         return found if all(len(found[uid]) >= n for uid, n in expected.items()) else None
 
-    by_uid = wait_for(delivered, 180, "every instance delivered")
-    time.sleep(0.5)  # anything delivered twice would show up now
+    wait_for(delivered, 180, "every instance delivered")
+    gate.wait_drained()  # the spool is empty: nothing more can be delivered, so a duplicate would be here now
     by_uid = delivered()
     records = [r for recs in by_uid.values() for r in recs]
     return {

@@ -23,7 +23,7 @@ from filmgate.pipeline import Pipeline
 from filmgate.record import Arrival
 from filmgate.spool import Spool
 from tests import hostile
-from tests.service.conftest import REPO, Gate, send_file_raw, wait_for, write_with_meta
+from tests.helpers import REPO, Gate, send_file_raw, wait_for, write_with_meta
 
 
 def restarts(stage: str, cause: str) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from filmgate.review.auth import hash_password, verify_password
-from tests.service.conftest import (
+from tests.helpers import (
     REPO,
     Gate,
     Receiver,

@@ -10,7 +10,7 @@ from filmgate.config import ListenerConfig, SenderRule
 from filmgate.listener import HEALTHCHECK_AE, sender_allowed
 from filmgate.record import Arrival
 from filmgate.spool import Spool, safe_component
-from tests.service.conftest import Gate, wait_for
+from tests.helpers import Gate, wait_for
 
 
 def test_persist_claim_finish_and_recover(tmp_path):
@@ -101,7 +101,11 @@ def test_the_running_node_removes_what_aborted_transfers_left_in_tmp(tmp_path):
     writer.start()
     try:
         wait_for(lambda: not stale.exists(), 30, "the stale partial file removed")
-        time.sleep(3)  # a few more sweeps
+        # Another aborted transfer after that sweep: once it is gone too, later sweeps have run with the live one.
+        later = tmp / "aborted-later"
+        later.write_bytes(b"half a dataset")
+        os.utime(later, (time.time() - 10, time.time() - 10))
+        wait_for(lambda: not later.exists(), 30, "a later sweep")
         assert live.exists(), "a file still being written to must stay"
         assert "removed 1 partial file" in gate.log()
     finally:

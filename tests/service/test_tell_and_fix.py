@@ -29,8 +29,7 @@ from filmgate.datasets import select
 from filmgate.index import DecisionIndex
 from filmgate.judge import Judge
 from filmgate.review.auth import hash_password
-from tests.ops.conftest import Orthanc, wait_until
-from tests.service.conftest import MODELS, Gate, compress, film_pixels, free_port, storescu
+from tests.helpers import MODELS, Gate, Orthanc, compress, film_pixels, free_port, storescu, wait_until
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 ANN_PASSWORD = "correct horse battery staple"

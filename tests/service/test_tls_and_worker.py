@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.service.conftest import DX_FOR_PRESENTATION, REPO, Gate, self_signed, send_file_raw, wait_for
+from tests.helpers import DX_FOR_PRESENTATION, REPO, Gate, self_signed, send_file_raw, wait_for
 
 
 def test_tls_listener(tmp_path, made_films, models_dir):

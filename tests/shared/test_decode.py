@@ -220,7 +220,7 @@ def test_native_fast_path_matches_pydicom(bits_stored, signed, frames):
 def test_htj2k_films_decode_like_their_uncompressed_original(tmp_path, data_dir, lossless):
     """High-Throughput JPEG 2000 (encoded by OpenJPH's ojph_compress): lossless decodes exactly, lossy closely."""
     from filmgate.datasets import select
-    from tests.service.conftest import HTJ2K, HTJ2K_LOSSLESS, film_pixels, htj2k, make_dicom
+    from tests.helpers import HTJ2K, HTJ2K_LOSSLESS, film_pixels, htj2k, make_dicom
 
     film = select(split="val", kind="frontal-chest", source="hannover")[0]
     plain = tmp_path / "plain.dcm"

@@ -22,7 +22,7 @@ from filmgate import codecs
 from filmgate.config import load_config
 from filmgate.decode import decode_dataset, decode_image_bytes, read_dataset
 from filmgate.judge import Judge
-from tests.service.conftest import compress, dcmtk, make_dicom
+from tests.helpers import compress, dcmtk, make_dicom
 
 # Largest score difference measured on these films: 0.056 (the view detector on the JPEG 2000 and HTJ2K films decoded
 # at 1/4: a wavelet level is a smoother low-pass than the box filter). Lossless full-size decoders differ by 0.

@@ -144,3 +144,21 @@ def test_no_import_cycles_in_filmgate_or_filmgate_training():
 
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_tests_take_helpers_from_tests_helpers_only():
+    """Shared test helpers live in one module (tests/helpers.py): none is imported from a conftest file or defined
+    twice."""
+    tests = sorted((REPO / "tests").rglob("*.py"))
+    for path in tests:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.endswith("conftest"), f"{path.relative_to(REPO)} imports from {node.module}"
+    helpers = {n.name for n in ast.parse((REPO / "tests" / "helpers.py").read_text()).body
+               if isinstance(n, ast.FunctionDef | ast.ClassDef)}  # fmt: skip
+    for path in tests:
+        if path.name == "helpers.py":
+            continue
+        defined = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        assert not defined & {"free_port", "wait_for", "wait_until"}, f"{path.relative_to(REPO)}: use tests/helpers"
+        assert not (defined & helpers) - {"test_" + n for n in helpers}, (path.relative_to(REPO), defined & helpers)

@@ -1,18 +1,9 @@
-"""Fixtures of the sweep tests: a folder tree made from real films, and the installed ``filmgate sweep`` run on it.
-
-The tree is what a research group's folder looks like: nested folders of PNG and JPEG films, DICOM files with and
-without an extension (the real DICOM test files and DX films made from real films), a DICOMDIR with its own
-extension-less files, a text file, an empty file, and truncated DICOM and JPEG files.
-"""
+"""Fixtures of the sweep tests (their helpers are in tests/helpers.py, the one module tests import helpers from)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,32 +12,7 @@ from pydicom import dcmread
 from pydicom.fileset import FileSet
 
 from filmgate.datasets import select
-from tests.service.conftest import film_pixels, make_dicom
-
-FILMGATE = str(Path(sys.executable).parent / "filmgate")
-SKIPPED = {"notes/readme.txt", "notes/empty.dat", "archive/DICOMDIR"}
-
-
-def run_sweep(*args: str | Path, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``filmgate sweep ARGS`` from an empty folder, as a user runs it (no progress bar: not a terminal)."""
-    env = {k: v for k, v in os.environ.items() if k != "FILMGATE_CONFIG"}
-    proc = subprocess.run([FILMGATE, "sweep", *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd="/")  # fmt: skip
-    if check:
-        assert proc.returncode == 0, f"filmgate sweep {args}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def inspect(files: list[Path]) -> dict[str, dict]:
-    """``filmgate inspect`` on ``files`` (one process): file -> its JSON line."""
-    proc = subprocess.run([FILMGATE, "inspect", *map(str, files)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return {d["file"]: d for d in map(json.loads, proc.stdout.splitlines())}
+from tests.helpers import film_pixels, make_dicom, read_csv, run_sweep
 
 
 def _films(per_kind: int) -> list[Path]:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.ops.conftest import Process, free_port, wait_until
-from tests.sweep.conftest import read_csv, run_sweep
+from tests.helpers import Process, free_port, read_csv, run_sweep, wait_until
 
 
 def test_cluster_mode_gives_the_rows_of_the_local_mode(film_tree, swept, tmp_path):

@@ -17,8 +17,7 @@ import cv2
 import numpy as np
 
 from filmgate.datasets import select
-from tests.ops.conftest import wait_until
-from tests.sweep.conftest import FILMGATE, SKIPPED, inspect, read_csv, run_sweep
+from tests.helpers import FILMGATE, SKIPPED, inspect, read_csv, run_sweep, wait_until
 
 
 def test_one_row_per_film_with_the_decision_of_inspect(film_tree, swept):

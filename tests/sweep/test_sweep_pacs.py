@@ -15,9 +15,7 @@ import pydicom
 import pytest
 
 from filmgate.datasets import select
-from tests.ops.conftest import Orthanc, free_port
-from tests.service.conftest import film_pixels, make_dicom
-from tests.sweep.conftest import inspect, read_csv, run_sweep
+from tests.helpers import Orthanc, film_pixels, free_port, inspect, make_dicom, read_csv, run_sweep
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 from filmgate.review.auth import hash_password
-from tests.service.conftest import Gate
-from tests.sweep.conftest import read_csv, run_sweep
+from tests.helpers import Gate, read_csv, run_sweep
 
 USER, PASSWORD = "ann", "ann-reviews-films"
 
