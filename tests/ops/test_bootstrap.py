@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
