@@ -90,9 +90,9 @@ class ReviewSide:
         self._next_sweep = now + 600.0
         try:
             gone = self.index.expire_kept(now - self.cfg.review.retention_days * 86400)
-            for p in gone:
+            for kept in gone:
                 with contextlib.suppress(FileNotFoundError):
-                    Path(p).unlink()
+                    Path(kept).unlink()
             oldest = time.strftime("%Y%m%d", time.gmtime(now - self.cfg.review.retention_days * 86400))
             for day in (self.recorder.kept_root.iterdir() if self.recorder.kept_root.is_dir() else ()):
                 if day.name < oldest:  # copies the index lost track of (a failed write) go with their day too

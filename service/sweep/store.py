@@ -15,7 +15,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from filmgate.sweep.sources import Candidate
 from filmgate.sweep.work import Row
@@ -39,7 +39,7 @@ class Store:
     def __init__(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         # One sweep per folder at a time: a second one would interleave runs and outputs.
-        self._lock = open(out_dir / "sweep.lock", "a+")  # noqa: SIM115 - held until close()
+        self._lock: IO[str] | None = open(out_dir / "sweep.lock", "a+")  # noqa: SIM115 - held until close()
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
