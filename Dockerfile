@@ -6,8 +6,8 @@
 #
 # The base images are build arguments: BASE_IMAGE (the runtime: Debian with python3, the passwd tools and libopenjp2-7,
 # OpenJPEG for the reduced-resolution JPEG 2000 decode) and
-# BUILD_IMAGE (the same plus python3-venv). scripts/build-image makes both with debootstrap from Debian's packages
-# (no image registry needed); any Debian bookworm image with those packages works, e.g. one built FROM debian:12-slim.
+# BUILD_IMAGE (the same plus python3-venv). scripts/build-image makes one image with both from Debian's packages by
+# debootstrap (no image registry needed) and passes it as both; any Debian bookworm image with those packages works.
 # Plain `docker build` (BuildKit) with the base images already present:
 #
 #   DOCKER_BUILDKIT=1 docker build --network host --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt \
@@ -44,6 +44,8 @@ FROM build AS build-cuda
 RUN --mount=type=secret,id=ca filmgate-install cuda /src /opt/filmgate/venv
 
 # ---------------------------------------------------------------------------------------------------------------------
+# onnxruntime's CUDA provider finds the wheels' libraries through LD_LIBRARY_PATH (checked with ldd: only the
+# driver's libcuda.so.1 is left to the host, which the NVIDIA Container Toolkit mounts).
 FROM ${BASE_IMAGE} AS runtime-cuda
 RUN groupadd --system --gid 10001 filmgate \
     && useradd --system --uid 10001 --gid filmgate --home-dir /var/lib/filmgate --shell /usr/sbin/nologin filmgate \
@@ -54,6 +56,7 @@ ENV PATH=/opt/filmgate/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     FILMGATE_CONFIG=/etc/filmgate/filmgate.yaml \
+    LD_LIBRARY_PATH=/opt/filmgate/venv/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/filmgate/venv/lib/python3.11/site-packages/nvidia/cudnn/lib \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /var/lib/filmgate
