@@ -16,6 +16,7 @@ A film is flagged with ``reason`` when its score is at least ``threshold``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from filmgate.preprocess import PreprocessSpec
+from filmgate.typed_config import ConfigError, build
 
 MANIFEST_NAME = "manifest.json"
 DETECTOR_KINDS = ("classifier", "score")
@@ -101,42 +103,15 @@ class ModelManifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelManifest:
-        known = {
-            "name", "version", "file", "kind", "reason", "threshold", "preprocessing", "labels", "positive_labels",
-            "input_name", "output_name", "sha256", "description", "card", "created", "metrics", "training_data",
-            "extra",
-        }  # fmt: skip
-        unknown = set(data) - known
-        if unknown:
-            raise ManifestError(f"unknown manifest keys {sorted(unknown)}")
-        for key in ("name", "version", "file", "kind", "reason", "threshold", "preprocessing"):
-            if key not in data:
-                raise ManifestError(f"manifest key '{key}' is required")
+        """A manifest mapping (``manifest.json``) -> the manifest, by the same loader as the configurations: unknown
+        keys refused, every value checked against its annotation, a :class:`ManifestError` naming the key otherwise.
+        The free-form parts (metrics, training data, extra) stay plain JSON values."""
         try:
-            return cls(
-                name=str(data["name"]),
-                version=str(data["version"]),
-                file=str(data["file"]),
-                kind=str(data["kind"]),
-                reason=str(data["reason"]),
-                threshold=float(data["threshold"]),
-                preprocessing=PreprocessSpec.from_dict(data["preprocessing"]),
-                labels=tuple(data.get("labels", ())),
-                positive_labels=tuple(data.get("positive_labels", ())),
-                input_name=str(data.get("input_name", "image")),
-                output_name=str(data.get("output_name", "output")),
-                sha256=str(data.get("sha256", "")),
-                description=str(data.get("description", "")),
-                card=str(data.get("card", "MODEL_CARD.md")),
-                created=str(data.get("created", "")),
-                metrics=dict(data.get("metrics", {})),
-                training_data=list(data.get("training_data", [])),
-                extra=dict(data.get("extra", {})),
-            )
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ManifestError):
-                raise
+            m: ModelManifest = build(cls, data, "manifest.")
+        except ConfigError as exc:
             raise ManifestError(str(exc)) from exc
+        return dataclasses.replace(m, metrics=dict(m.metrics), training_data=[dict(d) for d in m.training_data],
+                                   extra=dict(m.extra))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -20,6 +20,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from filmgate.typed_config import build
+
 RESIZE_MODES = ("letterbox", "stretch")
 NORMALIZE_MODES = ("zscore", "unit")
 
@@ -42,10 +44,10 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreprocessSpec:
-        unknown = set(data) - {"size", "resize", "normalize"}
-        if unknown:
-            raise ValueError(f"preprocessing has unknown keys {sorted(unknown)}; allowed: size, resize, normalize")
-        return cls(**dict(data))
+        """A ``preprocessing`` mapping (a manifest's, a training config's) -> the spec; a :class:`ConfigError`
+        (a ValueError) naming the key otherwise."""
+        spec: PreprocessSpec = build(cls, data, "preprocessing.")
+        return spec
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,8 +4,8 @@ The gate's configuration (:mod:`filmgate.config`) and a training run's
 (:mod:`filmgate_training.config`) are typed, frozen
 dataclasses read from YAML. Both need the same things: unknown keys refused with the allowed ones listed, every value
 checked against its annotation (``bool``, ``int``, ``float``, ``str``, ``X | None``, ``tuple[X, ...]``,
-``Mapping[str, X]``, nested dataclasses, and types that build themselves through a ``from_dict`` classmethod, such
-as :class:`filmgate.preprocess.PreprocessSpec`), and a message that starts with the dotted key
+``Sequence[X]`` (read as a tuple), ``Mapping[str, X]``, ``Any`` (kept as read), nested dataclasses such as
+:class:`filmgate.preprocess.PreprocessSpec`), and a message that starts with the dotted key
 (``train.steps: must be an integer, got 'many'``) so a typo fails before anything starts.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -74,14 +74,8 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return coerce(inner[0], value, key)
-    from_dict = getattr(tp, "from_dict", None) if isinstance(tp, type) else None
-    if callable(from_dict):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: must be a mapping, got {value!r}")
-        try:
-            return from_dict(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{key}: {exc}") from exc
+    if tp is Any:  # free-form (a manifest's metrics): kept as read
+        return value
     if dataclasses.is_dataclass(tp):
         return build(tp, value, key + ".")  # type: ignore[arg-type]
     if tp is bool:
@@ -100,7 +94,7 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise ConfigError(f"{key}: must be a string, got {value!r}")
         return str(value)
-    if origin is tuple:
+    if origin in (tuple, Sequence):
         if isinstance(value, str | Mapping) or not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: must be a list, got {value!r}")
         return tuple(_each([(f"{key}[{i}]", v) for i, v in enumerate(value)], args[0]).values())
