@@ -47,7 +47,12 @@ class Node:
     def start(self) -> None:
         cfg = self.cfg
         self._set_ready(False)
-        self.spool = spool = Spool(cfg.spool.path, fsync=cfg.spool.fsync)
+        self.spool = spool = Spool(
+            cfg.spool.path,
+            fsync=cfg.spool.fsync,
+            min_free_bytes=cfg.spool.min_free_bytes,
+            min_free_percent=cfg.spool.min_free_percent,
+        )
         recovered = spool.recover()
         if recovered:
             log.info("recovered %d instances claimed by the previous run", recovered)
@@ -72,7 +77,7 @@ class Node:
             on_stored = None  # the pipeline shares this process's spool, whose adopt() wakes its claimer
         if cfg.http.enabled:
             console = self.review.app(self.destinations)
-            self.http = HttpServer(cfg.http.host, cfg.http.port, lambda: self.ready, self._metrics, app=console,
+            self.http = HttpServer(cfg.http.host, cfg.http.port, self._is_ready, self._metrics, app=console,
                                    public=cfg.http.public, tls=cfg.http.tls)  # fmt: skip
             self.http.start()
             scheme = "https" if cfg.http.tls.enabled else "http"
@@ -84,10 +89,15 @@ class Node:
             tracker = tracker_for(cfg, spool)
             assert tracker is not None
             self.studies = StudyWatcher(cfg, spool, tracker, recorder=self.review.recorder)
-        self.listener = Listener(cfg.listener, spool, on_stored, self.review.recorder)
+        self.listener = Listener(cfg.listener, spool, on_stored, self.review.recorder,
+                                 max_pdu=cfg.limits.max_pdu_bytes)  # fmt: skip
         self.listener.start()
         self._set_ready(True)
         log.info("ready (config %s)", cfg.source)
+
+    def _is_ready(self) -> bool:
+        """Ready: started, not draining, and the spool above its reserve (a full node must not get new senders)."""
+        return self.ready and self.listener is not None and self.listener.space_ok()
 
     def _start_threads(self, spool: Spool) -> None:
         from filmgate.assembly import build_pipeline
@@ -97,6 +107,7 @@ class Node:
         self.pipeline.start()
 
     def _metrics(self) -> bytes:
+        metrics.READY.set(1 if self._is_ready() else 0)
         if self.review is not None:
             self.review.refresh_metrics()
         return metrics.render([w.snapshot() for w in self.workers])

@@ -424,6 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from filmgate import patches
+
+    try:
+        patches.install()  # the library changes filmgate depends on, checked against the installed versions
+    except patches.PatchError as exc:
+        print(f"filmgate: {exc}", file=sys.stderr)
+        return 2
     return int(args.func(args) or 0)
 
 

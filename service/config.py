@@ -8,13 +8,11 @@ dataclass defaults below, so ``filmgate serve`` works with no file at all (AE ``
 
 from __future__ import annotations
 
-import copyreg
 import dataclasses
 import ipaddress
 import os
 import re
 import string
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import yaml
 
 from filmgate.record import LAYOUT_FIELDS  # the names a layout may use: the fields of the one instance record
-from filmgate.typed_config import ConfigError, build
+from filmgate.typed_config import ConfigError, FrozenMap, build
 
 ENV_CONFIG = "FILMGATE_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -33,10 +31,6 @@ TRANSCODE_TARGETS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit, Im
 POLICY_MODES = ("enforce", "shadow")
 ROLES = ("viewer", "reviewer")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
-
-
-# The config travels to the worker process by pickle; read-only mappings are rebuilt from plain dicts.
-copyreg.pickle(types.MappingProxyType, lambda m: (types.MappingProxyType, (dict(m),)))
 
 
 # ------------------------------------------------------------------------------------------------- sections
@@ -50,15 +44,27 @@ class SenderRule:
     hosts: tuple[str, ...] = ()
 
 
+# BCP 195 (RFC 9325) and DICOM's BCP 195 TLS profile (PS3.15 B.9): TLS 1.2 or later, forward-secret key exchange
+# with AEAD ciphers only. TLS 1.3 suites are OpenSSL's defaults (all of them AEAD) and not affected by this list.
+BCP195_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
 @dataclass(frozen=True)
 class TLSConfig:
-    """DICOM TLS on the listener (hospital IT often requires it between sites)."""
+    """DICOM TLS on the listener (hospital IT often requires it between sites), with BCP 195's settings."""
 
     enabled: bool = False
     cert_file: str = ""
     key_file: str = ""
     ca_file: str = ""
     require_client_cert: bool = False
+    min_version: str = "TLSv1.2"
+    ciphers: str = BCP195_CIPHERS
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,13 @@ class ListenerConfig:
     ae_title: str = "FILMGATE"
     host: str = "0.0.0.0"
     port: int = 11112
-    max_associations: int = 16
+    max_associations: int = 16  # associations (A-ASSOCIATE-RQ received) at once, from all senders
+    max_associations_per_host: int = 8  # ... from one address, so one peer cannot take every slot
+    max_connections: int = 256  # TCP connections at once, associations or not; more are closed at once
+    max_connections_per_host: int = 64
+    acse_timeout: float = 10.0  # a connection must send its A-ASSOCIATE-RQ within this, or it is closed
     network_timeout: float = 60.0
+    called_ae_titles: tuple[str, ...] = ()  # AE titles senders may call: empty = ae_title only, ["*"] = any
     allow_list: bool = True
     allow: tuple[SenderRule, ...] = (SenderRule("*", ("127.0.0.0/8", "::1")),)
     tls: TLSConfig = field(default_factory=TLSConfig)
@@ -80,6 +91,10 @@ class SpoolConfig:
     # A file under tmp/ untouched this long is the remains of an aborted transfer (a live one is written to at least
     # every listener.network_timeout): removed while the node runs, not only at the next start.
     stale_tmp_seconds: float = 3600.0
+    # The reserve kept free on the spool's file system: below the larger of the two, C-STORE is answered 0xA700 (out
+    # of resources) and /readyz is 503 until space is freed.
+    min_free_bytes: int = 512 * 1024 * 1024
+    min_free_percent: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -112,8 +127,10 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Bounds on what one film may cost, so that a hostile or broken film costs that film, never the node.
+    """Bounds on what one peer or one film may cost, so that hostile or broken input costs itself, never the node.
 
+    ``max_pdu_bytes`` is the largest PDU the listener announces (A-ASSOCIATE-AC maximum length); a PDU whose header
+    declares more than that plus a 64 KiB margin is refused before anything is read or allocated for it (A-ABORT).
     A dataset larger than ``max_dataset_bytes`` (as received, or once a Deflated dataset is inflated, which is done
     incrementally and stopped at the bound) and pixel data declaring more than ``max_pixels`` values (Rows x Columns
     x frames x samples, and the size a JPEG / JPEG 2000 codestream header declares) are quarantined ``undecodable``
@@ -123,6 +140,7 @@ class LimitsConfig:
     again.
     """
 
+    max_pdu_bytes: int = 4 * 1024 * 1024
     max_dataset_bytes: int = 1 << 30  # 1 GiB
     max_pixels: int = 1 << 28  # 268,435,456 values: a 16384 x 16384 film
     decode_isolation: bool = True
@@ -143,7 +161,7 @@ class DetectorsConfig:
 class PolicyConfig:
     """The decision rules. Thresholds default to each manifest's; set one here to override it."""
 
-    thresholds: Mapping[str, float] = field(default_factory=dict)
+    thresholds: Mapping[str, float] = field(default_factory=FrozenMap)
     modality_rule: bool = True
     modalities: tuple[str, ...] = ("CR", "DX")
     pediatric_rule: bool = True
@@ -159,7 +177,7 @@ class PolicyConfig:
     # is quarantined as not-frontal-chest, not also as "flipped" or "pediatric" by detectors trained on chest films.
     # The header rules (modality, the age in the header) are never dropped.
     outranks: Mapping[str, tuple[str, ...]] = field(
-        default_factory=lambda: {"not-frontal-chest": ("flipped", "pediatric", "atypical")}
+        default_factory=lambda: FrozenMap({"not-frontal-chest": ("flipped", "pediatric", "atypical")})
     )
     # enforce: route by the decision. shadow: decide and record everything (index, sidecars, metrics), but route every
     # film to the accept route; how a site tries the gate on its own traffic before it holds films back.
@@ -225,7 +243,7 @@ class HttpPublicConfig:
 @dataclass(frozen=True)
 class HttpConfig:
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback by default; the container and Kubernetes configs open it (0.0.0.0)
     port: int = 9108
     tls: TLSConfig = field(default_factory=TLSConfig)  # HTTPS on this port, the same settings as listener.tls
     public: HttpPublicConfig = field(default_factory=HttpPublicConfig)
@@ -450,8 +468,33 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
     lst = cfg.listener
     _check_ae(lst.ae_title, "listener.ae_title", err)
     _check_port(lst.port, "listener.port", err)
-    _positive(lst.max_associations, "listener.max_associations", err)
-    _positive(lst.network_timeout, "listener.network_timeout", err)
+    for name in ("max_associations", "max_associations_per_host", "max_connections", "max_connections_per_host",
+                 "acse_timeout", "network_timeout"):  # fmt: skip
+        _positive(getattr(lst, name), f"listener.{name}", err)
+    if lst.max_connections < lst.max_associations:
+        err("listener.max_connections: must be at least listener.max_associations (every association is a "
+            f"connection), got {lst.max_connections} < {lst.max_associations}")  # fmt: skip
+    for i, title in enumerate(lst.called_ae_titles):
+        if title != "*":
+            _check_ae(title, f"listener.called_ae_titles[{i}]", err)
+    for section, tls in (("listener.tls", lst.tls), ("http.tls", cfg.http.tls)):
+        if tls.min_version not in TLS_VERSIONS:
+            err(f"{section}.min_version: must be one of {TLS_VERSIONS} (BCP 195), got {tls.min_version!r}")
+        if tls.enabled:
+            import ssl
+
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).set_ciphers(tls.ciphers)
+            except ssl.SSLError:
+                err(f"{section}.ciphers: OpenSSL accepts none of {tls.ciphers!r}; use an OpenSSL cipher list "
+                    "(default: the BCP 195 list)")  # fmt: skip
+    if not 16 * 1024 <= cfg.limits.max_pdu_bytes <= 256 * 1024 * 1024:
+        err(f"limits.max_pdu_bytes: must be 16384-268435456 (DICOM peers use 16 KiB to a few MiB), "
+            f"got {cfg.limits.max_pdu_bytes}")  # fmt: skip
+    if cfg.spool.min_free_bytes < 0:
+        err("spool.min_free_bytes: must be >= 0 (0: no reserve in bytes)")
+    if not 0 <= cfg.spool.min_free_percent < 100:
+        err(f"spool.min_free_percent: must be 0-100 (a share of the volume), got {cfg.spool.min_free_percent}")
     for i, rule in enumerate(lst.allow):
         if rule.ae_title != "*":
             _check_ae(rule.ae_title, f"listener.allow[{i}].ae_title", err)

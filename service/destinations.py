@@ -390,9 +390,11 @@ class DicomDestination:
         return key in self._contexts or any((key[0], ts) in self._contexts for ts in self.cfg.transcode_to)
 
     def _associate(self, first: tuple[str, str], upcoming: list[Path]) -> None:
-        from pynetdicom import AE, _config
+        from pynetdicom import AE
 
-        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are, no decode/re-encode
+        from filmgate import patches
+
+        patches.install()  # idempotent: the file's bytes are sent as they are (STORE_SEND_CHUNKED_DATASET)
         self._close()
         wanted = [first]
         limit = 60 if self.cfg.transcode_to else 120  # at most 128 presentation contexts in one association

@@ -153,11 +153,6 @@ class HttpServer:
 
 
 def _tls_context(tls: Any) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.ca_file:
-        ctx.load_verify_locations(cafile=tls.ca_file)
-    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file else (
-        ssl.CERT_NONE)  # fmt: skip
-    return ctx
+    from filmgate.tls import server_context  # the listener's rules: BCP 195 version and ciphers, mutual TLS
+
+    return server_context(tls)

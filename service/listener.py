@@ -3,29 +3,27 @@
 pynetdicom writes each incoming dataset, exactly as received, to a temporary file under ``spool/tmp`` while it
 arrives (no 10 MB buffers in memory). The C-STORE handler then checks that the header can be parsed (no pixel
 decoding on the network thread), fsyncs the file, renames it into ``spool/incoming``, fsyncs the folder, and only then
-answers 0x0000. A failure to persist answers 0xA700 (out of resources), an unparseable dataset 0xC210 (cannot
-understand); a failure while the bytes arrive (disk full) aborts the association. In every case the sender keeps
-its copy and can retry: nothing unacknowledged is ours, nothing acknowledged can be lost.
+answers 0x0000. A failure to persist answers 0xA700 (out of resources), and so does a spool below its reserve
+(``spool.min_free_bytes``) or a write that fails while the bytes arrive (:mod:`filmgate.receive`); an unparseable
+dataset answers 0xC210 (cannot understand). In every case the sender keeps its copy and can retry: nothing
+unacknowledged is ours, nothing acknowledged can be lost.
 
-Senders are checked against an allow-list at association time (calling AE title and host); a refused sender gets an
-A-ASSOCIATE-RJ (calling AE title not recognised) and a log line saying why.
+Who may associate, and how many at once, is :mod:`filmgate.admission` (allow-list of calling AE title and host, the
+called AE title, association and connection limits); a refused sender gets an A-ASSOCIATE-RJ and a log line saying why.
+The health-check AE title may only C-ECHO. PDUs are bounded by ``limits.max_pdu_bytes`` (:mod:`filmgate.patches`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import ipaddress
 import logging
-import queue
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from pydicom.uid import (
     HTJ2K,
@@ -46,15 +44,16 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket
 
-from filmgate import metrics
-from filmgate.config import ListenerConfig, SenderRule
+from filmgate import metrics, patches
+from filmgate.admission import THROTTLED, Admission, GateServer, peer_host
+from filmgate.config import ListenerConfig, SenderRule, TLSConfig
 from filmgate.dataset_io import read_header
+from filmgate.receive import ReceiveFiles
 from filmgate.record import Arrival
 from filmgate.spool import Spool
+from filmgate.tls import server_context
 
 log = logging.getLogger("filmgate.listener")
 
@@ -63,10 +62,9 @@ TRANSFER_SYNTAXES = [
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless,
     JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K, RLELossless,
 ]  # fmt: skip
-_REFUSE = ["\x00refused\x00"]
-RUN_LOOP_DELAY = 0.0001
-# `filmgate healthcheck` calls with this AE title; it is always let in from loopback, whatever the allow-list.
-HEALTHCHECK_AE = "FILMGATE-HC"  # an AE title nobody can have: makes pynetdicom send A-ASSOCIATE-RJ
+# `filmgate healthcheck` calls with this AE title; it is always let in from loopback, whatever the allow-list, and may
+# only C-ECHO (a C-STORE from it is refused with 0x0124, not authorised).
+HEALTHCHECK_AE = "FILMGATE-HC"
 
 
 def check_file(path: Path) -> tuple[str, int]:
@@ -119,221 +117,70 @@ def _host_matches(pattern: str, host: str) -> bool:
             return False
 
 
-def _receive_into(folder: Path) -> None:
-    """Have pynetdicom write each incoming dataset to a file in ``folder`` while it arrives (no 10 MB buffers to
-    grow and copy); the handler then only fsyncs and renames it into incoming/, on the same file system."""
-    import pynetdicom.dimse_messages as dimse_messages
-    from pynetdicom import _config
-
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = functools.partial(tempfile.NamedTemporaryFile, dir=str(folder))  # type: ignore
-    AssociationSocket.recv = _recv_whole  # type: ignore[method-assign]
-    _event_driven_reactors()
-
-
-# The longest a reactor waits for nothing in particular (its timers, a kill flag, a release it is not woken for).
-REACTOR_IDLE_CAP = 0.02
-_ASSOC_REACTOR_SLEEP = 0.001  # the literal in pynetdicom 3.0's Association._run_reactor
-
-
-def _event_driven_reactors() -> None:
-    """Make pynetdicom's two reactor threads per association wait for events instead of polling.
-
-    pynetdicom 3.0 polls: the DUL thread sleeps ``_run_loop_delay`` (0.1 ms here, see :meth:`Listener._on_open`) and
-    the Association thread 1 ms whenever nothing happened, so every open association costs the listener CPU while it
-    waits (bench/idle_cpu: 5.9 % of a core per idle association; 4 parallel senders pay it 4 times, pynetdicom#917).
-    Here the DUL thread waits in ``select`` on its socket and on a wake-up socket that ``send_pdu`` and ``kill_dul``
-    write to; the Association thread waits for its two queues (complete DIMSE messages, ACSE primitives such as a
-    release request), which are made to set an event when something is put in them. Both still wake at least every
-    :data:`REACTOR_IDLE_CAP` for their timers and flags; incoming data, an outgoing primitive, a complete message or
-    a release request wake them at once, so latency falls too (bench/idle_cpu after: 0.6 % of a core).
-    """
-    import select
-    import types
-    import weakref
-
-    import pynetdicom
-    import pynetdicom.association as association
-    import pynetdicom.dul as dul
-
-    if getattr(dul.DULServiceProvider, "_filmgate_event_driven", False):
-        return
-    if not pynetdicom.__version__.startswith("3.0."):
-        log.warning("pynetdicom %s: reactors left polling (patched for 3.0.x only)", pynetdicom.__version__)
-        return
-    wakes: weakref.WeakKeyDictionary[Any, tuple[socket.socket, socket.socket]] = weakref.WeakKeyDictionary()
-    wakes_lock = threading.Lock()
-
-    def wake_pair(provider: Any) -> tuple[socket.socket, socket.socket]:
-        with wakes_lock:
-            pair = wakes.get(provider)
-            if pair is None:
-                pair = socket.socketpair()
-                for s in pair:
-                    s.setblocking(False)
-                    weakref.finalize(provider, s.close)
-                wakes[provider] = pair
-            return pair
-
-    def wake(provider: Any) -> None:
-        with contextlib.suppress(OSError):  # the pair is full (already woken) or closed (the association is gone)
-            wake_pair(provider)[1].send(b"\0")
-
-    send_pdu, kill_dul = dul.DULServiceProvider.send_pdu, dul.DULServiceProvider.kill_dul
-
-    def send_pdu_and_wake(self: Any, primitive: Any) -> None:
-        send_pdu(self, primitive)
-        wake(self)
-
-    def kill_dul_and_wake(self: Any) -> None:
-        kill_dul(self)
-        wake(self)
-
-    def dul_sleep(delay: float) -> None:
-        provider = threading.current_thread()
-        sock = getattr(getattr(provider, "socket", None), "socket", None)
-        if not isinstance(provider, dul.DULServiceProvider) or sock is None:
-            time.sleep(delay)  # stop_dul's wait in another thread, or no socket yet
-            return
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return  # decrypted bytes already buffered: select would not see them
-        woken = wake_pair(provider)[0]
-        try:
-            ready, _, _ = select.select([sock, woken], [], [], REACTOR_IDLE_CAP)
-        except (OSError, ValueError):  # the socket was closed under us: the reactor finds out itself
-            return
-        if woken in ready:
-            with contextlib.suppress(OSError):
-                while woken.recv(4096):
-                    pass
-
-    class WakingQueue(queue.Queue):  # type: ignore[type-arg]
-        """A queue that also sets its association's wake-up event when something is put in it."""
-
-        wake: threading.Event
-
-        def _put(self, item: Any) -> None:
-            super()._put(item)
-            self.wake.set()
-
-    def association_wake(assoc: Any) -> threading.Event | None:
-        """The event set when a DIMSE message is complete or the DUL hands up an ACSE primitive (release, abort):
-        the two queues the Association reactor reads."""
-        wake = getattr(assoc, "_filmgate_wake", None)
-        if wake is None:
-            queues = (getattr(assoc.dimse, "msg_queue", None), getattr(assoc.dul, "to_user_queue", None))
-            if not all(type(q) is queue.Queue for q in queues):
-                return None
-            wake = threading.Event()
-            for q in queues:
-                q.wake = wake  # type: ignore[union-attr]
-                q.__class__ = WakingQueue  # type: ignore[union-attr]
-            assoc._filmgate_wake = wake
-        return wake
-
-    def association_sleep(delay: float) -> None:
-        assoc = threading.current_thread()
-        if delay != _ASSOC_REACTOR_SLEEP or not isinstance(assoc, Association):
-            time.sleep(delay)
-            return
-        wake = association_wake(assoc)
-        if wake is None:
-            time.sleep(delay)
-            return
-        if not (assoc.dimse.msg_queue.qsize() or assoc.dul.to_user_queue.qsize()):
-            wake.wait(REACTOR_IDLE_CAP)
-        wake.clear()  # whatever was put is in a queue, and the reactor's loop reads both next
-
-    def time_with(sleep: Callable[[float], None]) -> types.SimpleNamespace:
-        names = {k: getattr(time, k) for k in dir(time) if not k.startswith("__")}
-        return types.SimpleNamespace(**{**names, "sleep": sleep})
-
-    dul.time = time_with(dul_sleep)  # type: ignore[assignment]
-    association.time = time_with(association_sleep)  # type: ignore[assignment]
-    dul.DULServiceProvider.send_pdu = send_pdu_and_wake  # type: ignore[method-assign]
-    dul.DULServiceProvider.kill_dul = kill_dul_and_wake  # type: ignore[method-assign]
-    dul.DULServiceProvider._filmgate_event_driven = True  # type: ignore[attr-defined]
-
-
-def _recv_whole(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """pynetdicom's ``AssociationSocket.recv`` with the same contract, read straight into one buffer.
-
-    pynetdicom reads in 4 KiB pieces and grows a bytearray: 2,500 system calls and copies for a 10 MB film, 37% of the
-    listener's CPU in bench/throughput. Like the original it blocks until ``nr_bytes`` are read and returns what it
-    has when the peer closes; socket errors and timeouts propagate the same way.
-    """
-    sock = cast(socket.socket, self.socket)
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    nr_read = 0
-    try:
-        while nr_read < nr_bytes:
-            got = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not got:
-                return buf[:nr_read]
-            nr_read += got
-    finally:
-        view.release()
-    return buf
-
-
-class _GateAE(AE):
-    """An AE whose calling-AE requirement depends on the peer being negotiated (AE title *and* host)."""
-
-    rules: tuple[SenderRule, ...] = ()
-    enforce: bool = True
-
-    @property  # type: ignore[override]
-    def require_calling_aet(self) -> list[str]:
-        assoc = threading.current_thread()
-        if not self.enforce or not isinstance(assoc, Association) or not assoc.is_acceptor:
-            return []
-        if sender_allowed(self.rules, assoc.requestor.ae_title, assoc.requestor.address):
-            return []
-        return _REFUSE
-
-    @require_calling_aet.setter
-    def require_calling_aet(self, values: list[str]) -> None:  # pragma: no cover - not used
-        self._require_calling_aet = values
+def tls_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    """The listener's TLS context (None without TLS)."""
+    return server_context(tls) if tls.enabled else None
 
 
 class Listener:
     """The network side of the node; its only job is to get instances durably into the spool."""
 
     def __init__(
-        self, cfg: ListenerConfig, spool: Spool, on_stored: Callable[[], None] | None = None, recorder: Any = None,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: ListenerConfig,
+        spool: Spool,
+        on_stored: Callable[[], None] | None = None,
+        recorder: Any = None,
+        *,
+        max_pdu: int = patches.DEFAULT_MAX_PDU,
+    ) -> None:
+        patches.install()  # idempotent; the entry points have done it already
         self.cfg = cfg
         self.spool = spool
         self.on_stored = on_stored
         self.recorder = recorder  # filmgate.records.Recorder: the index row and the audit events
-        ae = _GateAE(ae_title=cfg.ae_title)
-        ae.rules = cfg.allow
-        ae.enforce = cfg.allow_list
-        ae.maximum_pdu_size = 0
-        ae.maximum_associations = cfg.max_associations
+        self.admission = Admission(cfg, sender_allowed)
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_pdu_size = max_pdu  # announced to peers; longer PDUs are refused (patches.pdu_limit)
+        # Our limits (filmgate.admission) count associations and connections; pynetdicom's own count (every
+        # connection) must never refuse before they do.
+        ae.maximum_associations = cfg.max_connections + 1
         ae.network_timeout = cfg.network_timeout
-        ae.acse_timeout = min(cfg.network_timeout, 30.0)
+        ae.acse_timeout = cfg.acse_timeout
         ae.dimse_timeout = cfg.network_timeout
-        ae.require_called_aet = False
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         self.ae = ae
         self.server: Any = None
-        _receive_into(spool.tmp)
+        self._thread: threading.Thread | None = None
+        self.receive_files = ReceiveFiles(spool.tmp, spool.space_problem)
+        self._full = False
+        patches.receive_datasets_into(self.receive_files)
+        patches.make_reactors_event_driven()
+        patches.on_pdu_refused(self._on_pdu_refused)
 
     def start(self) -> None:
         metrics.declare_store_statuses()
+        metrics.declare_refusals()
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self.server = self.ae.start_server(
-            (self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers, ssl_context=self._ssl_context()
+        self.server = self.ae.make_server(
+            (self.cfg.host, self.cfg.port),
+            evt_handlers=handlers,
+            ssl_context=tls_context(self.cfg.tls),
+            server_class=GateServer,
+            listener_cfg=self.cfg,
         )
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True)
+        self._thread.start()
         log.info(
             "listening as %s on %s:%d%s (sender allow-list %s)",
             self.cfg.ae_title, self.cfg.host, self.port, " with TLS" if self.cfg.tls.enabled else "",
@@ -344,23 +191,14 @@ class Listener:
     def port(self) -> int:
         return self.server.server_address[1] if self.server else self.cfg.port
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        tls = self.cfg.tls
-        if not tls.enabled:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        if tls.ca_file:
-            ctx.load_verify_locations(cafile=tls.ca_file)
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file else (
-            ssl.CERT_NONE)  # fmt: skip
-        return ctx
-
     def stop_accepting(self) -> None:
         """Close the listening socket; associations in progress may finish."""
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
 
     def active(self) -> int:
         return sum(1 for a in self.ae.active_associations if a.is_acceptor)
@@ -375,15 +213,60 @@ class Listener:
             return False
         return True
 
+    def space_ok(self) -> bool:
+        """False while the spool is below its reserve (readiness follows it)."""
+        problem = self.spool.space_problem()
+        self._note_space(problem)
+        return problem is None
+
+    def _note_space(self, problem: str | None) -> None:
+        """One log line when the spool turns full, one when it has space again."""
+        if problem is not None and not self._full:
+            self._full = True
+            log.error(
+                "%s: C-STORE is answered 0xA700 and /readyz is 503 until space is freed. Free it: let the node "
+                "deliver what waits in spool/incoming and spool/outbox (is a destination down?), move "
+                "spool/dead-letter elsewhere, or enlarge the volume. Receiving resumes by itself.", problem,
+            )  # fmt: skip
+        elif problem is None and self._full:
+            self._full = False
+            log.warning("the spool has space again; receiving resumed")
+
     # ------------------------------------------------------------------------------------------ handlers
 
-    @staticmethod
-    def _on_open(event: Any) -> None:
-        # pynetdicom's network reactor sleeps 1 ms whenever it finds no event; a 10 MB film arrives as ~80 PDUs, so
-        # that sleep alone cost ~30% of the receive rate (bench/throughput). 0.1 ms keeps idle CPU negligible.
-        event.assoc.dul._run_loop_delay = RUN_LOOP_DELAY
+    def _on_open(self, event: Any) -> None:
+        patches.tune_reactor(event.assoc)
+        # The A-ASSOCIATE-RQ must arrive within the ACSE timeout, however slowly it drips.
+        patches.set_read_deadline(event.assoc, time.monotonic() + self.cfg.acse_timeout)
+
+    def _on_close(self, event: Any) -> None:
+        removed = self.receive_files.drop_owned_by(event.assoc.dul)
+        if removed:
+            log.info("removed %d partial dataset file(s) of a connection that closed mid-transfer", removed)
+
+    def _on_requested(self, event: Any) -> None:
+        """pynetdicom's documented hook before negotiation: refuse here with an A-ASSOCIATE-RJ, or let it proceed."""
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = str(rq.calling_ae_title or "").strip()
+        called = str(rq.called_ae_title or "").strip()
+        host = peer_host(assoc.requestor.address)
+        verdict = self.admission.decide(assoc, calling, called, host)
+        if verdict is None:
+            return
+        metrics.REFUSALS.labels(reason=verdict.reason).inc()
+        metrics.ASSOCIATIONS.labels(calling_ae=metrics.ae_label(calling), result="rejected").inc()
+        THROTTLED.warn(verdict.reason, "refused association from AE %r at %s: %s", calling, host, verdict.message)
+        if self.recorder is not None:
+            self.recorder.association(False, calling, host, verdict.message)
+        assoc.acse.send_reject(*verdict.rj)
+        assoc.kill()  # as pynetdicom does after its own rejections: the A-ASSOCIATE-RJ goes out, the thread ends
 
     def _on_accepted(self, event: Any) -> None:
+        patches.set_read_deadline(event.assoc, None)
+        sock = event.assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.socket.settimeout(self.cfg.network_timeout)  # from now on: silence up to the network timeout
         req = event.assoc.requestor
         ae = metrics.ae_label(req.ae_title)
         metrics.ASSOCIATIONS.labels(calling_ae=ae, result="accepted").inc()
@@ -391,26 +274,46 @@ class Listener:
             self.recorder.association(True, req.ae_title.strip(), req.address)
 
     def _on_rejected(self, event: Any) -> None:
+        # Only pynetdicom's own rejections come here (ours are counted where they are made).
         req = event.assoc.requestor
-        ae = metrics.ae_label(req.ae_title)
-        metrics.ASSOCIATIONS.labels(calling_ae=ae, result="rejected").inc()
-        if self.cfg.allow_list and not sender_allowed(self.cfg.allow, req.ae_title, req.address):
-            why = "not in the sender allow-list"
-            log.warning(
-                "refused association from AE %r at %s: not in the sender allow-list (listener.allow)",
-                req.ae_title.strip(), req.address,
-            )  # fmt: skip
-        else:
-            why = "too many associations"
-            log.warning("refused association from AE %r at %s (too many associations?)", req.ae_title, req.address)
+        metrics.ASSOCIATIONS.labels(calling_ae=metrics.ae_label(req.ae_title), result="rejected").inc()
+        log.warning("refused association from AE %r at %s", req.ae_title.strip(), req.address)
         if self.recorder is not None:
-            self.recorder.association(False, req.ae_title.strip(), req.address, why)
+            self.recorder.association(False, req.ae_title.strip(), req.address, "refused by pynetdicom")
+
+    def _on_pdu_refused(self, assoc: Any, declared: int) -> None:
+        metrics.REFUSALS.labels(reason="pdu-too-large").inc()
 
     def _on_store(self, event: Any) -> int:
         t0 = time.perf_counter()
         calling_ae = event.assoc.requestor.ae_title.strip()
         calling = metrics.ae_label(calling_ae)
         received: Path = event.dataset_path  # written to spool/tmp while it arrived (chunked receive)
+        rfile = self.receive_files.take(received)
+        if rfile is not None:
+            rfile.close()
+        if calling_ae == HEALTHCHECK_AE:
+            if rfile is not None:
+                rfile.discard()
+            metrics.STORE_FAILURES.labels(status="0x0124").inc()
+            metrics.REFUSALS.labels(reason="healthcheck-store").inc()
+            THROTTLED.warn("healthcheck-store", "C-STORE from the health-check AE title %s refused with 0x0124: "
+                           "it may only C-ECHO", HEALTHCHECK_AE)  # fmt: skip
+            return 0x0124
+        if rfile is not None and rfile.failed:
+            rfile.discard()
+            metrics.STORE_FAILURES.labels(status="0xA700").inc()
+            problem = self.spool.space_problem()
+            self._note_space(problem)
+            if problem is not None:
+                THROTTLED.warn("store-reserve", "C-STORE from %s answered 0xA700 (out of resources): the spool is "
+                               "below its reserve", calling)  # fmt: skip
+            else:  # the disk filled up while this dataset arrived
+                THROTTLED.warn("store-write", "C-STORE from %s answered 0xA700 (out of resources): %s; the partial "
+                               "file was removed. Free space on the spool's volume, or raise spool.min_free_bytes "
+                               "above the size of the largest films so that they are refused before they are written",
+                               calling, rfile.error)  # fmt: skip
+            return 0xA700
         try:
             uid, size = check_file(received)
         except Exception as exc:
@@ -425,11 +328,15 @@ class Listener:
         try:
             path = self.spool.adopt(received, arrival, started=t0)
         except Exception as exc:
+            if rfile is not None:
+                rfile.discard()
             metrics.STORE_FAILURES.labels(status="0xA700").inc()
             log.error("C-STORE from %s answered 0xA700: could not persist the instance (%s)", calling, exc)
             return 0xA700
         if self.recorder is not None:  # before the acknowledgement: the index knows every instance we answer for
             self.recorder.stored(path.name, uid, calling_ae, arrival.peer_address, arrival.received_at)
+        if self._full:
+            self._note_space(self.spool.space_problem())
         elapsed = time.perf_counter() - t0
         if self.on_stored is not None:
             self.on_stored()

@@ -25,6 +25,10 @@ INSTANCES_RECEIVED = Counter(
 BYTES_RECEIVED = Counter("filmgate_bytes_received", "Bytes of the datasets received", ["calling_ae"])
 STORE_FAILURES = Counter("filmgate_store_failures", "C-STORE requests answered with a failure", ["status"])
 ASSOCIATIONS = Counter("filmgate_associations", "Association requests by outcome", ["calling_ae", "result"])
+REFUSALS = Counter(
+    "filmgate_refusals", "Connections, associations, PDUs and requests the listener refused, by reason", ["reason"]
+)
+SPOOL_FREE_BYTES = Gauge("filmgate_spool_free_bytes", "Free bytes on the spool's volume (at the last check)")
 DECISIONS = Counter("filmgate_decisions", "Decisions made", ["outcome", "calling_ae"])
 QUARANTINE_REASONS = Counter("filmgate_quarantine_reasons", "Quarantine reasons raised", ["reason", "calling_ae"])
 STORE_SECONDS = Histogram("filmgate_store_seconds", "C-STORE handler: check and persist", buckets=_FAST)
@@ -83,13 +87,22 @@ def ae_label(title: object) -> str:
 # data" rather than 0. Known label values are declared up front (0) instead: statuses at start, destinations when
 # built, and each sender's decisions and reasons on its first instance.
 
-STORE_FAILURE_STATUSES = ("0xA700", "0xC210")
+STORE_FAILURE_STATUSES = ("0xA700", "0xC210", "0x0124")
+REFUSAL_REASONS = (
+    "allow-list", "called-ae", "association-limit", "host-association-limit", "connection-limit",
+    "host-connection-limit", "tls-handshake", "pdu-too-large", "healthcheck-store",
+)  # fmt: skip
 _DECLARED_SENDERS: set[str] = set()
 
 
 def declare_store_statuses() -> None:
     for status in STORE_FAILURE_STATUSES:
         STORE_FAILURES.labels(status=status)
+
+
+def declare_refusals() -> None:
+    for reason in REFUSAL_REASONS:
+        REFUSALS.labels(reason=reason)
 
 
 def declare_destination(name: str, forwards: bool) -> None:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from filmgate import metrics
 from filmgate.record import Arrival
 
 _UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
@@ -132,8 +133,18 @@ def place(src: Path, dst: Path, *, fsync: bool = True) -> None:
 class Spool:
     """The spool folders and the atomic moves between them."""
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, worker: str = "w0") -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        worker: str = "w0",
+        min_free_bytes: int = 0,
+        min_free_percent: float = 0.0,
+    ) -> None:
         self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.min_free_percent = min_free_percent
         self.claimed_root = self.root / "claimed"
         self.fsync = fsync
         self.tmp = self.root / "tmp"
@@ -146,6 +157,32 @@ class Spool:
         self._seq = 0
         self._lock = threading.Lock()
         self.arrived = threading.Event()
+
+    # ------------------------------------------------------------------------------------------ space
+
+    def free_space(self) -> tuple[int, int]:
+        """(bytes free to this process, size of the file system) of the spool's volume."""
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def reserve(self, total: int) -> int:
+        """The bytes kept free: the larger of ``min_free_bytes`` and ``min_free_percent`` of the volume."""
+        return max(self.min_free_bytes, int(total * self.min_free_percent / 100))
+
+    def space_problem(self) -> str | None:
+        """None while the spool's volume has more than its reserve free, else a sentence saying what is full."""
+        try:
+            free, total = self.free_space()
+        except OSError as exc:
+            return f"the spool {self.root} cannot be examined ({exc.strerror})"
+        reserve = self.reserve(total)
+        metrics.SPOOL_FREE_BYTES.set(free)
+        if free > reserve:
+            return None
+        return (
+            f"the spool's volume ({self.root}) is full: {_mb(free)} free of {_mb(total)}, at or below its reserve of "
+            f"{_mb(reserve)} (spool.min_free_bytes, spool.min_free_percent)"
+        )
 
     # ------------------------------------------------------------------------------------------ receiving
 
@@ -358,3 +395,7 @@ class Spool:
         path = self.dead_root / safe_component(destination)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

@@ -31,6 +31,41 @@ class ConfigError(ValueError):
         return ConfigError(*(f"{prefix}{e}" for e in self.errors))
 
 
+class FrozenMap(Mapping[Any, Any]):
+    """A read-only mapping for config values (``policy.thresholds``, ...) that pickles like any plain value.
+
+    A frozen config must not change under the node's feet, so its mappings are read-only; and it travels to the
+    worker processes by pickle, which a ``types.MappingProxyType`` cannot do (the node could not start with worker
+    processes from a file that set ``policy.thresholds``). This small class is both.
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[Any, Any] | None = None) -> None:
+        object.__setattr__(self, "_data", dict(data or {}))
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("FrozenMap is read-only")
+
+    def __reduce__(self) -> tuple[type, tuple[dict[Any, Any]]]:
+        return (FrozenMap, (self._data,))
+
+
 def build(cls: type, data: Any, prefix: str = "", skip: set[str] | None = None) -> Any:
     """``data`` (a mapping) -> ``cls(**...)``; ``prefix`` is the dotted path of ``data`` with a trailing dot.
 
@@ -102,7 +137,7 @@ def coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: must be a mapping, got {value!r}")
         items = _each([(f"{key}.{k}", v) for k, v in value.items()], args[1])
-        return types.MappingProxyType({str(k): items[f"{key}.{k}"] for k in value})
+        return FrozenMap({str(k): items[f"{key}.{k}"] for k in value})
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - a programming error
 
 

@@ -118,6 +118,9 @@ def _die_with_parent(parent: int) -> None:
 
 def _child_main(cfg: Config, index: int, stop: Any, ready: Any, bell: Any, conn: Any, parent: int) -> None:
     _die_with_parent(parent)
+    from filmgate import patches
+
+    patches.install()  # a spawned interpreter: the parent's patches are not inherited
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent coordinates the shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):

@@ -356,11 +356,13 @@ class Gate:
                 cfg[key] = value
         return cls(root=root, dicom_port=dicom_port, http_port=http_port, config=cfg)
 
-    def start(self, wait: bool = True) -> Gate:
+    def start(self, wait: bool = True, prefix: Iterable[str] = (), cwd: Path = REPO) -> Gate:
+        """Run ``filmgate serve``; ``prefix`` wraps the command (e.g. ``unshare -m ...``, which must exec it, so that
+        :attr:`proc` is the node itself)."""
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "filmgate.cli", "serve", "--config", str(self.config_path)],
-                cwd=REPO,
+                [*prefix, sys.executable, "-m", "filmgate.cli", "serve", "--config", str(self.config_path)],
+                cwd=cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -377,6 +379,21 @@ class Gate:
             return self.http_get("/readyz")[0] == 200
 
         wait_for(ready, timeout, lambda: f"filmgate serve to be ready:\n{self.log()}")
+
+    def memory_kib(self) -> dict[str, int]:
+        """The node process's VmRSS and VmHWM (peak resident set) in KiB."""
+        assert self.proc is not None
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+        return out
+
+    def counter(self, name: str, **labels: str) -> float:
+        """One sample of the node's /metrics (0 when absent)."""
+        key = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+        return self.metrics().get(key, 0.0)
 
     @property
     def base_url(self) -> str:
@@ -878,3 +895,25 @@ def inspect(files: list[Path]) -> dict[str, dict]:
     proc = subprocess.run([FILMGATE, "inspect", *map(str, files)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {d["file"]: d for d in map(json.loads, proc.stdout.splitlines())}
+
+
+def make_pki(folder: Path, name: str = "ca") -> dict[str, Path]:
+    """A test CA made with openssl, and a server certificate (CN localhost) and a client certificate it signed:
+    ``{"ca", "server.crt", "server.key", "client.crt", "client.key"}`` (PEM files under ``folder``)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    ca, ca_key = folder / f"{name}.crt", folder / f"{name}.key"
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=filmgate test {name}",
+        "-keyout", ca_key, "-out", ca)  # fmt: skip
+    out = {"ca": ca}
+    for who, cn in (("server", "localhost"), ("client", "sender")):
+        key, csr, crt = folder / f"{who}.key", folder / f"{who}.csr", folder / f"{who}.crt"
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", key, "-out", csr)
+        run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2", "-out", crt)
+        out[f"{who}.crt"], out[f"{who}.key"] = crt, key
+    return out

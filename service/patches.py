@@ -1,0 +1,399 @@
+"""Every change filmgate makes to a library's behaviour, in one place, checked against the installed version.
+
+pynetdicom is used through its documented API (event handlers, ``AE.make_server`` with our server class) wherever
+it offers one. Four things it does not offer, and the node needs:
+
+- **Received datasets written to the spool while they arrive** (``_config.STORE_RECV_CHUNKED_DATASET`` and
+  ``dimse_messages.NamedTemporaryFile``): no 10 MB buffers in memory, and the file is created by a factory the listener
+  registers (:func:`receive_datasets_into`), which checks the spool's free space and turns a full disk into a 0xA700
+  answer instead of an abort. Only the node's listener turns this on: other SCPs in a process (``filmgate sweep``'s
+  C-GET/C-MOVE receiver, the tests' receivers) read ``event.encoded_dataset()``, which chunked receive empties.
+- **Sent datasets streamed from their file** (``_config.STORE_SEND_CHUNKED_DATASET``): forwarded bytes stay exactly
+  the received bytes, with no decode and re-encode.
+- **Bounded reads** (``transport.AssociationSocket.recv``): pynetdicom reads a PDU by the length its 6-byte header
+  declares, whatever that length is. The replacement refuses a declared length above the maximum PDU length this side
+  announced (``AE.maximum_pdu_size``; the listener's is ``limits.max_pdu_bytes``) plus :data:`PDU_MARGIN` (at least
+  :data:`MIN_PDU_LIMIT`, for association requests) before reading or allocating anything (it sends an A-ABORT and
+  ends the association; :func:`on_pdu_refused` is told); an AE that announces 0 (unlimited) is not bounded. It allocates
+  only as bytes really arrive (at most :data:`CHUNK` ahead), and honours a per-association deadline
+  (:func:`set_read_deadline`: a connection must send its A-ASSOCIATE-RQ within the ACSE timeout, however slowly it
+  drips). It also reads straight into one buffer: pynetdicom's 4 KiB pieces cost 37% of the listener's CPU.
+- **Reactors that wait for events instead of polling** (:func:`make_reactors_event_driven`: the ``time`` module
+  seen by ``pynetdicom.dul`` and ``pynetdicom.association``, ``DULServiceProvider.send_pdu`` and ``kill_dul``): an
+  idle association cost 13 % of a core; the listener turns this on for its process.
+- **The DUL reactor's idle sleep** (``DULServiceProvider._run_loop_delay``, an attribute set per association, so it is
+  set from the ``EVT_CONN_OPEN`` handler with :func:`tune_reactor`): 1 ms per idle loop cost ~30% of the receive rate.
+
+:func:`install` is idempotent and called once at start by every entry point (the CLI, the worker processes); it
+refuses (``PatchError``, naming the installed version) a pynetdicom outside :data:`TESTED_PYNETDICOM` or one that lacks
+an attribute patched here, rather than run with patches that may no longer mean what they did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import ssl
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, cast
+
+log = logging.getLogger("filmgate.patches")
+
+# The pynetdicom versions these patches were written against and tested with: [first, last) by (major, minor, patch).
+TESTED_PYNETDICOM = ((3, 0, 0), (3, 1, 0))
+# Peers that count a PDU's header into its length, or round up, still get through; a bomb does not.
+PDU_MARGIN = 64 * 1024
+MIN_PDU_LIMIT = 1024 * 1024  # an A-ASSOCIATE-RQ with many contexts or a user identity may exceed a 16 KiB maximum
+DEFAULT_MAX_PDU = 4 * 1024 * 1024
+CHUNK = 256 * 1024  # the most a read allocates ahead of the bytes that really arrived
+RUN_LOOP_DELAY = 0.0001
+# A-ABORT PDU: type 7, length 4, source 2 (service provider), reason 6 (invalid PDU parameter value).
+A_ABORT_INVALID_PDU = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
+
+PATCHED = (
+    ("pynetdicom._config", "STORE_RECV_CHUNKED_DATASET"),
+    ("pynetdicom._config", "STORE_SEND_CHUNKED_DATASET"),
+    ("pynetdicom.dimse_messages", "NamedTemporaryFile"),
+    ("pynetdicom.transport", "AssociationSocket.recv"),
+    ("pynetdicom.dul", "DULServiceProvider()._run_loop_delay"),
+    ("pynetdicom.dul", "time.sleep"),  # make_reactors_event_driven: the reactors' sleeps become waits for events
+    ("pynetdicom.association", "time.sleep"),
+    ("pynetdicom.dul", "DULServiceProvider.send_pdu"),
+    ("pynetdicom.dul", "DULServiceProvider.kill_dul"),
+    ("pynetdicom.dimse", "DIMSEServiceProvider().msg_queue._put"),  # its class becomes a waking queue
+    ("pynetdicom.dul", "DULServiceProvider().to_user_queue._put"),
+)
+
+
+class PatchError(RuntimeError):
+    """The installed library is not one these patches were tested with."""
+
+
+_lock = threading.Lock()
+_installed = False
+_receive_file_factory: Callable[..., Any] | None = None
+_on_refused: Callable[[Any, int], None] | None = None
+_deadlines: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _tested_range() -> str:
+    lo, hi = TESTED_PYNETDICOM
+    return f">={'.'.join(map(str, lo))},<{'.'.join(map(str, hi))}"
+
+
+def problems() -> list[str]:
+    """What stands in the way of installing the patches on the installed pynetdicom (empty when nothing does)."""
+    import importlib
+
+    import pynetdicom
+
+    found = []
+    version = getattr(pynetdicom, "__version__", "unknown")
+    lo, hi = TESTED_PYNETDICOM
+    if not lo <= _version(version) < hi:
+        found.append(
+            f"pynetdicom {version} is installed; filmgate's patches were tested with pynetdicom{_tested_range()}"
+        )
+    for module_name, attr in PATCHED:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                # "Class()": an instance attribute, looked up on a fresh instance
+                obj = getattr(obj, part[:-2])(None) if part.endswith("()") else getattr(obj, part)
+        except Exception as exc:  # noqa: BLE001 - any failure means the patch target moved
+            found.append(f"pynetdicom {version} has no {module_name}.{attr} ({type(exc).__name__}: {exc})")
+    try:
+        import inspect
+
+        from pynetdicom.association import Association
+
+        if f"time.sleep({_ASSOC_REACTOR_SLEEP})" not in inspect.getsource(Association._run_reactor):
+            found.append(f"pynetdicom {version}'s Association._run_reactor no longer sleeps {_ASSOC_REACTOR_SLEEP} s "
+                         "(make_reactors_event_driven waits on its message queue instead)")  # fmt: skip
+    except (OSError, TypeError) as exc:
+        found.append(f"pynetdicom {version}: cannot read Association._run_reactor ({exc})")
+    return found
+
+
+def install() -> None:
+    """Apply every patch once (later calls do nothing); raises :class:`PatchError` on an untested pynetdicom."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        found = problems()
+        if found:
+            raise PatchError(
+                "; ".join(found) + f". Install a tested version (pip install 'pynetdicom{_tested_range()}') or test "
+                "filmgate's patches (filmgate/patches.py, tests/service/test_patches.py) against this one"
+            )
+        import pynetdicom.dimse_messages as dimse_messages
+        from pynetdicom import _config
+        from pynetdicom.transport import AssociationSocket
+
+        _config.STORE_SEND_CHUNKED_DATASET = True  # only affects send_c_store(path): the file's bytes as they are
+        dimse_messages.NamedTemporaryFile = _receive_file  # type: ignore[assignment]
+        AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
+        _installed = True
+
+
+def installed() -> bool:
+    return _installed
+
+
+# ------------------------------------------------------------------------------------------------- settings
+
+
+def receive_datasets_into(factory: Callable[..., Any] | None) -> None:
+    """Have every C-STORE SCP in this process write incoming datasets to files made by ``factory(suffix=...)`` (an
+    open binary file-like object with ``name``, ``write``, ``file.flush`` and ``close``) while they arrive; handlers
+    read ``event.dataset_path``. ``None`` goes back to pynetdicom's in-memory receive."""
+    from pynetdicom import _config
+
+    global _receive_file_factory
+    _receive_file_factory = factory
+    _config.STORE_RECV_CHUNKED_DATASET = factory is not None
+
+
+def on_pdu_refused(callback: Callable[[Any, int], None] | None) -> None:
+    """``callback(assoc, declared_length)`` is called for every PDU refused for its length."""
+    global _on_refused
+    _on_refused = callback
+
+
+def pdu_limit(assoc: Any) -> int | None:
+    """The longest PDU accepted on ``assoc``: this side's announced maximum plus the margin (None: unbounded)."""
+    local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+    announced = int(local.maximum_length or 0)
+    if announced <= 0:
+        return None
+    return max(announced + PDU_MARGIN, MIN_PDU_LIMIT)
+
+
+def set_read_deadline(assoc: Any, deadline: float | None) -> None:
+    """Reads on ``assoc`` must complete by ``deadline`` (``time.monotonic()``); ``None`` lifts it."""
+    if deadline is None:
+        _deadlines.pop(assoc, None)
+    else:
+        _deadlines[assoc] = deadline
+
+
+def tune_reactor(assoc: Any) -> None:
+    """Shorten the DUL reactor's idle sleep for one association (call from an ``EVT_CONN_OPEN`` handler)."""
+    assoc.dul._run_loop_delay = RUN_LOOP_DELAY
+
+
+# ------------------------------------------------------------------------------------------------- the patches
+
+
+# The longest a reactor waits for nothing in particular (its timers, a kill flag, a release it is not woken for).
+REACTOR_IDLE_CAP = 0.02
+_ASSOC_REACTOR_SLEEP = 0.001  # the literal in pynetdicom 3.0's Association._run_reactor
+
+
+def make_reactors_event_driven() -> None:
+    """Make pynetdicom's two reactor threads per association wait for events instead of polling.
+
+    pynetdicom 3.0 polls: the DUL thread sleeps ``_run_loop_delay`` (0.1 ms here, see :func:`tune_reactor`) and
+    the Association thread 1 ms whenever nothing happened, so every open association costs the listener CPU while it
+    waits (bench/idle_cpu: 5.9 % of a core per idle association; 4 parallel senders pay it 4 times, pynetdicom#917).
+    Here the DUL thread waits in ``select`` on its socket and on a wake-up socket that ``send_pdu`` and ``kill_dul``
+    write to; the Association thread waits for its two queues (complete DIMSE messages, ACSE primitives such as a
+    release request), which are made to set an event when something is put in them. Both still wake at least every
+    :data:`REACTOR_IDLE_CAP` for their timers and flags; incoming data, an outgoing primitive, a complete message or
+    a release request wake them at once, so latency falls too (bench/idle_cpu after: 0.6 % of a core).
+    """
+    import select
+    import types
+    import weakref
+
+    import pynetdicom.association as association
+    import pynetdicom.dul as dul
+
+    if getattr(dul.DULServiceProvider, "_filmgate_event_driven", False):
+        return
+    install()  # the version check: these patches, too, were made for TESTED_PYNETDICOM only
+    wakes: weakref.WeakKeyDictionary[Any, tuple[socket.socket, socket.socket]] = weakref.WeakKeyDictionary()
+    wakes_lock = threading.Lock()
+
+    def wake_pair(provider: Any) -> tuple[socket.socket, socket.socket]:
+        with wakes_lock:
+            pair = wakes.get(provider)
+            if pair is None:
+                pair = socket.socketpair()
+                for s in pair:
+                    s.setblocking(False)
+                    weakref.finalize(provider, s.close)
+                wakes[provider] = pair
+            return pair
+
+    def wake(provider: Any) -> None:
+        with contextlib.suppress(OSError):  # the pair is full (already woken) or closed (the association is gone)
+            wake_pair(provider)[1].send(b"\0")
+
+    send_pdu, kill_dul = dul.DULServiceProvider.send_pdu, dul.DULServiceProvider.kill_dul
+
+    def send_pdu_and_wake(self: Any, primitive: Any) -> None:
+        send_pdu(self, primitive)
+        wake(self)
+
+    def kill_dul_and_wake(self: Any) -> None:
+        kill_dul(self)
+        wake(self)
+
+    def dul_sleep(delay: float) -> None:
+        provider = threading.current_thread()
+        sock = getattr(getattr(provider, "socket", None), "socket", None)
+        if not isinstance(provider, dul.DULServiceProvider) or sock is None:
+            time.sleep(delay)  # stop_dul's wait in another thread, or no socket yet
+            return
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # decrypted bytes already buffered: select would not see them
+        woken = wake_pair(provider)[0]
+        try:
+            ready, _, _ = select.select([sock, woken], [], [], REACTOR_IDLE_CAP)
+        except (OSError, ValueError):  # the socket was closed under us: the reactor finds out itself
+            return
+        if woken in ready:
+            with contextlib.suppress(OSError):
+                while woken.recv(4096):
+                    pass
+
+    class WakingQueue(queue.Queue):  # type: ignore[type-arg]
+        """A queue that also sets its association's wake-up event when something is put in it."""
+
+        wake: threading.Event
+
+        def _put(self, item: Any) -> None:
+            super()._put(item)
+            self.wake.set()
+
+    def association_wake(assoc: Any) -> threading.Event | None:
+        """The event set when a DIMSE message is complete or the DUL hands up an ACSE primitive (release, abort):
+        the two queues the Association reactor reads."""
+        wake = getattr(assoc, "_filmgate_wake", None)
+        if wake is None:
+            queues = (getattr(assoc.dimse, "msg_queue", None), getattr(assoc.dul, "to_user_queue", None))
+            if not all(type(q) is queue.Queue for q in queues):
+                return None
+            wake = threading.Event()
+            for q in queues:
+                q.wake = wake  # type: ignore[union-attr]
+                q.__class__ = WakingQueue  # type: ignore[union-attr]
+            assoc._filmgate_wake = wake
+        return wake
+
+    def association_sleep(delay: float) -> None:
+        assoc = threading.current_thread()
+        if delay != _ASSOC_REACTOR_SLEEP or not isinstance(assoc, association.Association):
+            time.sleep(delay)
+            return
+        wake = association_wake(assoc)
+        if wake is None:
+            time.sleep(delay)
+            return
+        if not (assoc.dimse.msg_queue.qsize() or assoc.dul.to_user_queue.qsize()):
+            wake.wait(REACTOR_IDLE_CAP)
+        wake.clear()  # whatever was put is in a queue, and the reactor's loop reads both next
+
+    def time_with(sleep: Callable[[float], None]) -> types.SimpleNamespace:
+        names = {k: getattr(time, k) for k in dir(time) if not k.startswith("__")}
+        return types.SimpleNamespace(**{**names, "sleep": sleep})
+
+    dul.time = time_with(dul_sleep)  # type: ignore[assignment]
+    association.time = time_with(association_sleep)  # type: ignore[assignment]
+    dul.DULServiceProvider.send_pdu = send_pdu_and_wake  # type: ignore[method-assign]
+    dul.DULServiceProvider.kill_dul = kill_dul_and_wake  # type: ignore[method-assign]
+    dul.DULServiceProvider._filmgate_event_driven = True  # type: ignore[attr-defined]
+
+
+def _receive_file(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for ``tempfile.NamedTemporaryFile`` where pynetdicom creates the file of a received dataset."""
+    factory = _receive_file_factory
+    if factory is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)
+    return factory(suffix=kwargs.get("suffix", ".dcm"))
+
+
+def _bounded_recv(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` with the same contract (block until ``nr_bytes`` are read; return what arrived when
+    the peer closes), bounded: see the module docstring."""
+    sock = cast(socket.socket, self.socket)
+    limit = pdu_limit(self.assoc)
+    if limit is not None and nr_bytes > limit:
+        _refuse(self, sock, nr_bytes, limit)
+        return bytearray()  # shorter than declared: pynetdicom ends the association (transport closed)
+    deadline = _deadlines.get(self.assoc)
+    chunks: list[bytearray] = []
+    remaining = nr_bytes
+    try:
+        while remaining:
+            buf = bytearray(min(remaining, CHUNK))
+            view = memoryview(buf)
+            got_here = 0
+            try:
+                while got_here < len(buf):
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise TimeoutError
+                        sock.settimeout(left)
+                    got = sock.recv_into(view[got_here:], len(buf) - got_here)
+                    if not got:
+                        chunks.append(buf[:got_here])
+                        return _join(chunks)
+                    got_here += got
+            finally:
+                view.release()
+            chunks.append(buf)
+            remaining -= len(buf)
+    except TimeoutError:
+        # A silent or dripping peer: treated as a closed connection (one log line from pynetdicom, no traceback).
+        log.info("closed a connection that sent nothing for its timeout (%s)", _peer(self))
+        return _join(chunks)
+    return _join(chunks)
+
+
+def _join(chunks: list[bytearray]) -> bytearray:
+    if len(chunks) == 1:
+        return chunks[0]
+    return bytearray().join(chunks)
+
+
+def _peer(assoc_socket: Any) -> str:
+    try:
+        assoc = assoc_socket.assoc
+        other = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+        return str(other.address)
+    except Exception:  # noqa: BLE001 - only for a log line
+        return "unknown peer"
+
+
+def _refuse(assoc_socket: Any, sock: socket.socket, declared: int, limit: int) -> None:
+    log.warning(
+        "refused a PDU declaring %d bytes from %s (limit %d: the maximum PDU length announced, limits.max_pdu_bytes "
+        "for the listener, plus a margin); association aborted", declared, _peer(assoc_socket), limit,
+    )  # fmt: skip
+    callback = _on_refused
+    if callback is not None:  # counted before the peer can see the answer
+        with contextlib.suppress(Exception):
+            callback(assoc_socket.assoc, declared)
+    try:
+        sock.sendall(A_ABORT_INVALID_PDU)
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

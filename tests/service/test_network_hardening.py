@@ -1,0 +1,225 @@
+"""The network side under hostile and unlucky peers, through real sockets against the real node (issue 9, items 1, 4
+and 7): PDU-length bombs, silent and dripping connections, connection and association floods, the health-check AE
+title, the called AE title, the allow-list, and where the HTTP server listens.
+
+One node serves the whole module (thread mode: the listener is what is under test). Attackers come from other
+loopback addresses (127.0.0.2, 127.0.0.3, ...) so that the per-host limits can be told apart from the legitimate
+sender on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.helpers import DCMTK_ENV, DX_FOR_PRESENTATION, Gate, send_file_raw, storescu, wait_for
+
+ACSE_TIMEOUT = 4.0
+A_ABORT = 0x07
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory, models_dir):
+    root = tmp_path_factory.mktemp("net")
+    g = Gate.create(
+        root,
+        listener={
+            "acse_timeout": ACSE_TIMEOUT,
+            "max_associations": 12,
+            "max_associations_per_host": 4,
+            "max_connections": 160,
+            "max_connections_per_host": 40,
+            "allow": [{"ae_title": "*", "hosts": ["127.0.0.1", "127.0.0.2", "127.0.0.3", "::1"]}],
+        },
+        workers={"processes": 0},
+    )
+    del g.config["http"]["host"]  # the default must be loopback
+    g.config_path.write_text(__import__("yaml").safe_dump(g.config))
+    g.start()
+    yield g
+    assert g.stop() == 0
+
+
+def _echo(port: int, aet: str = "ECHOSCU", aec: str = "FILMGATE") -> bool:
+    import subprocess
+
+    proc = subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, env=DCMTK_ENV, timeout=30)  # fmt: skip
+    return proc.returncode == 0
+
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    return s
+
+
+def _read_all(s: socket.socket, timeout: float) -> bytes:
+    """What the node sends until it closes the connection (fails if it does not within ``timeout``)."""
+    s.settimeout(timeout)
+    out = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_a_pdu_length_bomb_costs_nothing_and_the_node_keeps_serving(gate):
+    """16 bytes declaring a 4 GiB A-ASSOCIATE-RQ: answered with A-ABORT before anything is read or allocated."""
+    before = gate.memory_kib()
+    for _ in range(20):  # bounded: twenty bombs, each would be 4 GiB if allocated
+        with _connect(gate.dicom_port) as s:
+            s.sendall(b"\x01\x00" + struct.pack(">L", 0xFFFFFFFF) + b"\x00\x01\x00\x00FILMGATE")
+            reply = _read_all(s, 15)
+        assert reply[:1] == bytes([A_ABORT]) and len(reply) == 10, reply
+    after = gate.memory_kib()
+    assert after["VmHWM"] - before["VmHWM"] < 64 * 1024, (before, after)  # peak resident set: not 4 GiB, not 1
+    assert gate.counter("filmgate_refusals_total", reason="pdu-too-large") == 20
+    assert "refused a PDU declaring 4294967295 bytes" in gate.log()
+    assert _echo(gate.dicom_port)
+
+
+def test_a_p_data_bomb_inside_an_association_aborts_only_that_association(gate, made_films):
+    ae = AE(ae_title="BOMBER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gate.dicom_port, ae_title="FILMGATE")
+    assert assoc.is_established
+    assoc.dul.socket.socket.sendall(b"\x04\x00" + struct.pack(">L", 0x7FFFFFF0) + b"\x00" * 64)
+    wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 15, "the bombing association aborted")
+    assert storescu([made_films[0].path], gate.dicom_port) == []  # others still store
+
+
+def test_silent_and_dripping_connections_are_closed_after_the_acse_timeout(gate):
+    t0 = time.monotonic()
+    silent = _connect(gate.dicom_port)
+    dripping = _connect(gate.dicom_port)
+    header = b"\x01\x00" + struct.pack(">L", 200)
+
+    def drip() -> None:
+        for byte in header + b"\x00" * 200:  # one byte every 0.3 s: never silent, never done in time
+            try:
+                dripping.send(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.3)  # the attacker's pace, not synchronisation
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    try:
+        assert _read_all(silent, ACSE_TIMEOUT + 10) == b""
+        assert time.monotonic() - t0 < ACSE_TIMEOUT + 5
+        _read_all(dripping, ACSE_TIMEOUT + 10)
+        assert time.monotonic() - t0 < ACSE_TIMEOUT + 5, "a dripping A-ASSOCIATE-RQ must not outlive the ACSE timeout"
+    finally:
+        silent.close()
+        dripping.close()
+        dripper.join(5)
+    assert _echo(gate.dicom_port)
+
+
+def test_idle_connections_and_an_association_flood_do_not_lock_out_senders(gate, made_films):
+    """100 idle connections (a port scan, a TCP load-balancer probe) and 200 association attempts from other hosts,
+    while a legitimate sender stores: it gets every film through."""
+    refused_before = {r: gate.counter("filmgate_refusals_total", reason=r)
+                      for r in ("host-connection-limit", "host-association-limit")}  # fmt: skip
+    # Bounded: 100 connections that never send a byte; the node closes those over the per-host limit at once.
+    idle = [_connect(gate.dicom_port, "127.0.0.2") for _ in range(100)]
+    outcomes: list[str] = []
+    held = []
+    lock = threading.Lock()
+
+    def flood(n: int) -> None:
+        ae = AE(ae_title="FLOOD")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 20
+        for _ in range(n):
+            assoc = ae.associate("127.0.0.1", gate.dicom_port, ae_title="FILMGATE", bind_address=("127.0.0.3", 0))
+            with lock:
+                outcomes.append("established" if assoc.is_established else "rejected" if assoc.is_rejected else "other")
+                if assoc.is_established:
+                    held.append(assoc)  # keep the slot: the flood holds what it gets
+
+    flooders = [threading.Thread(target=flood, args=(10,)) for _ in range(20)]  # 200 attempts
+    for t in flooders:
+        t.start()
+    try:
+        errors = storescu([f.path for f in made_films[:4]], gate.dicom_port, aet="LEGIT")
+        assert errors == [], errors
+        assert all(_echo(gate.dicom_port) for _ in range(3))
+        for t in flooders:
+            t.join(120)
+        assert len(outcomes) == 200
+        assert outcomes.count("established") <= 4, "per-host association limit (max_associations_per_host)"
+        assert outcomes.count("rejected") >= 190, outcomes
+    finally:
+        for assoc in held:
+            assoc.release()
+        for s in idle:
+            s.close()
+    refused = {r: gate.counter("filmgate_refusals_total", reason=r) - v for r, v in refused_before.items()}
+    assert refused["host-connection-limit"] >= 60 - 5, refused  # 100 idle, at most 40 from one host at once
+    assert refused["host-association-limit"] >= 190, refused
+    wait_for(lambda: len(gate.sidecars()) >= 4, 60, "the legitimate sender's films delivered")
+
+
+def test_the_health_check_ae_title_may_only_echo(gate, made_films):
+    assert _echo(gate.dicom_port, aet="FILMGATE-HC")
+    before = gate.counter("filmgate_store_failures_total", status="0x0124")
+    assert send_file_raw(gate.dicom_port, made_films[0].path, aet="FILMGATE-HC") == 0x0124
+    assert gate.counter("filmgate_store_failures_total", status="0x0124") == before + 1
+    assert not list((Path(gate.config["spool"]["path"]) / "incoming").iterdir())
+    assert not list((Path(gate.config["spool"]["path"]) / "tmp").iterdir())
+
+
+def test_the_called_ae_title_is_checked(gate):
+    assert not _echo(gate.dicom_port, aec="SOMEONE-ELSE")
+    ae = AE(ae_title="CALLER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", gate.dicom_port, ae_title="SOMEONE-ELSE")
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x07)  # called AE title not recognised
+    assert gate.counter("filmgate_refusals_total", reason="called-ae") == 2
+    assert _echo(gate.dicom_port, aec="FILMGATE")
+
+
+def test_a_sender_outside_the_allow_list_is_refused_through_the_requested_hook(gate):
+    ae = AE(ae_title="STRANGER")
+    ae.add_requested_context(DX_FOR_PRESENTATION)
+    assoc = ae.associate("127.0.0.1", gate.dicom_port, ae_title="FILMGATE", bind_address=("127.0.0.9", 0))
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)  # calling AE title not recognised
+    assert "refused association from AE 'STRANGER' at 127.0.0.9: not in the sender allow-list" in gate.log()
+
+
+def test_the_http_server_listens_on_loopback_by_default(gate):
+    assert "host" not in gate.config["http"]
+    listening = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state = fields[1], fields[3]
+        addr, port = local.split(":")
+        if state == "0A" and int(port, 16) == gate.http_port:
+            listening.append(socket.inet_ntoa(struct.pack("<L", int(addr, 16))))
+    assert listening == ["127.0.0.1"]
+
+
+def test_deployments_open_the_http_server_explicitly():
+    """The container, Compose and Kubernetes configs must say 0.0.0.0 themselves (Prometheus scrapes from outside)."""
+    import yaml
+
+    from tests.helpers import REPO
+
+    for rel in ("deploy/filmgate/container.yaml", "deploy/filmgate/with-orthanc.yaml"):
+        assert yaml.safe_load((REPO / rel).read_text())["http"]["host"] == "0.0.0.0", rel
+    cm = yaml.safe_load((REPO / "deploy/k8s/base/configmap.yaml").read_text())
+    inner = yaml.safe_load(next(iter(cm["data"].values())))
+    assert inner["http"]["host"] == "0.0.0.0"

@@ -1,0 +1,117 @@
+"""filmgate.patches: every library change in one module, installed once, checked against the installed version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pynetdicom
+import pytest
+
+from filmgate import patches
+from tests.helpers import REPO
+
+
+def test_the_installed_pynetdicom_is_one_the_patches_were_tested_with():
+    assert patches.problems() == [], "run the node's tests against this pynetdicom, then widen TESTED_PYNETDICOM"
+    lo, hi = patches.TESTED_PYNETDICOM
+    assert lo <= patches._version(pynetdicom.__version__) < hi
+
+
+def test_install_is_idempotent_and_patches_every_named_attribute():
+    import pynetdicom.dimse_messages as dimse_messages
+    from pynetdicom import _config
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.transport import AssociationSocket
+
+    patches.install()
+    patches.install()
+    assert patches.installed()
+    assert _config.STORE_SEND_CHUNKED_DATASET is True
+    assert _config.STORE_RECV_CHUNKED_DATASET is False, "only the listener turns chunked receive on"
+    assert dimse_messages.NamedTemporaryFile is patches._receive_file
+    assert AssociationSocket.recv is patches._bounded_recv
+    dul = DULServiceProvider(None)  # type: ignore[arg-type]
+    assert hasattr(dul, "_run_loop_delay"), "tune_reactor sets this per association"
+    # Every patched attribute named in PATCHED exists (problems() looks each one up).
+    assert {m for m, _ in patches.PATCHED} == {
+        "pynetdicom._config", "pynetdicom.dimse_messages", "pynetdicom.transport", "pynetdicom.dul",
+        "pynetdicom.association", "pynetdicom.dimse",
+    }  # fmt: skip
+
+
+def test_chunked_receive_is_turned_on_by_the_listener_only_and_can_be_turned_off(tmp_path):
+    from pynetdicom import _config
+
+    made = []
+
+    def factory(suffix: str = ".dcm"):
+        made.append(suffix)
+        return open(tmp_path / f"x{suffix}", "wb")
+
+    patches.install()
+    try:
+        patches.receive_datasets_into(factory)
+        assert _config.STORE_RECV_CHUNKED_DATASET is True
+        import pynetdicom.dimse_messages as dimse_messages
+
+        dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm").close()
+        assert made == [".dcm"]
+    finally:
+        patches.receive_datasets_into(None)
+    assert _config.STORE_RECV_CHUNKED_DATASET is False
+
+
+def test_the_event_driven_reactors_are_installed_once():
+    import pynetdicom.association as association
+    import pynetdicom.dul as dul
+
+    patches.make_reactors_event_driven()
+    send_pdu = dul.DULServiceProvider.send_pdu
+    patches.make_reactors_event_driven()
+    assert dul.DULServiceProvider.send_pdu is send_pdu, "idempotent: not wrapped twice"
+    assert dul.time.sleep is not association.time.sleep
+    assert dul.time.monotonic is __import__("time").monotonic  # the rest of the time module unchanged
+
+
+def test_an_untested_pynetdicom_is_refused_with_its_version(monkeypatch):
+    monkeypatch.setattr(pynetdicom, "__version__", "3.9.0")
+    found = patches.problems()
+    assert len(found) == 1 and "pynetdicom 3.9.0 is installed" in found[0] and ">=3.0.0,<3.1.0" in found[0]
+    monkeypatch.setattr(patches, "_installed", False)
+    with pytest.raises(patches.PatchError, match=r"pynetdicom 3\.9\.0 .*pip install 'pynetdicom>=3\.0\.0,<3\.1\.0'"):
+        patches.install()
+
+
+def test_a_missing_patch_target_is_named(monkeypatch):
+    import pynetdicom.dimse_messages as dimse_messages
+
+    monkeypatch.delattr(dimse_messages, "NamedTemporaryFile")
+    found = patches.problems()
+    assert any("pynetdicom.dimse_messages.NamedTemporaryFile" in p for p in found), found
+
+
+def test_no_library_internals_are_touched_outside_filmgate_patches():
+    """The rule the module exists for: nothing else in the service assigns pynetdicom internals."""
+    pattern = (
+        r"_config\.\w+ *=|NamedTemporaryFile *=|AssociationSocket\.recv *=|_run_loop_delay *=|copyreg|"
+        r"(dul|association)\.time *=|\.send_pdu *=|\.kill_dul *=|require_calling_aet"
+    )
+    out = subprocess.run(
+        ["grep", "-rnE", pattern, "service/", "--include=*.py"], cwd=REPO, capture_output=True, text=True
+    ).stdout
+    offenders = [line for line in out.splitlines() if not line.startswith("service/patches.py:")]
+    assert offenders == []
+
+
+def test_the_cli_refuses_to_start_on_an_untested_pynetdicom(tmp_path):
+    """The entry point checks at start, before anything listens (a site that upgraded pynetdicom finds out at once)."""
+    code = (
+        "import pynetdicom, sys; pynetdicom.__version__ = '4.0.0'; from filmgate.cli import main; "
+        "sys.exit(main(['check-config', sys.argv[1]]))"
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "pynetdicom 4.0.0 is installed" in proc.stderr and "pynetdicom>=3.0.0,<3.1.0" in proc.stderr
