@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from filmgate.record import LAYOUT_FIELDS  # the names a layout may use: the fields of the one instance record
-from filmgate.typed_config import ConfigError, FrozenMap, build
+from filmgate.typed_config import ConfigError, FrozenMap, build, read_yaml
 
 ENV_CONFIG = "FILMGATE_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -382,16 +380,9 @@ def load_config(path: str | os.PathLike[str] | None = None, *, metadata_only: bo
         path = os.environ.get(ENV_CONFIG) or None
     if path is None:
         return _finish(Config(), metadata_only)
+    data = read_yaml(path)  # the one reader of both configurations' files (training's too)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    try:
-        return _finish(_parse(data or {}, source=str(path)), metadata_only)
+        return _finish(_parse(data, source=str(path)), metadata_only)
     except ConfigError as exc:
         raise exc.prefixed(f"{path}: ") from exc
 

@@ -11,10 +11,13 @@ checked against its annotation (``bool``, ``int``, ``float``, ``str``, ``X | Non
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -152,4 +155,39 @@ def _each(items: list[tuple[str, Any]], tp: Any) -> dict[str, Any]:
             errors.extend(exc.errors)
     if errors:
         raise ConfigError(*errors)
+    return out
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A configuration file's top-level mapping (an empty file is an empty mapping). The one reader of both
+    configurations' files: a :class:`ConfigError` starting with the file name when it cannot be read, is not YAML,
+    or is not a mapping at the top."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with each dotted key of ``overrides`` (``train.steps``, from ``--set``) set to its value."""
+    out = copy.deepcopy(dict(data))
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: {part} is not a mapping")
+        node[leaf] = value
     return out

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from filmgate.preprocess import PreprocessSpec
-from filmgate.typed_config import ConfigError, build
+from filmgate.typed_config import ConfigError, build, read_yaml, with_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,20 +210,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         if not candidate.is_file():
             raise ConfigError(f"config file {path} not found (nor {candidate})")
         path = candidate
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {dotted}: {part} is not a mapping")
-        node[leaf] = value
+    data = with_overrides(read_yaml(path), overrides or {})  # the gate's config is read by the same reader
     try:
         return config_from_dict(data)
     except ConfigError as exc:

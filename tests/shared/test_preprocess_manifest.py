@@ -105,3 +105,18 @@ def test_manifest_round_trip_and_sha_check(tmp_path):
     (folder / "manifest.json").write_text(json.dumps({"name": "x"}))
     with pytest.raises(ManifestError, match="required"):
         load_manifest(folder)
+
+
+def test_both_configurations_read_their_files_by_one_reader(tmp_path):
+    """The gate's and a training run's load_config share typed_config.read_yaml: the same messages for the same
+    mistakes, the file named first."""
+    from filmgate.config import load_config as gate_config
+    from filmgate.typed_config import ConfigError
+    from filmgate_training.config import load_config as training_config
+
+    for text, message in (("- a\n- list\n", "the top level must be a mapping"), ("a: [\n", "not valid YAML")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+        for load in (gate_config, training_config):
+            with pytest.raises(ConfigError, match=f"^{path}: {message}"):
+                load(path)
