@@ -43,6 +43,7 @@ class FrozenMap(Mapping[Any, Any]):
     """
 
     __slots__ = ("_data",)
+    _data: dict[Any, Any]
 
     def __init__(self, data: Mapping[Any, Any] | None = None) -> None:
         object.__setattr__(self, "_data", dict(data or {}))
