@@ -168,6 +168,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # for the model card, in the config's own words: which choices looked at val (the guide asks every card to say)
     val_notes: tuple[str, ...] = ()
+    card_limits: tuple[str, ...] = ()  # this version's own known limits, listed first in the model card
     run_dir: str = ""  # default runs/<task>
     models_dir: str = "models"
 

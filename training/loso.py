@@ -46,6 +46,7 @@ CARD_BEGIN, CARD_END = "<!-- loso:begin (python -m filmgate_training loso --card
 
 def held_out_films(config: Config, task: Task, source: str) -> list[LabelledFilm]:
     """Every film of ``source`` the task evaluates (both splits: a model that never saw the source saw none)."""
+    task = task.for_held_out()
     rows = [r for r in all_rows(config.data.folders) if r.source == source]
     films = task.films(rows, "train") + task.films(rows, "val")
     if task.val_kinds is not None:
@@ -108,6 +109,7 @@ def score_source(
     films = held_out_films(config, task, source)
     if limit is not None and len(films) > limit:
         films = films[:: max(1, len(films) // limit)][:limit]
+    task = task.for_held_out()
     res = infer(films, task, config.preprocessing, runner)
     return summarise(task, res, threshold) | {"source": source, "threshold": threshold}
 
@@ -121,6 +123,7 @@ def unseen(config: Config, limit: int | None = None, min_films: int = MIN_FILMS)
     folder = config.models_path / task.name
     manifest = load_manifest(folder)
     trained = {row["source"] for row in manifest.training_data}
+    config = dataclasses.replace(config, preprocessing=manifest.preprocessing)  # as the gate feeds it
     runner = onnx_runner(folder / manifest.file, config.train.threads)
     rows = []
     for source in eligible_sources(config, task, min_films):
@@ -128,7 +131,8 @@ def unseen(config: Config, limit: int | None = None, min_films: int = MIN_FILMS)
             continue
         t0 = time.perf_counter()
         row = score_source(config, task, runner, manifest.threshold, source, limit)
-        rows.append(row | {"mode": "unseen", "model": f"shipped {manifest.version}", "seconds": _since(t0)})
+        rows.append(row | {"mode": "unseen", "model": f"shipped {manifest.version}", "version": manifest.version,
+                           "seconds": _since(t0)})  # fmt: skip
     return rows
 
 
@@ -149,7 +153,7 @@ def fold(config: Config, source: str, overrides: dict[str, Any] | None = None,
         threshold, _, _, _ = calibrate(fc, task, runner)
         model = f"fold: {blob['steps']} steps" + (f" from {fc.train.init_from}" if fc.train.init_from else "")
     row = score_source(fc, task, runner, threshold, source, limit)
-    row |= {"mode": "fold", "model": model, "seconds": _since(t0)}
+    row |= {"mode": "fold", "model": f"{fc.version} {model}", "version": fc.version, "seconds": _since(t0)}
     fc.run_path.mkdir(parents=True, exist_ok=True)
     (fc.run_path / "loso.json").write_text(json.dumps(_jsonable(row), indent=2) + "\n")
     return row
@@ -274,7 +278,10 @@ def write_card_section(task_name: str, models: Path | None = None) -> None:
         text = text.replace(marker, f"\n{block}\n{marker}", 1) if marker in text else text + "\n" + block + "\n"
     card.write_text(text)
     manifest = load_manifest(folder)
-    rows = {f"{r['source']} ({r['mode']})": {k: r[k]["rate"] for k in ("false_flags", "caught") if k in r}
-            for r in report["rows"]}  # fmt: skip
+    # the manifest holds this version's rows only (the card also shows earlier versions' rows, for comparison)
+    rows = {f"{r['source']} ({r['mode']})": {"model": r["model"], "films": r["films"]} | {
+        k: {"flagged": r[k]["flagged"], "of": r[k]["examples"], "rate": r[k]["rate"], "ci95": r[k]["ci95"]}
+        for k in ("false_flags", "caught") if k in r} for r in report["rows"]
+        if r.get("version", manifest.version) == manifest.version}  # fmt: skip
     write_manifest(folder, dataclasses.replace(manifest, metrics=dict(manifest.metrics) | {"loso": rows}))
     load_manifest(folder)

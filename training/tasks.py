@@ -79,6 +79,12 @@ class Task:
         """The film's own class (None = not usable); synthetic tasks use every film."""
         return 0
 
+    def for_held_out(self) -> Task:
+        """Hook: the task as leave-one-source-out scores a hospital it never saw (:mod:`filmgate_training.loso`);
+        e.g. ``pediatric`` counts frontal films without a recorded age as presumed adults there, since clean films
+        of unknown age are what the gate must accept. Default: the task itself."""
+        return self
+
     def sample_weights(self, films: Sequence[LabelledFilm], weights: np.ndarray) -> np.ndarray:
         """Hook: reweight the source-balanced sampling probabilities (per film, summing to 1).
 

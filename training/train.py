@@ -55,7 +55,7 @@ def training_identity(config: Config) -> dict[str, Any]:
     for key in ("progress", "log_every", "checkpoint_every", "threads", "device"):
         d["train"].pop(key, None)
     d["data"].pop("workers", None)
-    for key in ("evaluate", "version", "run_dir", "models_dir", "val_notes"):
+    for key in ("evaluate", "version", "run_dir", "models_dir", "val_notes", "card_limits"):
         d.pop(key, None)
     return d
 

@@ -97,7 +97,7 @@ def test_report_merges_rows_and_writes_the_card_section(tmp_path, monkeypatch):
     card = (folder / "MODEL_CARD.md").read_text()
     assert card.count(loso.CARD_BEGIN) == 1 and "| tbx11k | fold |" in card and "Pooled val" in card
     manifest = load_manifest(folder)  # sha256 still matches: the model file is unchanged
-    assert manifest.metrics["loso"]["tbx11k (fold)"]["false_flags"] == 0.1
+    assert manifest.metrics["loso"]["tbx11k (fold)"]["false_flags"]["rate"] == 0.1
 
 
 def test_atypical_fold_refits_without_the_source(data_dir, tmp_path):
@@ -111,3 +111,6 @@ def test_atypical_fold_refits_without_the_source(data_dir, tmp_path):
     x[:, :, 10:-10, 10:-10] = 0.5  # a flat grey field: as atypical as it gets
     with torch.inference_mode():
         assert (net(torch.from_numpy(x)).numpy()[:, 0] >= threshold).all()
+    row = loso.fold(config, "tbx11k", limit=4)
+    assert row["mode"] == "fold" and row["films"] == 4 and row["false_flags"]["examples"] == 4
+    assert row["model"].startswith(f"{config.version} fold: refit on view ")

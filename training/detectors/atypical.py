@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from filmgate.datasets import LabelledFilm
 from filmgate_training.model import FilmNet
-from filmgate_training.tasks import Task, register
+from filmgate_training.tasks import Example, Task, register
 
 N_STATS = 5
 MID_STAGE = 7  # FilmNet.features[:7] ends after the 128-wide residual block (widths 16, 32, 64, 128, 192)
@@ -96,7 +97,11 @@ class Atypicality(nn.Module):
 
     def distances(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension Mahalanobis distances (content, display), not yet in calibration units."""
-        v = (self.embed(x) - self.mean) / self.scale
+        return self.distances_of(self.embed(x))
+
+    def distances_of(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`distances` from :meth:`embed`'s output (a build embeds each film once for every fit)."""
+        v = (embedding - self.mean) / self.scale
         wc = v[:, :-N_STATS] @ self.whiten_content
         wd = v[:, -N_STATS:] @ self.whiten_display
         dc = (wc * wc).sum(dim=1, keepdim=True).div(float(self.whiten_content.shape[1])).sqrt()
@@ -136,6 +141,10 @@ class AtypicalTask(Task):
     """A ``score`` task built from the trained ``view`` run; see :mod:`filmgate_training.detectors.atypical_build`."""
 
     backbone_task: str = "view"
+
+    def eval_examples(self, pixels: np.ndarray, film: LabelledFilm) -> list[Example]:
+        """A film as it came, labelled typical (a frontal chest film): what a fold's false flags are counted on."""
+        return [Example("as-is", pixels, 0)]
 
 
 TASK = register(

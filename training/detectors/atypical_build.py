@@ -71,6 +71,37 @@ def both_ways(films: Sequence[LabelledFilm], spec: PreprocessSpec) -> tuple[np.n
     return np.concatenate([a, b]), list(films) + list(films)
 
 
+_EMBEDDED: dict[tuple[str, str, str], np.ndarray] = {}  # (backbone, spec, film) -> (2, D): as it came, auto-windowed
+
+
+def embedded_both_ways(
+    probe: Atypicality, backbone: dict[str, Any], films: Sequence[LabelledFilm], spec: PreprocessSpec
+) -> tuple[np.ndarray, list[LabelledFilm]]:
+    """:func:`both_ways` films through :meth:`Atypicality.embed`, each film embedded once per process (the
+    leave-one-source-out folds refit on the same films again and again); undecodable films are left out (rows
+    stay aligned with the films returned)."""
+    key = (str(backbone.get("sha256") or backbone.get("from")), json.dumps(spec.to_dict(), sort_keys=True))
+    todo = [f for f in films if (*key, str(f.path)) not in _EMBEDDED]
+    for i in range(0, len(todo), 256):
+        chunk, kept, xs = todo[i : i + 256], [], []
+        for film in chunk:
+            try:
+                px = decode_file(film.path).pixels
+            except DecodeError:
+                continue
+            kept.append(film)
+            xs += [preprocess(px, spec), preprocess(auto_windowed(px), spec)]
+        if kept:
+            emb = _embed(probe, np.stack(xs))
+            for j, film in enumerate(kept):
+                _EMBEDDED[(*key, str(film.path))] = emb[2 * j : 2 * j + 2]
+    have = [f for f in films if (*key, str(f.path)) in _EMBEDDED]
+    if not have:
+        return np.zeros((0, 0), np.float32), []
+    both = np.stack([_EMBEDDED[(*key, str(f.path))] for f in have])  # (N, 2, D)
+    return np.concatenate([both[:, 0], both[:, 1]]), list(have) + list(have)
+
+
 def _embed(net: Atypicality, x: np.ndarray, batch: int = 128) -> np.ndarray:
     outs = []
     with torch.inference_mode():
@@ -154,19 +185,17 @@ def _fit(config: Config, backbone_run: Path | None) -> tuple[Atypicality, float,
     if backbone_cfg.data.calibration_fraction != frac:
         raise ValueError("data.calibration_fraction must equal the view run's, so calibration films were never seen")
     probe = Atypicality(view, np.zeros(1), np.ones(1), np.eye(1), np.eye(1))
-    x_fit, fit_rows = both_ways(fit_films, spec)
-    emb = _embed(probe, x_fit)
+    emb, fit_rows = embedded_both_ways(probe, backbone, fit_films, spec)
     mean, scale, w_content, w_display = weighted_gaussian(emb, source_weights(fit_rows, config.data.source_balance))
     net = Atypicality(view, mean, scale, w_content, w_display).eval()
-    x_cal, cal_rows = both_ways(cal_films, spec)
+    emb_cal, cal_rows = embedded_both_ways(probe, backbone, cal_films, spec)
     cal_w = source_weights(cal_rows, config.data.source_balance)
     target = config.evaluate.target_fpr
     with torch.inference_mode():
-        dc, dd = (t.numpy()[:, 0] for t in net.distances(torch.from_numpy(x_cal)))
+        dc, dd = (t.numpy()[:, 0] for t in net.distances_of(torch.from_numpy(emb_cal)))
     net.unit_content = weighted_quantile_threshold(dc, cal_w, target)
     net.unit_display = weighted_quantile_threshold(dd, cal_w, target)
-    with torch.inference_mode():
-        cal_scores = net(torch.from_numpy(x_cal)).numpy()[:, 0]
+    cal_scores = np.maximum(dc / net.unit_content, dd / net.unit_display)
     threshold = weighted_quantile_threshold(cal_scores, cal_w, target)
     parts = {"view": view, "backbone": backbone, "fit_films": fit_films, "cal_films": cal_films,
              "cal_scores": cal_scores, "embedding_dims": int(emb.shape[1])}  # fmt: skip

@@ -55,7 +55,7 @@ DATA = {
         "it (readable on both classes), so readable text alone is no clue."
     ),
     "pediatric": (
-        "Labelled by `pediatric` in labels.csv (yes < 18 years; `hannover` films are adults without ages): frontal "
+        "Labelled by `pediatric` in labels.csv (yes < 18 years): frontal "
         "chest films plus the `spine` collection, which holds children and adults from one source (so 'which "
         "hospital' cannot explain its labels). Classes sampled 50/50, sources balanced within a class. Against the "
         "resolution shortcut (`kermany` is a 224 px square copy), 35% of samples of *both* classes are turned into "
@@ -151,8 +151,31 @@ def _phases(config: Config) -> list[dict]:
     return chain[::-1]
 
 
+def _shipped_init(config: Config) -> dict[str, Any] | None:
+    """The shipped model a run was fine-tuned from (``train.init_from`` naming a model.onnx): its manifest."""
+    import json
+    from pathlib import Path
+
+    from filmgate_training.config import REPO_ROOT
+
+    base = config.train.init_from
+    if not base.endswith(".onnx"):
+        return None
+    folder = (Path(base) if Path(base).is_absolute() else REPO_ROOT / base).parent
+    try:
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {"name": folder.name, "version": "?", "sha256": "?"}
+
+
 def _init_line(config: Config) -> str:
     """Say so when the run was fine-tuned from earlier ones (and how those were trained)."""
+    shipped = _shipped_init(config)
+    if shipped is not None:
+        before = shipped.get("extra", {}).get("config", {}).get("train", {}).get("init_from", "")
+        return (f"Fine-tuned from the shipped `{shipped['name']}` {shipped['version']} (its ONNX file, sha256 "
+                f"{shipped['sha256'][:12]}..., rebuilt in torch with each BatchNorm folded into its convolution"
+                + (f"; that model was itself fine-tuned from `{before}`" if before else "") + "): ")  # fmt: skip
     phases = _phases(config)
     if not phases:
         return ""
@@ -170,6 +193,11 @@ def _init_line(config: Config) -> str:
 
 def _reproduce(config: Config, name: str) -> str:
     cfg = config.run_path.name  # the config file is named like its run folder (runs/flip-ft <- flip-ft.yaml)
+    shipped = _shipped_init(config)
+    if shipped is not None:
+        return (f"Reproduce: with `{config.train.init_from}` as shipped at {shipped['name']} {shipped['version']} "
+                f"(git history), `python -m filmgate_training all --config {cfg}` then "
+                f"`python -m filmgate_training finish --config {cfg}`.")  # fmt: skip
     earlier = [
         f"`python -m filmgate_training fit --config {p['run'].rstrip('/').split('/')[-1]}`" for p in _phases(config)
     ]
@@ -212,13 +240,13 @@ def classifier_card(
         "",
         "## Training data",
         "",
-        DATA[name],
+        DATA[name] + _data_note(name),
         "",
         _init_line(config)
         + f"{blob['steps']} steps of batch {config.train.batch_size}, AdamW lr {config.train.lr}, seed "
         f"{config.train.seed}; {blob['train_seconds'] / 60:.1f} min on {blob['device']} with {blob['threads']} "
         f"thread(s). {config.data.calibration_fraction:.0%} of train patients were held out to choose the threshold; "
-        "`val` was never trained on nor used to choose anything.",
+        "`val` was never trained on. **Which choices looked at val**: " + _val_note(config),
         "",
         *training_data_table(manifest),
     ]
@@ -242,7 +270,7 @@ def classifier_card(
             f"{_pct(m['fpr_unaltered'])} ({m['flagged_unaltered']}/{m['unaltered']}) |"
         )
     lines += ["", extra_md.split("\n", 2)[2].strip(), "", "## Limitations", ""]
-    lines += [f"- {x}" for x in LIMITS[name]]
+    lines += [f"- {x}" for x in (*config.card_limits, *LIMITS[name])]
     lines += [
         "",
         "Full reports: [evaluation.md](evaluation.md) (confusion matrix, mistakes, every real DICOM file) and "
@@ -264,6 +292,16 @@ def _adult_line(report: dict[str, Any]) -> str:
         f"{k} of {n} val frontal films from adult sources ({100 * k / max(n, 1):.1f}%; worst {worst} "
         f"{adult[worst]['flagged']}/{adult[worst]['films']}) against {kids} of the children's"
     )
+
+
+def _data_note(name: str) -> str:
+    """What the task's code says about its data, read from the code (not restated here)."""
+    if name != "pediatric":
+        return ""
+    from filmgate_training.detectors.pediatric import ADULT_SOURCES
+
+    return (f" Adult collections without ages, labelled adult by source: {', '.join(f'`{s}`' for s in ADULT_SOURCES)} "
+            "(training/detectors/pediatric.py).")  # fmt: skip
 
 
 def _val_note(config: Config) -> str:

@@ -219,6 +219,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         for name, m in meta["made_wrong"].items():
             lines.append(f"| {name} | {m['films']} | {m['quarantined']} ({pct(m['quarantined'], m['films'])}) | "
                          f"{_counts(m['reasons'])} |")  # fmt: skip
+    lines += _loso_lines()
     lines += ["", "## Reasons over all films", ""]
     lines += [f"- `{k}`: {v}" for k, v in summary["reasons"].items()]
     for title, key in (("Wrongly accepted", "wrongly_accepted"), ("Wrongly quarantined", "wrongly_quarantined")):
@@ -240,6 +241,21 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             if len(rows) > 150:
                 lines.append(f"| ... {len(rows) - 150} more in report.json | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def _loso_lines() -> list[str]:
+    """Per detector, the leave-one-source-out rows (training/reports/loso, ``python -m filmgate_training loso``):
+    val above comes from the hospitals the detectors trained on; these are hospitals each never saw."""
+    from filmgate_training.loso import REPORTS, markdown, pooled_val
+
+    lines = ["", "## Hospitals the detectors never saw (leave-one-source-out)", ""]
+    found = sorted(REPORTS.glob("*.json")) if REPORTS.is_dir() else []
+    if not found:
+        return lines + ["No leave-one-source-out report yet (`python -m filmgate_training loso`)."]
+    for path in found:
+        report = json.loads(path.read_text())
+        lines += ["", *markdown(report, pooled_val(report["detector"])).replace("## Leave", "### Leave", 1).split("\n")]
+    return lines
 
 
 def run(out: Path, models: Path, docs: Path | None = None) -> dict[str, Any]:
