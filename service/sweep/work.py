@@ -9,6 +9,8 @@ films, and the sample of accepted films the caller asked for), so memory and the
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ THUMB_SIDE = 192  # long side of the report's thumbnails (pixels as the detector
 THUMB_QUALITY = 80
 
 _JUDGES: dict[str, Judge] = {}
+log = logging.getLogger("filmgate.sweep")
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,27 @@ class Row:
 
 
 def judge_for(cfg: Config) -> Judge:
-    """This process's judge for ``cfg`` (loaded on first use; a worker judges many batches with it)."""
+    """This process's judge for ``cfg`` (loaded on first use; a worker judges many batches with it).
+
+    It decodes as the node does: with ``limits.decode_isolation`` (the default) in a supervised decode child of this
+    worker (:mod:`filmgate.sandbox`: a decoder that crashes, loops past ``limits.decode_timeout`` or allocates past
+    ``limits.decode_memory_bytes`` costs its film, quarantined ``undecodable``, not the sweep)."""
     key = repr(cfg)
     judge = _JUDGES.get(key)
     if judge is None:
         for old in [k for k in _JUDGES if not k.startswith("metadata-only:")]:
             del _JUDGES[old]  # one judge with models per process
-        judge = _JUDGES[key] = Judge.load(cfg)
+        decoder = None
+        if cfg.limits.decode_isolation and multiprocessing.current_process().daemon:
+            # A daemonic process may not start children (Dask's workers are daemonic unless
+            # DASK_DISTRIBUTED__WORKER__DAEMON=False): decode here, as without isolation.
+            log.warning("limits.decode_isolation: this worker is a daemonic process and cannot start a decode child; "
+                        "decoding in the worker itself")  # fmt: skip
+        elif cfg.limits.decode_isolation:
+            from filmgate.sandbox import DecodeSandbox
+
+            decoder = DecodeSandbox(cfg.limits, size=1, log_level="WARNING")
+        judge = _JUDGES[key] = Judge.load(cfg, decoder=decoder)
     return judge
 
 

@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.fileset import FileSet
 
 from filmgate.datasets import select
+from tests import hostile
 from tests.helpers import film_pixels, make_dicom, read_csv, run_sweep
 
 
@@ -80,7 +81,12 @@ def film_tree(tmp_path_factory, data_dir) -> dict:
     (root / "broken" / "truncated.jpg").write_bytes(jpg.read_bytes()[:300])
     films["broken/truncated.dcm"] = "dicom"
     films["broken/truncated.jpg"] = "image"
-    return {"root": root, "films": films, "truncated": {"broken/truncated.dcm", "broken/truncated.jpg"}}
+    # Hostile films: RLE data that makes the decoder panic, a JPEG 2000 declaring 60000 x 60000 pixels.
+    hostile.panicking_rle(root / "broken" / "PANIC")
+    hostile.j2k_declaring(root / "broken" / "lying.dcm", 60000, 60000, header_too=True)
+    films["broken/PANIC"] = films["broken/lying.dcm"] = "dicom"
+    broken = {"broken/truncated.dcm", "broken/truncated.jpg", "broken/PANIC", "broken/lying.dcm"}
+    return {"root": root, "films": films, "truncated": broken}
 
 
 @pytest.fixture(scope="session")
