@@ -72,6 +72,23 @@
     last.focus();
     move(1);
   }
+  async function relabelTargets(n) {
+    // digits in the grid: label number n of the detector chosen in the toolbar, for the selection or the focused film
+    if (role !== "reviewer") { say("Only reviewers can relabel."); return; }
+    const det = document.getElementById("bulk-detector").value;
+    const labels = detectors[det] || [];
+    if (n >= labels.length) { say(det + " has no label " + (n + 1) + "."); return; }
+    const list = targets();
+    if (!list.length) { say("Nothing in focus or selected."); return; }
+    let done = 0;
+    const errors = [];
+    for (const tile of list) {
+      const body = {}; body[det] = labels[n];
+      try { await api("POST", "/api/instances/" + tile.dataset.id + "/labels", body); done++; }
+      catch (e) { errors.push("#" + tile.dataset.id + ": " + e.message); }
+    }
+    say("Relabelled " + done + " of " + list.length + ": " + det + " = " + labels[n] + (errors.length ? ". " + errors.join("; ") : "."));
+  }
   function cell(text) { const td = document.createElement("td"); td.textContent = text == null ? "" : String(text); return td; }
   function row(cells) { const tr = document.createElement("tr"); cells.forEach(c => tr.appendChild(cell(c))); return tr; }
   function table(head, rows) {
@@ -187,6 +204,8 @@
       case "r": act("release"); break;
       case "c": act("confirm"); break;
       case "Enter": case "o": { const f = focused(); if (f) openDetail(f.dataset.id); break; }
+      case "1": case "2": case "3": case "4": case "5": case "6": case "7": case "8": case "9":
+        relabelTargets(Number(e.key) - 1); break;
       case "n": page("next"); break;
       case "p": page("prev"); break;
       default: return;
