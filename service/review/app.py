@@ -85,6 +85,10 @@ class ReviewApp:
             rsp = _json(400, {"error": str(exc)})
         except KeyError:
             rsp = _json(404, {"error": "no such instance"})
+        except OSError as exc:  # a destination that cannot take the film now (disk full, folder gone): try later
+            log.error("review: %s %s failed (%s)", req.method, req.path, exc)
+            rsp = _json(503, {"error": f"cannot do it now: {exc.strerror or exc}; not recorded, try again"},
+                        [("Retry-After", "60")])  # fmt: skip
         present = {k.lower() for k, _ in rsp.headers}
         rsp.headers.extend((k, v) for k, v in _SECURITY_HEADERS if k.lower() not in present)
         if self.cfg.http.tls.enabled:
