@@ -85,6 +85,25 @@ def test_a_pdu_length_bomb_costs_nothing_and_the_node_keeps_serving(gate):
     assert _echo(gate.dicom_port)
 
 
+def test_declared_lengths_within_the_limit_allocate_only_what_arrives(gate):
+    """30 connections each declaring a 4 MiB A-ASSOCIATE-RQ (within the limit) and sending 100 bytes of it: the node
+    reads what arrives into buffers of at most 256 KiB, not 30 x 4 MiB by the declared lengths, and closes them at
+    the ACSE timeout."""
+    before = gate.memory_kib()
+    conns = [_connect(gate.dicom_port) for _ in range(30)]
+    try:
+        for s in conns:
+            s.sendall(b"\x01\x00" + struct.pack(">L", 4 * 1024 * 1024 - 1024) + b"\x00" * 100)
+        for s in conns:  # every read has been tried and given up once the node closes the connection
+            assert _read_all(s, ACSE_TIMEOUT + 10) == b""
+    finally:
+        for s in conns:
+            s.close()
+    after = gate.memory_kib()
+    assert after["VmHWM"] - before["VmHWM"] < 40 * 1024, (before, after)  # 30 x 4 MiB would be 120 MiB
+    assert _echo(gate.dicom_port)
+
+
 def test_a_p_data_bomb_inside_an_association_aborts_only_that_association(gate, made_films):
     ae = AE(ae_title="BOMBER")
     ae.add_requested_context(Verification)
