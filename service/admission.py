@@ -76,9 +76,11 @@ class Verdict:
 class Admission:
     """The association-time checks: allow-list, called AE title, association limits (total and per host)."""
 
-    def __init__(self, cfg: ListenerConfig, sender_allowed: Any) -> None:
+    def __init__(self, cfg: ListenerConfig, sender_allowed: Any, unlimited: Any = None) -> None:
         self.cfg = cfg
         self._sender_allowed = sender_allowed
+        # unlimited(calling, host): not counted against the limits (the health check: a busy node is not a sick one)
+        self._unlimited = unlimited or (lambda calling, host: False)
         called = {t.strip() for t in cfg.called_ae_titles} or {cfg.ae_title.strip()}
         self.any_called = "*" in called
         self.called = called
@@ -99,6 +101,8 @@ class Admission:
             return Verdict("called-ae", RJ_CALLED_AE,
                            f"it called AE title {called!r}; this node answers to {sorted(self.called)} "
                            "(listener.ae_title, listener.called_ae_titles)")  # fmt: skip
+        if self._unlimited(calling, host):
+            return None
         with self._lock:
             total, mine = self._count(host)
             if total >= cfg.max_associations:
@@ -110,10 +114,6 @@ class Admission:
                                "(listener.max_associations_per_host)")  # fmt: skip
             self._live.add(assoc)
         return None
-
-    def active(self) -> int:
-        with self._lock:
-            return self._count("")[0]
 
 
 class GateServer(ThreadedAssociationServer):

@@ -91,6 +91,11 @@ def sender_allowed(rules: tuple[SenderRule, ...], calling_ae: str, host: str) ->
     return False
 
 
+def _is_healthcheck(calling_ae: str, host: str) -> bool:
+    """`filmgate healthcheck` from this machine: let in past the association limits (it may only C-ECHO)."""
+    return calling_ae.strip() == HEALTHCHECK_AE and _is_loopback(host)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         addr = ipaddress.ip_address(host.split("%")[0])
@@ -139,7 +144,7 @@ class Listener:
         self.spool = spool
         self.on_stored = on_stored
         self.recorder = recorder  # filmgate.records.Recorder: the index row and the audit events
-        self.admission = Admission(cfg, sender_allowed)
+        self.admission = Admission(cfg, sender_allowed, unlimited=_is_healthcheck)
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = max_pdu  # announced to peers; longer PDUs are refused (patches.pdu_limit)
         # Our limits (filmgate.admission) count associations and connections; pynetdicom's own count (every

@@ -200,6 +200,30 @@ def test_the_health_check_ae_title_may_only_echo(gate, made_films):
     assert not list((Path(gate.config["spool"]["path"]) / "tmp").iterdir())
 
 
+def test_a_full_node_refuses_new_senders_but_answers_its_health_check(gate):
+    """Every association slot taken (12: 4 from each of three hosts): a new sender gets A-ASSOCIATE-RJ (transient,
+    local limit exceeded), the health check still gets its C-ECHO (a busy node is not a sick one)."""
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = []
+    try:
+        for source in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            for _ in range(4):
+                assoc = ae.associate("127.0.0.1", gate.dicom_port, ae_title="FILMGATE", bind_address=(source, 0))
+                assert assoc.is_established
+                held.append(assoc)
+        late = ae.associate("127.0.0.1", gate.dicom_port, ae_title="FILMGATE")
+        assert late.is_rejected
+        rj = late.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
+        assert not _echo(gate.dicom_port)
+        assert _echo(gate.dicom_port, aet="FILMGATE-HC")
+    finally:
+        for assoc in held:
+            assoc.release()
+    wait_for(lambda: _echo(gate.dicom_port), 15, "slots free again once the holders released")
+
+
 def test_the_called_ae_title_is_checked(gate):
     assert not _echo(gate.dicom_port, aec="SOMEONE-ELSE")
     ae = AE(ae_title="CALLER")
