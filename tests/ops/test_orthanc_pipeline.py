@@ -392,17 +392,19 @@ def test_dead_letters_raise_the_alert_and_the_documented_resend_delivers_them(tm
         )
         started.append(research)
         doc = (REPO / "docs" / "OPERATIONS.md").read_text()
-        (line,) = [ln for ln in doc.splitlines() if ln.startswith("TCP_NODELAY=1 storescu")]
-        argv = shlex.split(line.removeprefix("TCP_NODELAY=1 "))
+        (line,) = [ln for ln in doc.splitlines() if ln.startswith("filmgate resend") and "dead-letter/research" in ln]
+        argv = shlex.split(line.split("#")[0])
         argv = [
-            {"research.example.org": "127.0.0.1", "104": str(research_port)}.get(a, a).replace(
-                "/var/lib/filmgate/dead-letter/research-pacs", str(dead)
+            {"/etc/filmgate/filmgate.yaml": str(node.config_path)}.get(a, a).replace(
+                "/var/lib/filmgate/spool/dead-letter/research-pacs", str(dead)
             )
             for a in argv
         ]
-        argv[0] = tool("storescu")
-        res = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}, timeout=60)
+        argv[0] = tool("filmgate")
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, f"{argv}: {res.stdout}{res.stderr}"
+        assert not list(dead.glob("*.dcm")), "resend left the dead letter in place"
+        wait_until(research.sop_instance_uids, 60, f"the re-sent film at the research PACS:\n{node.process.tail(20)}")
         assert research.sop_instance_uids() == [sop_uid]
     finally:
         for s in reversed(started):
