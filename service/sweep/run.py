@@ -15,7 +15,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class SweepOptions:
     report_limit: int = 500  # films per contact sheet
     accepted_sample: int = 48
     pacs: Any = None  # a filmgate.sweep.pacs.PacsQuery when the source is dicom://...
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def default_jobs() -> int:
@@ -141,7 +140,11 @@ def sweep(cfg: Config, opts: SweepOptions) -> int:
         }  # fmt: skip
         summary = outputs.write_tables(store, fp, [d["name"] for d in executor.judge["detectors"]], opts.out, run)
         if opts.sort_into is not None:
-            sort.sort_into(store, fp, opts.sort_into, opts.sort_mode)
+            placed = sort.sort_into(store, fp, opts.sort_into, opts.sort_mode)
+            if placed.get("not kept"):
+                print(f"filmgate sweep: {placed['not kept']} PACS films are not in {opts.sort_into}: they were judged "
+                      "by an earlier run without --sort-into, which kept no bytes (sweep again into a fresh --out)",
+                      file=sys.stderr)  # fmt: skip
         report.write_report(store, fp, executor.judge["detectors"], summary, opts.out, limit=opts.report_limit,
                             sample=opts.accepted_sample)  # fmt: skip
         if opts.review:

@@ -51,14 +51,18 @@ def write_bytes(data: bytes, dst: Path) -> None:
 
 
 def sort_into(store: Store, fingerprint: str, root: Path, mode: str = "link") -> dict[str, int]:
-    """Sort every current result of ``store`` into ``root``; returns counts by top folder (accept, quarantine/<r>)."""
+    """Sort every current result of ``store`` into ``root``; returns counts by top folder (accept, quarantine/<r>),
+    and ``not kept``: PACS films judged without --sort-into, whose bytes are gone."""
     if mode not in MODES:
         raise ValueError(f"--sort-mode must be one of {', '.join(MODES)}, not {mode!r}")
     counts: dict[str, int] = {}
     for row in store.results(fingerprint):
         dst = target(root, row["decision"], row["reasons"], row["path"])
         src = row["_abspath"]
-        if src and Path(src).resolve() != dst.resolve():
+        if not src:  # a PACS film whose bytes were not kept
+            counts["not kept"] = counts.get("not kept", 0) + 1
+            continue
+        if Path(src).resolve() != dst.resolve():
             place(Path(src), dst, mode)
         group = dst.relative_to(root).parts[0] if row["decision"] == "accept" else "/".join(
             dst.relative_to(root).parts[:2])  # fmt: skip
