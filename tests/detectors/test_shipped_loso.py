@@ -17,8 +17,7 @@ from filmgate.manifest import load_manifest
 from filmgate_training import loso
 from filmgate_training.config import load_config
 from filmgate_training.tasks import get_task
-from tests.detectors.conftest import pixels
-from tests.helpers import MODELS, ShippedDetector
+from tests.helpers import MODELS, ShippedDetector, pixels
 
 SUBSET = 30  # films per held-out source
 CONFIGS = {"orientation": "orientation", "inversion": "inversion", "flip": "flip-hr", "view": "view-ft",
