@@ -316,6 +316,12 @@ def test_image_install_step_in_a_clean_venv(tmp_path):
     for name, ver in shipped.items():
         assert f"  model {name} {ver} " in res.stdout, res.stdout
 
+    res = filmgate("serve", "--help")  # the full list of keys is where an installed user finds it
+    assert res.returncode == 0 and f"{venv}/lib/" in res.stdout and "default.yaml" in res.stdout, res.stdout
+    res = subprocess.run([venv / "bin/python", "-m", "filmgate_training", "--help"], capture_output=True, text=True,
+                         cwd=empty, env=env, timeout=60)  # fmt: skip
+    assert res.returncode == 0 and "examples:" in res.stdout, res.stdout + res.stderr  # help needs no torch
+
     for cfg in _deploy_configs(tmp_path):
         res = filmgate("check-config", str(cfg), timeout=60)
         assert res.returncode == 0 and "OK" in res.stdout, f"{cfg}: {res.stdout}{res.stderr}"
