@@ -147,6 +147,10 @@ class EvaluateConfig:
     # allows and the lowest positive score, so that neither class sits on the threshold (falls back to fpr when the
     # classes overlap there).
     threshold_rule: str = "fpr"
+    # When set (score detectors): the threshold chosen on held-out train films is raised by the factor that brings
+    # the clean films of the hospitals each leave-one-source-out fold never saw to this false-flag rate, averaged
+    # over those hospitals (filmgate_training.loso.recalibration_factor; needs `loso --sources all` first).
+    loso_target_fpr: float | None = None
     parity_films: int = 32  # real val films checked torch vs onnxruntime at export
     parity_tolerance: float = 1e-3  # max abs difference of logits
     checks: tuple[Check, ...] = ()

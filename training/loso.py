@@ -111,7 +111,9 @@ def score_source(
         films = films[:: max(1, len(films) // limit)][:limit]
     task = task.for_held_out()
     res = infer(films, task, config.preprocessing, runner)
-    return summarise(task, res, threshold) | {"source": source, "threshold": threshold}
+    clean = np.array([not task.is_positive(int(y)) for y in res["label"]], dtype=bool)
+    out = summarise(task, res, threshold) | {"source": source, "threshold": threshold}
+    return out | {"_clean_scores": task.scores(res["outputs"])[clean].tolist()}  # for recalibration, not the report
 
 
 # ------------------------------------------------------------------------------------------------ the two modes
@@ -131,6 +133,7 @@ def unseen(config: Config, limit: int | None = None, min_films: int = MIN_FILMS)
             continue
         t0 = time.perf_counter()
         row = score_source(config, task, runner, manifest.threshold, source, limit)
+        row.pop("_clean_scores")
         rows.append(row | {"mode": "unseen", "model": f"shipped {manifest.version}", "version": manifest.version,
                            "seconds": _since(t0)})  # fmt: skip
     return rows
@@ -155,6 +158,8 @@ def fold(config: Config, source: str, overrides: dict[str, Any] | None = None,
     row = score_source(fc, task, runner, threshold, source, limit)
     row |= {"mode": "fold", "model": f"{fc.version} {model}", "version": fc.version, "seconds": _since(t0)}
     fc.run_path.mkdir(parents=True, exist_ok=True)
+    clean = row.pop("_clean_scores")
+    (fc.run_path / "scores.json").write_text(json.dumps({"source": source, "threshold": threshold, "clean": clean}))
     (fc.run_path / "loso.json").write_text(json.dumps(_jsonable(row), indent=2) + "\n")
     return row
 
@@ -169,6 +174,34 @@ def _score_fold(fc: Config) -> tuple[Runner, float, str]:
 
 def _since(t0: float) -> float:
     return round(time.perf_counter() - t0, 1)
+
+
+def recalibration_factor(config: Config, target: float, min_films: int = MIN_FILMS) -> dict[str, Any]:
+    """The factor on a fold's own threshold that brings the clean films of the hospitals it never saw to ``target``
+    false flags, averaged over held-out sources (each source counts once, however many films it has).
+
+    Each fold's threshold was chosen on its own held-out train films (the rule the full build uses); the clean
+    held-out films' scores over that threshold say how much higher a hospital the model never saw scores. The full
+    model's threshold times this factor is the leave-one-source-out recalibration (``evaluate.loso_target_fpr``).
+    Needs ``scores.json`` of folds (``python -m filmgate_training loso --sources all``); val plays no part.
+    """
+    ratios: dict[str, np.ndarray] = {}
+    for path in sorted((config.run_path / "loso").glob("*/scores.json")):
+        d = json.loads(path.read_text())
+        if len(d["clean"]) >= min_films:
+            ratios[d["source"]] = np.asarray(d["clean"], dtype=np.float64) / float(d["threshold"])
+    if not ratios:
+        raise FileNotFoundError(f"{config.run_path / 'loso'}: no fold scores; run `loso --sources all` first")
+
+    def mean_rate(m: float) -> float:
+        return float(np.mean([(r >= m).mean() for r in ratios.values()]))
+
+    candidates = np.unique(np.concatenate([[1.0], *ratios.values()]))
+    candidates = np.nextafter(candidates[candidates >= 1.0], np.inf)
+    factor = next((float(m) for m in np.concatenate([[1.0], candidates]) if mean_rate(m) <= target), 1.0)
+    per_source = {s: float((r >= factor).mean()) for s, r in ratios.items()}
+    return {"factor": factor, "target": target, "sources": sorted(ratios), "mean_rate_at_1": mean_rate(1.0),
+            "mean_rate": mean_rate(factor), "per_source": per_source}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ report

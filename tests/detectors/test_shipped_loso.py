@@ -21,7 +21,7 @@ from tests.helpers import MODELS, ShippedDetector, pixels
 
 SUBSET = 30  # films per held-out source
 CONFIGS = {"orientation": "orientation", "inversion": "inversion", "flip": "flip-hr", "view": "view-ft",
-           "pediatric": "pediatric-ft"}  # fmt: skip
+           "pediatric": "pediatric-adults"}  # fmt: skip
 
 
 def unseen_rows(name: str) -> list[tuple[str, dict]]:

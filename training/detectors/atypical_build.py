@@ -211,6 +211,12 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
     net, threshold, parts = _fit(config, backbone_run)
     view, backbone, fit_films, cal_films = parts["view"], parts["backbone"], parts["fit_films"], parts["cal_films"]
     cal_scores = parts["cal_scores"]
+    recalibration = None
+    if config.evaluate.loso_target_fpr is not None:
+        from filmgate_training.loso import recalibration_factor
+
+        recalibration = recalibration_factor(config, config.evaluate.loso_target_fpr)
+        threshold *= recalibration["factor"]
     # what the build may look at to judge a design: synthetic wrong films made from held-out *train* adult films
     cal_adults = [f for f in cal_films if f.pediatric != "yes"]
     cal_synthetic = {}
@@ -245,9 +251,17 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
             f"source-balanced {1 - config.evaluate.target_fpr:.1%} quantile of {len(cal_films)} held-out train "
             "frontal films, each as it came and auto-windowed (never trained on by view, never used to fit the "
             "Gaussian)"
+            + (
+                f", times {recalibration['factor']:.4f}: the factor that brings the clean films of the hospitals each "
+                f"leave-one-source-out fold never saw to {recalibration['target']:.2%} false flags on average over "
+                f"{len(recalibration['sources'])} held-out sources (from {recalibration['mean_rate_at_1']:.2%})"
+                if recalibration
+                else ""
+            )
         ),
         "calibration_flagged": float((cal_scores >= threshold).mean()),
         "calibration_synthetic": cal_synthetic,
+        "loso_recalibration": recalibration,
         "fit_films": dict(sorted(collections.Counter(f.source for f in fit_films).items())),
         "calibration_films": dict(sorted(collections.Counter(f.source for f in cal_films).items())),
         "embedding_dims": parts["embedding_dims"],
