@@ -4,14 +4,13 @@ One container of filmgate:local as its non-root user with the spool on a named v
 published on loopback: films sent from the host by DCMTK's storescu are decided as the gate decides them (a normal
 adult chest accepted, the same film upside down quarantined as rotated, a CT slice as modality), the sidecars and
 files on the volume belong to the image's user, `docker inspect` reports the image's own health check healthy, the
-metrics count the decisions, and SIGTERM (`docker stop`) ends it cleanly (exit 0, drained) well inside the grace.
+metrics count the decisions, and SIGTERM (`docker stop`) ends it cleanly (exit 0, drained) inside the grace.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -103,13 +102,11 @@ def test_the_image_serves_decides_is_healthy_and_stops_cleanly(filmgate_image, f
                       if line.startswith("filmgate_decisions_total{"))  # fmt: skip
         assert decided == len(films), decided
 
-        t0 = time.monotonic()
-        docker("stop", "-t", "60", name, timeout=90)  # SIGTERM, then SIGKILL only after 60 s
-        stopped_in = time.monotonic() - t0
+        docker("stop", "-t", "60", name, timeout=90)  # SIGTERM, then SIGKILL (exit 137) only after 60 s
         state = _state(name)
         logs = docker("logs", name).stderr
         assert state["ExitCode"] == 0 and not state["OOMKilled"], (state, logs[-3000:])
-        assert stopped_in < 50 and "stopped in" in logs and "drained" in logs, (stopped_in, logs[-2000:])
+        assert "stopped in" in logs and "(drained)" in logs, logs[-2000:]
     finally:
         docker("rm", "-f", name, check=False)
         docker("volume", "rm", "-f", volume, check=False)
