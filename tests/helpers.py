@@ -886,6 +886,17 @@ def run_sweep(*args: str | Path, timeout: float = 240, check: bool = True) -> su
         assert proc.returncode == 0, f"filmgate sweep {args}: rc {proc.returncode}\n{proc.stderr[-3000:]}"
     return proc
 
+def committed_rows(out: Path) -> int:
+    """Results a running ``filmgate sweep --out OUT`` has committed so far (read beside it: its state is WAL SQLite)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(out / "sweep.sqlite", timeout=5) as db:
+            return db.execute("SELECT count(*) FROM results").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0  # not created yet
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))

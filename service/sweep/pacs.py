@@ -16,6 +16,7 @@ honours every key.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import re
@@ -219,20 +220,27 @@ def pacs_items(q: PacsQuery, store: Store, fingerprint: str, keep: Callable[[str
     arrived: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_FILMS)
     done = object()
     counts = {"requested": 0, "received": 0}
-    retriever = threading.Thread(target=_retrieve, args=(q, store.path, fingerprint, arrived, done, counts),
+    stop = threading.Event()
+    retriever = threading.Thread(target=_retrieve, args=(q, store.path, fingerprint, arrived, done, counts, stop),
                                  daemon=True, name="pacs-retrieve")  # fmt: skip
     retriever.start()
-    while True:
-        got = arrived.get()
-        if got is done:
-            break
-        if isinstance(got, Exception):
-            raise got
-        sop, path, data = got
-        key = f"dicom:{sop}"
-        if store.is_pending(key, fingerprint):  # not an instance the PACS gained since the C-FIND, nor a repeat
-            yield Item(key, path, data=data, thumb=keep(key))
-    retriever.join()
+    try:
+        while True:
+            got = arrived.get()
+            if got is done:
+                break
+            if isinstance(got, Exception):
+                raise got
+            sop, path, data = got
+            key = f"dicom:{sop}"
+            if store.is_pending(key, fingerprint):  # not an instance the PACS gained since the C-FIND, nor a repeat
+                yield Item(key, path, data=data, thumb=keep(key))
+    finally:  # the end, or the driver stopped (Ctrl-C): the retrieve ends cleanly, its association released
+        stop.set()
+        while retriever.is_alive():
+            with contextlib.suppress(queue.Empty):
+                arrived.get(timeout=0.1)  # unblock a C-STORE handler waiting for room
+        retriever.join()
     missing = counts["requested"] - counts["received"]
     if missing > 0:
         log.warning("%d of %d instances asked for did not arrive", missing, counts["requested"])
@@ -259,9 +267,10 @@ def _series_groups(db_path: Any, fingerprint: str) -> Iterator[tuple[str, str, l
 
 
 def _retrieve(q: PacsQuery, db_path: Any, fingerprint: str, arrived: queue.Queue[Any], done: object,
-              counts: dict[str, int]) -> None:  # fmt: skip
+              counts: dict[str, int], stop: threading.Event) -> None:  # fmt: skip
+    groups = (g for g in _series_groups(db_path, fingerprint) if not stop.is_set())
     try:
-        (_by_move if q.retrieve == "move" else _by_get)(q, _series_groups(db_path, fingerprint), arrived, counts)
+        (_by_move if q.retrieve == "move" else _by_get)(q, groups, arrived, counts, stop)
     except Exception as exc:  # handed to the driver, which stops the sweep with it
         arrived.put(exc if isinstance(exc, PacsError) else PacsError(f"retrieve: {exc}"))
     finally:
@@ -274,13 +283,19 @@ class _Target:
     study = series = ""
 
 
-def _on_store(arrived: queue.Queue[Any], target: _Target, counts: dict[str, int]) -> Callable[[Any], int]:
+def _on_store(arrived: queue.Queue[Any], target: _Target, counts: dict[str, int],
+              stop: threading.Event) -> Callable[[Any], int]:  # fmt: skip
     def handle(event: Any) -> int:
+        if stop.is_set():
+            return 0xA702  # out of resources: the sweep is stopping (the PACS ends the retrieve)
         data = bytes(event.encoded_dataset())  # preamble, file meta and the dataset exactly as received
         sop = str(event.request.AffectedSOPInstanceUID)
-        counts["received"] += 1
-        arrived.put((sop, f"{target.study}/{target.series}/{sop}", data))  # blocks while the workers catch up
-        return 0x0000
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                arrived.put((sop, f"{target.study}/{target.series}/{sop}", data), timeout=0.5)  # waits for workers
+                counts["received"] += 1
+                return 0x0000
+        return 0xA702
 
     return handle
 
@@ -301,7 +316,7 @@ def _check(status: Any, what: str) -> None:
 
 
 def _by_get(q: PacsQuery, groups: Iterator[tuple[str, str, list[str], bool]], arrived: queue.Queue[Any],
-            counts: dict[str, int]) -> None:  # fmt: skip
+            counts: dict[str, int], stop: threading.Event) -> None:  # fmt: skip
     from pynetdicom import build_role, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
@@ -311,7 +326,7 @@ def _by_get(q: PacsQuery, groups: Iterator[tuple[str, str, list[str], bool]], ar
     for uid in STORAGE_CLASSES:
         ae.add_requested_context(uid, list(TRANSFER_SYNTAXES))
     roles = [build_role(uid, scp_role=True) for uid in STORAGE_CLASSES]
-    assoc = _associate(ae, q, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, target, counts))])
+    assoc = _associate(ae, q, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, target, counts, stop))])
     try:
         for study, series, sops, whole in groups:
             counts["requested"] += len(sops)
@@ -323,7 +338,7 @@ def _by_get(q: PacsQuery, groups: Iterator[tuple[str, str, list[str], bool]], ar
 
 
 def _by_move(q: PacsQuery, groups: Iterator[tuple[str, str, list[str], bool]], arrived: queue.Queue[Any],
-             counts: dict[str, int]) -> None:  # fmt: skip
+             counts: dict[str, int], stop: threading.Event) -> None:  # fmt: skip
     from pynetdicom import evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
@@ -332,7 +347,7 @@ def _by_move(q: PacsQuery, groups: Iterator[tuple[str, str, list[str], bool]], a
     for uid in STORAGE_CLASSES:
         ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
     scp = ae.start_server(("", q.move_port), block=False,
-                          evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, target, counts))])  # fmt: skip
+                          evt_handlers=[(evt.EVT_C_STORE, _on_store(arrived, target, counts, stop))])  # fmt: skip
     try:
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         assoc = _associate(ae, q)

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,7 +16,7 @@ import cv2
 import numpy as np
 
 from filmgate.datasets import select
-from tests.helpers import FILMGATE, SKIPPED, inspect, read_csv, run_sweep, wait_until
+from tests.helpers import FILMGATE, SKIPPED, committed_rows, inspect, read_csv, run_sweep, wait_until
 
 
 def test_one_row_per_film_with_the_decision_of_inspect(film_tree, swept):
@@ -153,22 +152,13 @@ def _copy_films(dst: Path, count: int) -> list[Path]:
     return out
 
 
-def _rows(out: Path) -> int:
-    """Results committed so far by a running sweep (read beside it: the state file is in WAL mode)."""
-    try:
-        with sqlite3.connect(out / "sweep.sqlite", timeout=5) as db:
-            return db.execute("SELECT count(*) FROM results").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0  # not created yet
-
-
 def test_interrupted_sweep_resumes_and_judges_every_film_once(tmp_path):
     films = _copy_films(tmp_path / "films", 160)
     out = tmp_path / "out"
     proc = subprocess.Popen([FILMGATE, "sweep", str(tmp_path / "films"), "--out", str(out), "--jobs", "1",
                              "--batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
-    wait_until(lambda: _rows(out) >= 12 or proc.poll() is not None, 120, "the first rows", interval=0.02)
+    wait_until(lambda: committed_rows(out) >= 12 or proc.poll() is not None, 120, "the first rows", interval=0.02)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
@@ -212,7 +202,7 @@ def test_a_worker_that_dies_costs_no_film(tmp_path):
                              "--batch", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     workers = wait_until(lambda: proc.poll() is None and len(_workers_of(proc.pid)) == 2 and _workers_of(proc.pid),
                          60, "two workers")  # fmt: skip
-    wait_until(lambda: _rows(out) >= 8 or proc.poll() is not None, 120, "the first rows", interval=0.02)
+    wait_until(lambda: committed_rows(out) >= 8 or proc.poll() is not None, 120, "the first rows", interval=0.02)
     os.kill(workers[0], signal.SIGKILL)  # as the OOM killer or a crashing decoder would
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]

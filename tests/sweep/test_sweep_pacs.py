@@ -9,13 +9,26 @@ by C-GET and by C-MOVE, keep no bytes unless --sort-into asks, and write them in
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 
 import numpy as np
 import pydicom
 import pytest
 
 from filmgate.datasets import select
-from tests.helpers import Orthanc, film_pixels, free_port, inspect, make_dicom, read_csv, run_sweep
+from tests.helpers import (
+    FILMGATE,
+    Orthanc,
+    committed_rows,
+    film_pixels,
+    free_port,
+    inspect,
+    make_dicom,
+    read_csv,
+    run_sweep,
+    wait_until,
+)
 
 CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -104,3 +117,31 @@ def test_pacs_sweep_by_c_move_sorts_the_received_bytes_intact(pacs, tmp_path):
         sent = pydicom.dcmread(expected[r["sop_instance_uid"]]["file"])
         assert got.SOPInstanceUID == sent.SOPInstanceUID and got.PixelData == sent.PixelData
     assert sum(1 for p in tree.rglob("*") if p.is_file()) == len(rows)
+
+
+def test_pacs_sweep_interrupted_stops_the_retrieve_and_resumes(pacs, tmp_path):
+    """Ctrl-C during the retrieve: the sweep stops within seconds (the C-GET is ended, the association released), and
+    a rerun judges exactly the instances left: every instance once."""
+    study = pydicom.uid.generate_uid()
+    frontal = [f.path for f in select(split="val", kind="frontal-chest")][:30]
+    for i, src in enumerate(frontal):
+        path = tmp_path / f"i{i}.dcm"
+        make_dicom(film_pixels(src), path, study_uid=study)
+        ds = pydicom.dcmread(path)
+        ds.AccessionNumber = "SWEEPINT1"
+        ds.save_as(path)
+        pacs["orthanc"].post("/instances", path.read_bytes())
+    out = tmp_path / "out"
+    args = [pacs["url"], "--query", "AccessionNumber=SWEEPINT1", "--out", str(out)]
+    proc = subprocess.Popen([FILMGATE, "sweep", *args, "--jobs", "1", "--batch", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_until(lambda: committed_rows(out) >= 4 or proc.poll() is not None, 120, "the first rows", interval=0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    first = json.loads((out / "summary.json").read_text())["films"]
+    assert 4 <= first < len(frontal)
+    run_sweep(*args)
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == len({r["sop_instance_uid"] for r in rows}) == len(frontal)
+    assert json.loads((out / "summary.json").read_text())["run"]["judged_this_run"] == len(frontal) - first
