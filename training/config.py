@@ -149,7 +149,7 @@ class EvaluateConfig:
     threshold_rule: str = "fpr"
     # When set (score detectors): the threshold chosen on held-out train films is raised by the factor that brings
     # the clean films of the hospitals each leave-one-source-out fold never saw to this false-flag rate, averaged
-    # over those hospitals (filmgate_training.loso.recalibration_factor; needs `loso --sources all` first).
+    # over those hospitals (filmgate_training.recalibrate.recalibration_factor; needs `loso --sources all` first).
     loso_target_fpr: float | None = None
     parity_films: int = 32  # real val films checked torch vs onnxruntime at export
     parity_tolerance: float = 1e-3  # max abs difference of logits

@@ -213,7 +213,7 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
     cal_scores = parts["cal_scores"]
     recalibration = None
     if config.evaluate.loso_target_fpr is not None:
-        from filmgate_training.loso import recalibration_factor
+        from filmgate_training.recalibrate import recalibration_factor
 
         recalibration = recalibration_factor(config, config.evaluate.loso_target_fpr)
         threshold *= recalibration["factor"]
