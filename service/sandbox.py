@@ -44,9 +44,13 @@ def die_with_parent(parent: int) -> None:
 class DecodeSandbox:
     """``size`` decode children shared by the threads that call :meth:`decode` (a :class:`filmgate.judge.Decoder`)."""
 
-    def __init__(self, limits: LimitsConfig, size: int = 1, log_level: str = "INFO") -> None:
+    def __init__(self, limits: LimitsConfig, size: int = 1, log_level: str = "INFO",
+                 start_method: str = "spawn") -> None:  # fmt: skip
+        """``start_method``: "spawn" (a fresh interpreter: the node's callers run threads, onnxruntime's among them),
+        or "fork" for a single-threaded caller that has its imports done and no models loaded yet (the sweep's
+        workers): the child then starts in milliseconds instead of importing everything again."""
         self.limits = limits
-        ctx = mp.get_context("spawn")  # a fresh interpreter: the caller runs threads (and onnxruntime's)
+        ctx = mp.get_context(start_method)
         self._children: list[_Child] = [_Child(ctx, limits, log_level) for _ in range(max(1, size))]
         self._free: queue.Queue[_Child] = queue.Queue()
         for child in self._children:

@@ -75,7 +75,8 @@ def judge_for(cfg: Config) -> Judge:
         elif cfg.limits.decode_isolation:
             from filmgate.sandbox import DecodeSandbox
 
-            decoder = DecodeSandbox(cfg.limits, size=1, log_level="WARNING")
+            # Forked: this worker is single-threaded and has not loaded its models yet (they come next).
+            decoder = DecodeSandbox(cfg.limits, size=1, log_level="WARNING", start_method="fork")
         judge = _JUDGES[key] = Judge.load(cfg, decoder=decoder)
     return judge
 
