@@ -148,12 +148,15 @@ def codestream_size(head: bytes) -> tuple[int, int, int] | None:
 # --------------------------------------------------------------------------------------------------- DICOM steps
 
 
-def stored_pixels(ds: Dataset, max_side: int | None = None, *, fast: bool = True) -> np.ndarray:
+def stored_pixels(
+    ds: Dataset, max_side: int | None = None, *, fast: bool = True, plugin: str | None = None
+) -> np.ndarray:
     """Decode the first frame of ``ds`` to a 2-D array of stored values (grey) or luminance (colour images).
 
     With ``max_side`` a compressed film may come back smaller than Rows x Columns (decoded at a reduced resolution,
     never below what :func:`reduce_step` reduces it to); ``fast=False`` always decodes in full with pydicom (the
-    reference the fast decoders are tested and benchmarked against).
+    reference the fast decoders are tested and benchmarked against); ``plugin`` names the pydicom decoding plug-in
+    to decode with in full instead (bench/gpu's nvImageCodec).
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise DecodeError("the dataset has no pixel data")
@@ -164,7 +167,7 @@ def stored_pixels(ds: Dataset, max_side: int | None = None, *, fast: bool = True
     native = _native_grey_frame(ds)
     if native is not None:
         return native
-    if fast:
+    if fast and plugin is None:
         shape = _header_shape(ds)
         target = reduce_target(shape, max_side) if shape is not None else None
         decoded = codecs.decode_first_frame(ds, target[:2] if target else None)
@@ -175,7 +178,8 @@ def stored_pixels(ds: Dataset, max_side: int | None = None, *, fast: bool = True
             return arr
     try:
         ds.pixel_array_options(
-            index=0 if frames > 1 else None, decoding_plugin="pylibjpeg" if _has_pylibjpeg(ds) else ""
+            index=0 if frames > 1 else None,
+            decoding_plugin=plugin if plugin is not None else "pylibjpeg" if _has_pylibjpeg(ds) else "",
         )
         arr = ds.pixel_array
     except Exception as exc:
@@ -427,14 +431,16 @@ def decode_dataset(
     max_pixels: int | None = MAX_PIXELS,
     *,
     fast: bool = True,
+    plugin: str | None = None,
 ) -> DecodedImage:
     """The whole DICOM pipeline: stored pixels -> reduce -> modality -> VOI -> presentation, to float32 [0, 1].
 
-    ``fast=False`` decodes compressed films in full with pydicom (the reference for tests and ``bench/decode``).
+    ``fast=False`` decodes compressed films in full with pydicom (the reference for tests and ``bench/decode``);
+    ``plugin`` with a pydicom decoding plug-in's name (bench/gpu: nvImageCodec's).
     """
     if "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         check_pixel_budget(ds, max_pixels)
-    arr = stored_pixels(ds, max_side, fast=fast)
+    arr = stored_pixels(ds, max_side, fast=fast, plugin=plugin)
     steps: list[str] = []
     arr, step = reduce_step(arr, max_side, _header_shape(ds) if arr.shape != _header_shape(ds) else None)
     if step:
