@@ -637,8 +637,8 @@ def _detector_reasons(det: DetectorsConfig, err: Any) -> dict[str, str] | None:
     shown = det.models_dir or f'"" (the installed models, {folder})'
     if not folder.is_dir():
         err(f"detectors.models_dir: folder {shown} does not exist; give the folder holding <name>/manifest.json "
-            f"(\"\" = the models installed with filmgate), or for header rules only set detectors.require: false "
-            "and an existing folder")  # fmt: skip
+            f"(\"\" = the models installed with filmgate), or for header rules only run with --metadata-only (or set "
+            "detectors.require: false and an existing folder)")  # fmt: skip
         return None
     try:
         found = {m.name: m.reason for m in discover_manifests(folder)}
@@ -647,10 +647,10 @@ def _detector_reasons(det: DetectorsConfig, err: Any) -> dict[str, str] | None:
         return None
     if not found and det.require:
         err(f"detectors.models_dir: no detector (<name>/manifest.json) under {shown}; give the models folder, or "
-            "set detectors.require: false to run on metadata rules only")  # fmt: skip
+            "for header rules only run with --metadata-only (or set detectors.require: false)")  # fmt: skip
     elif found and det.require and not set(found) - set(det.disabled):
-        err(f"detectors.disabled: disables every detector under {shown}; enable one, or set detectors.require: false "
-            "to run on metadata rules only")  # fmt: skip
+        err(f"detectors.disabled: disables every detector under {shown}; enable one, or for header rules only run "
+            "with --metadata-only (or set detectors.require: false)")  # fmt: skip
     return found
 
 

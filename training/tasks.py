@@ -219,7 +219,7 @@ def register(task: Task) -> Task:
 
 
 def _load_plugins() -> None:
-    """Import ``filmgate_training.detectors`` (the issue-4 detectors register themselves there) when it exists."""
+    """Import ``filmgate_training.detectors`` (flip, view, pediatric, atypical register there) if present."""
     try:
         importlib.import_module("filmgate_training.detectors")
     except ModuleNotFoundError as exc:
