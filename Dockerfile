@@ -47,6 +47,7 @@ RUN --mount=type=secret,id=ca filmgate-install cuda /src /opt/filmgate/venv
 # onnxruntime's CUDA provider finds the wheels' libraries through LD_LIBRARY_PATH (checked with ldd: only the
 # driver's libcuda.so.1 is left to the host, which the NVIDIA Container Toolkit mounts).
 FROM ${BASE_IMAGE} AS runtime-cuda
+LABEL org.opencontainers.image.title="filmgate-cuda" org.opencontainers.image.vendor="filmgate"
 RUN groupadd --system --gid 10001 filmgate \
     && useradd --system --uid 10001 --gid filmgate --home-dir /var/lib/filmgate --shell /usr/sbin/nologin filmgate \
     && install -d -o filmgate -g filmgate /var/lib/filmgate
@@ -73,6 +74,7 @@ CMD ["serve"]
 # Default target (last stage): CPU runtime. onnxruntime-gpu is what pyproject.toml installs on Linux x86_64; without
 # the CUDA libraries it runs on CPU and the node reports the provider in use (filmgate_model_info{provider=...}).
 FROM ${BASE_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="filmgate" org.opencontainers.image.vendor="filmgate"
 RUN groupadd --system --gid 10001 filmgate \
     && useradd --system --uid 10001 --gid filmgate --home-dir /var/lib/filmgate --shell /usr/sbin/nologin filmgate \
     && install -d -o filmgate -g filmgate /var/lib/filmgate

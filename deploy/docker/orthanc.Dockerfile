@@ -3,6 +3,7 @@
 # (Compose mounts deploy/orthanc/hospital.json or research.json there); stores under /var/lib/orthanc/db (a volume).
 ARG BASE_IMAGE=filmgate-base:bookworm
 FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.title="filmgate-orthanc" org.opencontainers.image.vendor="filmgate"
 # Debian's archive drops superseded versions, so apt pins would break rebuilds; the suite of the base is the pin.
 # The package's system user, made first with a fixed id so USER can be numeric (the volume's files keep one owner).
 # hadolint ignore=DL3008

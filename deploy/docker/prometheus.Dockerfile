@@ -3,6 +3,7 @@
 # (--config.file, --storage.tsdb.path=/prometheus, ...), as for the upstream image.
 ARG BASE_IMAGE=filmgate-base:bookworm
 FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.title="filmgate-prometheus" org.opencontainers.image.vendor="filmgate"
 # The package's system user, made first with a fixed id so USER can be numeric (the volume's files keep one owner).
 # hadolint ignore=DL3008
 RUN groupadd --system --gid 991 prometheus \
