@@ -186,6 +186,17 @@ def test_cuda_target_is_the_debian_base_with_cuda_wheels_matched_to_onnxruntime(
         assert req.specifier.contains(cuda[name]), f"constraints/cuda.txt pins {name}=={cuda[name]}; ort wants {req}"
 
 
+def test_cuda_runtime_finds_the_wheels_libraries():
+    """onnxruntime's CUDA provider loads libcudart/libcublas/libcudnn through LD_LIBRARY_PATH: the runtime-cuda stage
+    names the wheels' folders for the CUDA major that constraints/cuda.txt pins, under the venv's Python (the base's
+    python3; `ldd` in the built image leaves only the driver's libcuda.so.1, checked when the CUDA image was made)."""
+    env = _env(_stages()["runtime-cuda"])
+    major = _pins("cuda.txt")["nvidia-cuda-runtime"].split(".")[0]
+    paths = env["LD_LIBRARY_PATH"].split(":")
+    site = "/opt/filmgate/venv/lib/python3.11/site-packages"  # Debian 12's python3, the base image's
+    assert f"{site}/nvidia/cu{major}/lib" in paths and f"{site}/nvidia/cudnn/lib" in paths, paths
+
+
 def test_runtime_pins_satisfy_pyproject_and_are_what_the_tests_run():
     """constraints/runtime.txt pins every runtime dependency of pyproject.toml (within its range), and the test
     environment has exactly those versions: CI tests what the image ships."""
