@@ -9,6 +9,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from pynetdicom import AE
@@ -17,6 +18,8 @@ from pynetdicom.sop_class import Verification
 from filmgate.config import TLSConfig
 from filmgate.listener import tls_context
 from tests.helpers import DCMTK_ENV, DX_FOR_PRESENTATION, REPO, Gate, make_pki, wait_for
+
+ACSE_TIMEOUT = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,8 @@ def tls_gate(tmp_path_factory, models_dir):
                 "key_file": str(pki["server.key"]),
                 "ca_file": str(pki["ca"]),
                 "require_client_cert": True,
-            }
+            },
+            "acse_timeout": ACSE_TIMEOUT,
         },  # fmt: skip
         workers={"processes": 0},
     ).start()
@@ -70,6 +74,25 @@ def test_a_sender_with_a_certificate_from_the_ca_stores(tls_gate, made_films):
     assert assoc.send_c_store(made_films[0].path).Status == 0
     assoc.release()
     wait_for(lambda: len(tls_gate.sidecars()) == 1, 60, "the film sent over mutual TLS delivered")
+
+
+def test_silent_clients_do_not_stall_the_tls_accept_loop(tls_gate):
+    """pynetdicom does the TLS handshake in its accept loop, so one client that connects and says nothing stalls every
+    other sender; the node does it in the connection's own thread, under the ACSE timeout."""
+    t0 = time.monotonic()
+    silent = [socket.create_connection(("127.0.0.1", tls_gate.dicom_port), timeout=30) for _ in range(5)]
+    try:
+        assoc = _associate(tls_gate, _client_context(tls_gate.pki))
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert time.monotonic() - t0 < ACSE_TIMEOUT, "answered while the silent clients still hold their handshakes"
+        for s in silent:
+            s.settimeout(ACSE_TIMEOUT + 10)
+            assert s.recv(1) == b""  # closed by the node after the ACSE timeout
+        assert time.monotonic() - t0 < ACSE_TIMEOUT + 5
+    finally:
+        for s in silent:
+            s.close()
 
 
 def test_dcmtk_echoscu_with_its_certificate_is_answered(tls_gate):
