@@ -191,6 +191,45 @@ def test_idle_connections_and_an_association_flood_do_not_lock_out_senders(gate,
     wait_for(lambda: len(gate.sidecars()) >= 5, 60, "the legitimate senders' films delivered")
 
 
+def _pdata(context_id: int, control: int, data: bytes) -> bytes:
+    """One P-DATA-TF PDU with one PDV (PS3.8 9.3.5)."""
+    pdv = struct.pack(">LBB", len(data) + 2, context_id, control) + data
+    return b"\x04\x00" + struct.pack(">L", len(pdv)) + pdv
+
+
+def test_a_transfer_cut_off_midway_leaves_no_partial_file(gate):
+    """A sender that goes away while its dataset arrives: the partial file under spool/tmp goes when the connection
+    closes, not an hour later (spool.stale_tmp_seconds). The C-STORE is sent by hand, so that it stops midway."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+    from pynetdicom.dsutils import encode
+
+    ae = AE(ae_title="CUTOFF")
+    ae.add_requested_context(DX_FOR_PRESENTATION, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", gate.dicom_port, ae_title="FILMGATE")
+    assert assoc.is_established
+    cx = assoc.accepted_contexts[0].context_id
+    cmd = Dataset()
+    cmd.AffectedSOPClassUID = DX_FOR_PRESENTATION
+    cmd.CommandField = 0x0001  # C-STORE-RQ
+    cmd.MessageID = 1
+    cmd.Priority = 0
+    cmd.CommandDataSetType = 0x0000  # a dataset follows
+    cmd.AffectedSOPInstanceUID = generate_uid()
+    body = encode(cmd, True, True)
+    group = Dataset()
+    group.CommandGroupLength = len(body)
+    command = encode(group, True, True) + body
+    tmp = Path(gate.config["spool"]["path"]) / "tmp"
+    sock = assoc.dul.socket.socket
+    sock.sendall(_pdata(cx, 0x03, command) + _pdata(cx, 0x00, b"\x00" * 65536))  # command, then a first fragment
+    wait_for(lambda: any(p.stat().st_size > 65536 for p in tmp.iterdir()), 15, "the dataset arriving under tmp/")
+    assoc.abort()
+    wait_for(lambda: not list(tmp.iterdir()), 15, "the partial file removed when the connection closed")
+    assert not list((Path(gate.config["spool"]["path"]) / "incoming").iterdir())
+    assert "removed 1 partial dataset file(s) of a connection that closed mid-transfer" in gate.log()
+
+
 def test_the_health_check_ae_title_may_only_echo(gate, made_films):
     assert _echo(gate.dicom_port, aet="FILMGATE-HC")
     before = gate.counter("filmgate_store_failures_total", status="0x0124")
