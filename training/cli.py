@@ -27,18 +27,21 @@ from filmgate_training.config import Config, ConfigError, load_config, parse_ove
 
 
 def cmd_fit(config: Config, args: argparse.Namespace) -> None:
+    _shared_steps_only(config, "fit")
     from filmgate_training.train import fit
 
     fit(config, resume=not args.restart)
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> None:
+    _shared_steps_only(config, "export")
     from filmgate_training.export import export
 
     print(f"exported {export(config)}")
 
 
 def cmd_evaluate(config: Config, args: argparse.Namespace) -> None:
+    _shared_steps_only(config, "evaluate")
     from filmgate.manifest import sha256_file
     from filmgate_training.evaluate import evaluate, onnx_runner, write_report
 
@@ -59,14 +62,29 @@ def cmd_evaluate(config: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_ship(config: Config, args: argparse.Namespace) -> None:
+    _shared_steps_only(config, "ship")
     from filmgate_training.export import ship
 
     print(f"shipped {ship(config)}")
 
 
 def cmd_all(config: Config, args: argparse.Namespace) -> None:
+    from filmgate_training.tasks import get_task
+
+    task = get_task(config.task)
+    if task.own_build:  # e.g. atypical: no training loop of its own
+        print(f"shipped {task.build(config)}")
+        return
     for step in (cmd_fit, cmd_export, cmd_evaluate, cmd_ship):
         step(config, args)
+
+
+def _shared_steps_only(config: Config, step: str) -> None:
+    from filmgate_training.tasks import get_task
+
+    if get_task(config.task).own_build:
+        raise ConfigError(f"task {config.task} has no {step} step of its own: `python -m filmgate_training all "
+                          f"--config {config.task}` builds, evaluates and ships it")  # fmt: skip
 
 
 def cmd_cache(config: Config, args: argparse.Namespace) -> None:

@@ -165,11 +165,9 @@ def fold(config: Config, source: str, overrides: dict[str, Any] | None = None,
 
 
 def _score_fold(fc: Config) -> tuple[Runner, float, str]:
-    """A score detector's fold (``atypical``): refit on the shipped backbone without the source, no training."""
-    from filmgate_training.detectors.atypical_build import fit_score
-
-    net, threshold, backbone = fit_score(fc)
-    return torch_runner(net, fc.train.threads), threshold, f"fold: refit on {backbone}"
+    """A score detector's fold (``atypical``): its task's own ``fit_fold`` hook, e.g. a refit without the source."""
+    net, threshold, how = get_task(fc.task).fit_fold(fc)
+    return torch_runner(net, fc.train.threads), threshold, f"fold: {how}"
 
 
 def _since(t0: float) -> float:

@@ -79,6 +79,20 @@ class Task:
         """The film's own class (None = not usable); synthetic tasks use every film."""
         return 0
 
+    def build(self, config: Any) -> Any:
+        """Hook: a task with its own build (no training loop, e.g. ``atypical``) does everything ``all`` does here
+        and returns the shipped folder; None (the default) means the shared fit -> export -> evaluate -> ship."""
+        return None
+
+    def fit_fold(self, config: Any) -> tuple[Any, float, str]:
+        """Hook for score tasks without a training loop: (network, threshold, how) for a leave-one-source-out fold
+        of ``config`` (which leaves the source out in ``data.exclude_sources``)."""
+        raise NotImplementedError(f"task {self.name}: a score task needs fit_fold for leave-one-source-out")
+
+    @property
+    def own_build(self) -> bool:
+        return type(self).build is not Task.build
+
     def for_held_out(self) -> Task:
         """Hook: the task as leave-one-source-out scores a hospital it never saw (:mod:`filmgate_training.loso`);
         e.g. ``pediatric`` counts frontal films without a recorded age as presumed adults there, since clean films

@@ -114,3 +114,25 @@ def test_atypical_fold_refits_without_the_source(data_dir, tmp_path):
     row = loso.fold(config, "tbx11k", limit=4)
     assert row["mode"] == "fold" and row["films"] == 4 and row["false_flags"]["examples"] == 4
     assert row["model"].startswith(f"{config.version} fold: refit on view ")
+
+
+def test_atypical_builds_through_all_and_has_no_fit_of_its_own(tmp_path, data_dir, capsys):
+    """``all --config atypical`` fits, calibrates, exports, evaluates and ships (small smoke run on real films, the
+    shipped view network copied as its backbone); ``fit --config atypical`` says what to run instead."""
+    import shutil
+
+    from filmgate_training.cli import main
+
+    models = tmp_path / "models"
+    shutil.copytree(REPO_MODELS / "view", models / "view")
+    sets = ["data.max_train_films=60", "data.max_val_films=12", f"run_dir={tmp_path / 'run'}",
+            f"models_dir={models}", "train.threads=1", "evaluate.loso_target_fpr=null"]  # fmt: skip
+    assert main(["all", "--config", "atypical", *(x for s in sets for x in ("--set", s))]) == 0
+    manifest = load_manifest(models / "atypical")
+    assert manifest.kind == "score" and manifest.extra["backbone"] == f"view {load_manifest(models / 'view').version}"
+    report = json.loads((models / "atypical" / "evaluation.json").read_text())
+    assert report["val"]["by_kind"]["frontal-chest"]["films"] == 12
+    assert "Which choices looked at val" in (models / "atypical" / "MODEL_CARD.md").read_text()
+    capsys.readouterr()
+    assert main(["fit", "--config", "atypical"]) == 2
+    assert "all --config atypical" in capsys.readouterr().err

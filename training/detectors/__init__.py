@@ -4,4 +4,4 @@ Each module registers its task in :mod:`filmgate_training.tasks` when imported; 
 package registers them all.
 """
 
-from filmgate_training.detectors import atypical, flip, pediatric, view  # noqa: F401  (registration side effect)
+from filmgate_training.detectors import atypical_build, flip, pediatric, view  # noqa: F401  (registration side effect)

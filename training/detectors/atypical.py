@@ -20,15 +20,11 @@ the quantile of held-out train frontal films chosen for the target rate (never v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
-from filmgate.datasets import LabelledFilm
 from filmgate_training.model import FilmNet
-from filmgate_training.tasks import Example, Task, register
 
 N_STATS = 5
 MID_STAGE = 7  # FilmNet.features[:7] ends after the 128-wide residual block (widths 16, 32, 64, 128, 192)
@@ -134,31 +130,3 @@ def _whitening(v: np.ndarray, shrink: float) -> np.ndarray:
     cov = (1.0 - shrink) * cov + shrink * np.eye(cov.shape[0])
     precision = np.linalg.inv(cov)
     return np.linalg.cholesky(precision).astype(np.float32)  # precision = W W^T
-
-
-@dataclass(frozen=True)
-class AtypicalTask(Task):
-    """A ``score`` task built from the trained ``view`` run; see :mod:`filmgate_training.detectors.atypical_build`."""
-
-    backbone_task: str = "view"
-
-    def eval_examples(self, pixels: np.ndarray, film: LabelledFilm) -> list[Example]:
-        """A film as it came, labelled typical (a frontal chest film): what a fold's false flags are counted on."""
-        return [Example("as-is", pixels, 0)]
-
-
-TASK = register(
-    AtypicalTask(
-        name="atypical",
-        labels=("typical", "atypical"),
-        positive_labels=("atypical",),
-        reason="atypical",
-        description=(
-            "How unlike a clean frontal chest film the film is: the larger of two Mahalanobis distances to the train "
-            "split's frontal chest films, over the view network's features and over five display statistics, each in "
-            "units of its calibration quantile."
-        ),
-        film_kinds=("frontal-chest",),
-        kind="score",
-    )
-)

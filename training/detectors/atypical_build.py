@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from filmgate_training.detectors.corrupt import CORRUPTIONS
 from filmgate_training.evaluate import _jsonable, onnx_runner
 from filmgate_training.export import OPSET, export_onnx
 from filmgate_training.model import filmnet_from_onnx
-from filmgate_training.tasks import get_task, in_holdout
+from filmgate_training.tasks import Example, Task, get_task, in_holdout, register
 from filmgate_training.train import load_trained
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -288,7 +289,7 @@ def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None
     frontal_per_source: dict[str, Any] = {}
     ranked: list[tuple[float, str, str, str]] = []
     for kind in ("frontal-chest", "lateral-chest", "other-radiograph", "not-radiograph"):
-        films = [f for f in val if f.kind == kind]
+        films = cap([f for f in val if f.kind == kind], config.data.max_val_films)  # a cap only for smoke runs
         x = inputs(films, spec)
         s = score(x)[:, 0] if len(x) else np.zeros(0)
         by_kind[kind] = {
@@ -308,7 +309,7 @@ def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None
         ranked += [(float(v), f.rel, f.source, kind) for v, f in zip(s, films, strict=True)]
     ranked.sort(reverse=True)
     # synthetic wrong films, made from val adult frontal films (every 3rd, for time)
-    adults = [f for f in val if f.kind == "frontal-chest" and f.pediatric != "yes"][::3]
+    adults = cap([f for f in val if f.kind == "frontal-chest" and f.pediatric != "yes"][::3], config.data.max_val_films)
     synthetic = {}
     for name, fn in CORRUPTIONS.items():
         s = score(inputs(adults, spec, fn))[:, 0]
@@ -495,7 +496,13 @@ def run(config: Config, backbone_run: Path | None = None) -> Path:
     info = build(config, backbone_run)
     report = evaluate(config, info, sheet_dir=config.run_path / "sheets")
     write_json_md(report, config.run_path)
-    return ship(config, report)
+    folder = ship(config, report)
+    if info.get("loso_recalibration"):  # the held-out hospitals at the recalibrated threshold, into the report
+        from filmgate_training.loso import merge
+        from filmgate_training.recalibrate import recalibrated_rows
+
+        merge(config.task, recalibrated_rows(config, config.evaluate.loso_target_fpr))
+    return folder
 
 
 def _repo_relative(path: Path) -> str:
@@ -504,3 +511,40 @@ def _repo_relative(path: Path) -> str:
         return str(Path(path).resolve().relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
+
+
+@dataclass(frozen=True)
+class AtypicalTask(Task):
+    """A ``score`` task built on the shipped ``view`` network by this module (no training loop of its own)."""
+
+    backbone_task: str = "view"
+
+    def build(self, config: Any) -> Any:
+        """Fit on the shipped view network, calibrate, export, evaluate and ship (``all --config atypical``)."""
+        return run(config)
+
+    def fit_fold(self, config: Config) -> tuple[Atypicality, float, str]:
+        """A leave-one-source-out fold: refit without ``data.exclude_sources`` on the same backbone."""
+        net, threshold, backbone = fit_score(config)
+        return net, threshold, f"refit on {backbone}"
+
+    def eval_examples(self, pixels: np.ndarray, film: LabelledFilm) -> list[Example]:
+        """A film as it came, labelled typical (a frontal chest film): what a fold's false flags are counted on."""
+        return [Example("as-is", pixels, 0)]
+
+
+TASK = register(
+    AtypicalTask(
+        name="atypical",
+        labels=("typical", "atypical"),
+        positive_labels=("atypical",),
+        reason="atypical",
+        description=(
+            "How unlike a clean frontal chest film the film is: the larger of two Mahalanobis distances to the train "
+            "split's frontal chest films, over the view network's features and over five display statistics, each in "
+            "units of its calibration quantile."
+        ),
+        film_kinds=("frontal-chest",),
+        kind="score",
+    )
+)
