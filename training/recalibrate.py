@@ -15,7 +15,7 @@ import numpy as np
 from filmgate_training.config import Config
 from filmgate_training.metrics import wilson_interval
 
-MIN_FILMS = 20
+MIN_FILMS = 20  # a source with fewer films of the task is not a fold (its interval would say nothing)
 
 
 def fold_ratios(config: Config, min_films: int = MIN_FILMS) -> dict[str, np.ndarray]:
