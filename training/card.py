@@ -161,6 +161,7 @@ def model_card(
         "",
         "## Limitations",
         "",
+        *(f"- {x}" for x in config.card_limits),
         "- Rotated and inverted films are synthetic (one val film is really stored upside down, see above). Real "
         "faults can differ (e.g. a film rotated and then re-windowed by another system).",
         "- Sources with few val films (openi, radiopaedia-trauma) give coarse per-source numbers; films from "

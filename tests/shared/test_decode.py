@@ -278,3 +278,20 @@ def test_sixteen_bit_colour_png_is_scaled_by_its_own_range():
     rgb = np.full((40, 30, 3), 32768, np.uint16)
     out = decode_bytes(cv2.imencode(".png", rgb)[1].tobytes(), suffix=".png")
     assert abs(float(out.pixels.mean()) - 32768 / 65535) < 1e-4
+
+
+def test_the_decode_fix_changes_only_the_unit_input_of_a_childrens_hospital_film(data_dir):
+    """Why only ``atypical`` was rebuilt after the decode fix: a `kermany` (3-channel, 224 px) film decoded by the
+    old rule (min-max stretch) and the new one (/255) differ by an affine map, which z-scoring removes (orientation,
+    inversion, flip, view, pediatric inputs unchanged) and the ``unit`` input keeps (atypical)."""
+    from filmgate.datasets import select
+    from filmgate.preprocess import PreprocessSpec, preprocess
+
+    film = sorted(select(split="val", source="kermany"), key=lambda f: str(f.path))[0]
+    new = decode_file(film.path).pixels
+    old = (new - new.min()) / (new.max() - new.min())  # what colour files of at most 512 px decoded to before
+    assert np.abs(old - new).max() > 0.05  # the fix did change this film
+    z = PreprocessSpec(128, "letterbox", "zscore")
+    u = PreprocessSpec(128, "letterbox", "unit")
+    assert np.abs(preprocess(old, z) - preprocess(new, z)).max() < 1e-3
+    assert np.abs(preprocess(old, u) - preprocess(new, u)).max() > 0.05
