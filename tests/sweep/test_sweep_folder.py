@@ -258,3 +258,21 @@ def test_a_folder_in_use_by_another_sweep_is_refused(film_tree, tmp_path):
         proc = run_sweep(film_tree["root"] / "chest", "--out", out, check=False)
     assert proc.returncode == 1 and "in use by another filmgate sweep" in proc.stderr, proc.stderr
     assert not (out / "results.csv").exists()
+
+
+def test_from_list_judges_the_files_named_and_lists_the_missing(film_tree, swept, tmp_path):
+    root = film_tree["root"]
+    (tmp_path / "made").symlink_to(root / "made")  # a relative line resolves against the list's folder
+    listing = tmp_path / "films.txt"
+    lines = ["# films to check", str(root / "made" / "DX1"), "made/ROT1", "", str(root / "other"),
+             str(root / "gone.dcm")]  # fmt: skip
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    run_sweep("--from-list", listing, "--out", out)
+    rows = {r["path"]: r for r in read_csv(out / "results.csv")}
+    others = {p.name for p in (root / "other").iterdir()}
+    assert set(rows) == {str(root / "made" / "DX1"), "made/ROT1"} | {f"{root / 'other'}/{n}" for n in others}
+    local = {r["path"]: r for r in swept["rows"]}
+    assert rows["made/ROT1"]["decision"] == local["made/ROT1"]["decision"]
+    assert rows[str(root / "made" / "DX1")]["reasons"] == local["made/DX1"]["reasons"]
+    assert read_csv(out / "skipped.csv") == [{"path": str(root / "gone.dcm"), "reason": "no such file"}]
