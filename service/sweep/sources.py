@@ -10,6 +10,7 @@ is never held in memory.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,8 @@ def classify(abspath: Path, source: str, rel: str) -> Candidate:
         st = abspath.stat()
     except OSError as exc:
         return Candidate(source, rel, str(abspath), 0, 0, "skip", f"cannot stat: {exc.strerror}")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device named in a list: reading it could block the sweep
+        return Candidate(source, rel, str(abspath), 0, st.st_mtime_ns, "skip", "not a regular file")
     if st.st_size == 0:
         return Candidate(source, rel, str(abspath), 0, st.st_mtime_ns, "skip", "empty file")
     try:

@@ -264,8 +264,9 @@ def test_from_list_judges_the_files_named_and_lists_the_missing(film_tree, swept
     root = film_tree["root"]
     (tmp_path / "made").symlink_to(root / "made")  # a relative line resolves against the list's folder
     listing = tmp_path / "films.txt"
+    os.mkfifo(tmp_path / "pipe")  # reading it would block: listed as skipped, never opened
     lines = ["# films to check", str(root / "made" / "DX1"), "made/ROT1", "", str(root / "other"),
-             str(root / "gone.dcm")]  # fmt: skip
+             str(root / "gone.dcm"), str(tmp_path / "pipe")]  # fmt: skip
     listing.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     run_sweep("--from-list", listing, "--out", out)
@@ -275,4 +276,5 @@ def test_from_list_judges_the_files_named_and_lists_the_missing(film_tree, swept
     local = {r["path"]: r for r in swept["rows"]}
     assert rows["made/ROT1"]["decision"] == local["made/ROT1"]["decision"]
     assert rows[str(root / "made" / "DX1")]["reasons"] == local["made/DX1"]["reasons"]
-    assert read_csv(out / "skipped.csv") == [{"path": str(root / "gone.dcm"), "reason": "no such file"}]
+    assert read_csv(out / "skipped.csv") == [{"path": str(root / "gone.dcm"), "reason": "no such file"},
+                                             {"path": str(tmp_path / "pipe"), "reason": "not a regular file"}]
