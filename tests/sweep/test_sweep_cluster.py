@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 
-from tests.helpers import Process, free_port, read_csv, run_sweep, wait_until
+from tests.helpers import FILMGATE, Process, committed_rows, free_port, read_csv, run_sweep, wait_until
 
 
 def test_cluster_mode_gives_the_rows_of_the_local_mode(film_tree, swept, tmp_path):
@@ -38,6 +40,20 @@ def test_cluster_mode_gives_the_rows_of_the_local_mode(film_tree, swept, tmp_pat
         assert read_csv(out / "skipped.csv") == read_csv(swept["out"] / "skipped.csv")
         local = swept["summary"]
         assert {k: v for k, v in summary.items() if k != "run"} == {k: v for k, v in local.items() if k != "run"}
+
+        # A worker killed in the middle of a sweep (as the OOM killer would) costs no film: Dask runs its batch again.
+        out2 = tmp_path / "out2"
+        argv = [FILMGATE, "sweep", str(film_tree["root"]), "--out", str(out2), "--cluster", address, "--batch", "2"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: committed_rows(out2) >= 4 or proc.poll() is not None, 120, "the first rows", interval=0.02)
+        with Client(address, timeout="5s") as client:
+            victim = next(iter(client.run(os.getpid).values()))
+        assert proc.poll() is None and committed_rows(out2) < len(swept["rows"]), "the sweep ended before the kill"
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+        verdicts = [(r["path"], r["decision"], r["reasons"]) for r in read_csv(out2 / "results.csv")]
+        assert verdicts == [(r["path"], r["decision"], r["reasons"]) for r in swept["rows"]]
     finally:
         if workers is not None:
             workers.stop()
