@@ -59,7 +59,7 @@ def read_dataset(
         source = source.read()
     data = bytes(source)
     _check_size(len(data), max_bytes, "the dataset")
-    offset, syntax = _file_meta_end(data)
+    offset, syntax = file_meta_end(data)
     if syntax == DeflatedExplicitVRLittleEndian:
         ds = _read_deflated(data, offset, max_bytes, stop_before_pixels=stop_before_pixels)
     else:
@@ -85,7 +85,7 @@ def read_header(path: str | os.PathLike[str], prefix_bytes: int = HEADER_PREFIX_
     large values are not loaded, and a Deflated dataset is inflated only as far as ``prefix_bytes``."""
     with open(path, "rb") as fh:
         head = fh.read(1 << 16)
-        offset, syntax = _file_meta_end(head)
+        offset, syntax = file_meta_end(head)
         if syntax != DeflatedExplicitVRLittleEndian:
             fh.seek(0)
             try:
@@ -102,7 +102,7 @@ def _check_size(size: int, max_bytes: int | None, what: str) -> None:
         raise DecodeError(f"{what} is larger than limits.max_dataset_bytes ({size} > {max_bytes} bytes)")
 
 
-def _file_meta_end(data: bytes) -> tuple[int, str | None]:
+def file_meta_end(data: bytes) -> tuple[int, str | None]:
     """Where the dataset starts after a Part 10 preamble and file meta, and the meta's Transfer Syntax UID.
 
     The file meta group is always Explicit VR Little Endian (PS3.10 7.1), so it is walked here without pydicom.

@@ -533,12 +533,15 @@ class Receiver:
     UID to the statuses to answer for it, one per attempt (then 0x0000); ``ssl_context`` serves TLS."""
 
     def __init__(self, port: int, ae_title: str = "PACS", *, syntaxes: list[str] | None = None,
-                 answers: dict[str, list[int]] | None = None, ssl_context=None) -> None:  # fmt: skip
+                 answers: dict[str, list[int]] | None = None, ssl_context=None,
+                 keep_raw: bool = False) -> None:  # fmt: skip
         self.port = port
         self.ae_title = ae_title
         self.received: list[tuple[str, str]] = []  # (SOP Instance UID, sha256 of the dataset bytes)
         self.datasets: dict[str, Dataset] = {}  # the last one received per SOP Instance UID
         self.syntax: dict[str, str] = {}  # and the transfer syntax it came in
+        self.keep_raw = keep_raw
+        self.raw: list[tuple[str, bytes]] = []  # with keep_raw: (transfer syntax, dataset bytes) of each one stored
         self.refused: list[tuple[str, int]] = []
         self.syntaxes = syntaxes
         self.answers = {k: list(v) for k, v in (answers or {}).items()}
@@ -556,6 +559,8 @@ class Receiver:
         self.received.append((uid, sha(raw)))
         self.datasets[uid] = event.dataset
         self.syntax[uid] = str(event.context.transfer_syntax)
+        if self.keep_raw:
+            self.raw.append((self.syntax[uid], bytes(raw)))
         return 0x0000
 
     def start(self) -> None:

@@ -140,11 +140,28 @@ def deflate_bomb(path: Path, inflated_bytes: int, *, seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------------------------------- mutations
 
 
-def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
-    """One random mutation of a Part 10 file: byte flips, truncation, bad lengths, VR and syntax mismatches."""
+def with_transfer_syntax(data: bytes, syntax: str) -> bytes:
+    """A Part 10 file whose meta claims ``syntax``, the dataset untouched (the meta's group length adjusted)."""
+    tag = b"\x02\x00\x10\x00UI"
+    i = data.find(tag, 132)
+    if i < 0:
+        return data
+    (old_len,) = struct.unpack_from("<H", data, i + 6)
+    value = syntax.encode() + (b"\x00" if len(syntax) % 2 else b"")
+    out = bytearray(data[:i + 6] + struct.pack("<H", len(value)) + value + data[i + 8 + old_len :])
+    g = out.find(b"\x02\x00\x00\x00UL\x04\x00", 132)
+    if g >= 0:
+        (group_len,) = struct.unpack_from("<I", out, g + 8)
+        struct.pack_into("<I", out, g + 8, group_len + len(value) - old_len)
+    return bytes(out)
+
+
+def mutate(data: bytes, rng: random.Random, start: int = 0) -> tuple[str, bytes]:
+    """One random mutation of a Part 10 file's dataset (from ``start``, where the file meta ends): byte flips,
+    truncation, bad lengths, VR mismatches, inserted bytes; or a transfer syntax in the meta that the dataset does
+    not have."""
     kind = rng.choice(["flip", "flip-many", "truncate", "length", "vr", "syntax", "insert"])
     buf = bytearray(data)
-    start = 132 if data[128:132] == b"DICM" else 0
     if kind == "flip":
         for _ in range(rng.randint(1, 4)):
             buf[rng.randrange(start, len(buf))] ^= 1 << rng.randrange(8)
@@ -158,18 +175,15 @@ def mutate(data: bytes, rng: random.Random) -> tuple[str, bytes]:
         struct.pack_into("<I", buf, pos, rng.choice([0xFFFFFFFF, 0x7FFFFFFF, 0xFFFFFFF0, rng.randrange(1 << 32)]))
     elif kind == "vr":  # replace a VR with another
         vrs = [b"OB", b"OW", b"SQ", b"UN", b"US", b"UL", b"UI", b"DS", b"AE", b"??"]
-        spots = [i for i in range(start, len(buf) - 2) if bytes(buf[i : i + 2]) in vrs[:-1]]
+        head = bytes(buf[start : start + 4096])  # the elements before the pixel data
+        spots = [start + i for i in range(len(head) - 2) if head[i : i + 2] in vrs[:-1]]
         if spots:
             i = rng.choice(spots)
             buf[i : i + 2] = rng.choice(vrs)
-    elif kind == "syntax":  # claim another transfer syntax in the meta than the dataset uses
-        for old in (ExplicitVRLittleEndian.encode(),):
-            i = buf.find(old + b"\x00")
-            if i >= 0:
-                new = rng.choice([ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless,
-                                  JPEG2000Lossless, "1.2.840.10008.1.2.2"]).encode()  # fmt: skip
-                new = new + b"\x00" * (len(old) + 1 - len(new)) if len(new) <= len(old) + 1 else new[: len(old) + 1]
-                buf[i : i + len(old) + 1] = new
+    elif kind == "syntax":  # claim another transfer syntax in the meta than the dataset is encoded in
+        new = rng.choice([ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, RLELossless,
+                          JPEG2000Lossless, "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.4.50", "1.2.3.4"])  # fmt: skip
+        buf = bytearray(with_transfer_syntax(bytes(buf), new))
     else:
         pos = rng.randrange(start, len(buf))
         buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
