@@ -308,6 +308,8 @@ class Ledger:
     acked: collections.Counter = field(default_factory=collections.Counter)  # sha256 of dataset bytes -> times
     answers: collections.Counter = field(default_factory=collections.Counter)  # status (None: no answer)
     kinds: dict[str, str] = field(default_factory=dict)  # sha -> case kind
+    silent: list[tuple[str, float]] = field(default_factory=list)  # (case kind, seconds) of stores never answered
+    keep_silent: Path | None = None  # where to keep a copy of each file whose store was never answered
 
     def store(self, port: int, cases: list[tuple[str, Path]], per_association: int = 25) -> None:
         """Send the files' bytes as they are (chunked, no re-encoding), ``per_association`` per association."""
@@ -324,7 +326,8 @@ class Ledger:
                 except Exception:
                     self.answers["unsendable"] += 1
             ae = AE(ae_title="FUZZSCU")
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 60
+            ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 60
+            ae.dimse_timeout = 30  # a C-STORE not answered in 30 s counts as never answered (Ledger.silent)
             for sop, ts in sorted(set(metas.values()))[:120]:
                 ae.add_requested_context(sop, [ts])
             assoc = ae.associate("127.0.0.1", port, ae_title="FILMGATE")
@@ -336,12 +339,18 @@ class Ledger:
                     if not assoc.is_established:
                         self.answers[None] += 1
                         continue
+                t0 = time.monotonic()
                 try:
                     rsp = assoc.send_c_store(path)
                     status = int(rsp.Status) if rsp and "Status" in rsp else None
                 except Exception:  # pynetdicom refuses to send some broken files itself: never sent
                     status = "unsendable"
                 self.answers[status] += 1
+                if status is None:
+                    self.silent.append((kind, round(time.monotonic() - t0, 1)))
+                    if self.keep_silent is not None:
+                        self.keep_silent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(path, self.keep_silent / path.name)
                 if status == 0x0000:
                     sha = key(path.read_bytes())
                     self.acked[sha] += 1
@@ -377,6 +386,15 @@ class Harness:
     pacs: Receiver = field(init=False)
     ledger: Ledger = field(default_factory=Ledger)
     events: collections.Counter = field(default_factory=collections.Counter)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, for the figures
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - t0, 2)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -395,7 +413,8 @@ class Harness:
             workers={"processes": 1, "drain_timeout": 20.0, "stall_timeout": 60.0, "retry_delay": 0.5,
                      "max_attempts": 6},
             limits={"max_dataset_bytes": 64 << 20, "decode_timeout": 30.0, "decode_memory_bytes": 1 << 30},
-            spool={"path": str(self.root / "node" / "spool"), "fsync": True},
+            spool={"path": str(self.root / "node" / "spool"), "fsync": True, "min_free_bytes": 16 << 20,
+                   "min_free_percent": 1.0},
             destinations={
                 # Dead letters on the disk, not in the small spool: they are what the run leaves behind.
                 "pacs": {**dicom, "ae_title": "PACS", "port": self.pacs.port, "dead_letter": str(self.dead / "pacs")},
