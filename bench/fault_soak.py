@@ -49,6 +49,8 @@ def main() -> int:
     shutil.rmtree(root, ignore_errors=True)
     rng = random.Random(args.seed)
     h = Harness(root, films=adult_films(6), spool_mb=256, memory_limit=args.memory_limit_mib << 20)
+    # A sender whose node was killed under it notices only at its DIMSE timeout; 10 s keeps the cycles short.
+    h.ledger.answer_timeout = 10.0
     t0 = time.monotonic()
     kills = 0
     try:
@@ -75,13 +77,13 @@ def main() -> int:
         h.valid(10, seed=args.seed)
         h.drain(900)
         assert echo(h.node.dicom_port), "C-ECHO after the run"
-        figures = h.account()
+        figures = h.account(exact=False)
         assert h.node.peak_rss < h.memory_limit, f"memory peaked at {h.node.peak_rss >> 20} MiB"
         figures.update(
             cases_sent=sum(v for k, v in h.ledger.answers.items()), answers={str(k): v for k, v in
                                                                              h.ledger.answers.items()},
             kill9_cycles=kills, peak_rss_mib=h.node.peak_rss >> 20, memory_limit_mib=args.memory_limit_mib,
-            seconds=round(time.monotonic() - t0), events=dict(h.events),
+            seconds=round(time.monotonic() - t0), events=dict(h.events), never_answered=h.ledger.silent,
             command=" ".join(["bench/fault_soak.py", *sys.argv[1:]]),
         )  # fmt: skip
         print(json.dumps(figures, indent=1))

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,7 +37,7 @@ from typing import Any, Protocol
 from pydicom.filereader import read_file_meta_info
 
 from filmgate import metrics
-from filmgate.config import DicomDestinationConfig, FolderDestinationConfig, TLSConfig
+from filmgate.config import DicomDestinationConfig, FolderDestinationConfig
 from filmgate.record import LAYOUT_FIELDS
 from filmgate.spool import (
     PIPELINE_DEAD_LETTER,
@@ -49,6 +48,7 @@ from filmgate.spool import (
     safe_component,
     write_durably,
 )
+from filmgate.tls import client_context
 
 log = logging.getLogger("filmgate.destinations")
 # Warning statuses of a Storage SCP still mean the instance is stored (PS3.4 B.2.3).
@@ -213,7 +213,7 @@ class DicomDestination:
         self._due: dict[str, float] = {}  # file name -> monotonic time of its next attempt (absent: now)
         self._peer_down: set[str] = set()  # files whose last attempt failed because the peer did not answer
         self._hold_until = 0.0  # the peer did not answer: probe it again only after this
-        self._ssl = client_ssl_context(cfg.tls) if cfg.tls.enabled else None
+        self._ssl = client_context(cfg.tls) if cfg.tls.enabled else None
 
     def deliver(self, item: Delivery) -> None:
         place(item.path, self.outbox / item.path.name, fsync=self.fsync)
@@ -436,16 +436,6 @@ class DicomDestination:
 
 class PeerUnavailable(ConnectionError):
     """The peer did not take an association (down, unreachable, refusing us): nothing instance-specific."""
-
-
-def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    """TLS towards a peer: verify it against ``ca_file`` (the system's CAs when empty) and its host name, and
-    present ``cert_file``/``key_file`` when given (mutual TLS)."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls.cert_file:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    return ctx
 
 
 def transcode(path: Path, target: str) -> Any:

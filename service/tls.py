@@ -1,6 +1,6 @@
-"""The one place a server-side TLS context is made, for the DICOM listener and the HTTP port alike: BCP 195 (RFC 9325;
-DICOM PS3.15 B.9) minimum version and ciphers from ``TLSConfig``, and mutual TLS when a CA and client certificates
-are required."""
+"""The one place TLS contexts are made: the server side for the DICOM listener and the HTTP port, the client side for
+DICOM destinations; BCP 195 (RFC 9325; DICOM PS3.15 B.9) minimum version and ciphers from ``TLSConfig`` on both, and
+mutual TLS when a CA and client certificates are required (server) or a client certificate is given (client)."""
 
 from __future__ import annotations
 
@@ -20,4 +20,15 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile=tls.ca_file)
     ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL if tls.ca_file else (
         ssl.CERT_NONE)  # fmt: skip
+    return ctx
+
+
+def client_context(tls: TLSConfig) -> ssl.SSLContext:
+    """TLS towards a peer: verify its certificate and host name against ``ca_file`` (the system's CAs when empty) and
+    present ``cert_file``/``key_file`` when given (mutual TLS)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
+    ctx.minimum_version = _VERSIONS[tls.min_version]
+    ctx.set_ciphers(tls.ciphers)
+    if tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
     return ctx
