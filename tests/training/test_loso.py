@@ -1,5 +1,5 @@
-"""Leave-one-source-out evaluation (``python -m filmgate_training loso``), the Wilson interval, and building on a
-shipped model from its ONNX file: on real films, tiny runs."""
+"""Leave-one-source-out evaluation (``python -m filmgate_training loso``), the Wilson interval, building on a
+shipped model from its ONNX file, the atypical build through ``all`` and ``finish``: on real films, tiny runs."""
 
 from __future__ import annotations
 
@@ -136,3 +136,35 @@ def test_atypical_builds_through_all_and_has_no_fit_of_its_own(tmp_path, data_di
     capsys.readouterr()
     assert main(["fit", "--config", "atypical"]) == 2
     assert "all --config atypical" in capsys.readouterr().err
+
+
+def test_finish_writes_the_extra_evaluation_card_and_headline_of_a_pediatric_run(tmp_path, data_dir):
+    """``finish`` after ``all`` (tiny pediatric run on real films): extra.md, the detector's own card with the
+    config's card text, and the headline figures in the manifest, with the model file unchanged."""
+    import yaml
+
+    from filmgate.manifest import sha256_file
+    from filmgate_training.detectors.finish import finish
+    from filmgate_training.evaluate import evaluate as run_evaluation
+    from filmgate_training.evaluate import onnx_runner, write_report
+    from filmgate_training.export import export, ship
+    from filmgate_training.train import fit
+
+    d = json.loads(json.dumps(tiny_config(tmp_path, task="pediatric").to_dict()))  # tuples -> lists for YAML
+    d["val_notes"], d["card_limits"] = ["None looked at val in this test."], ["A tiny test model."]
+    path = tmp_path / "pediatric-tiny.yaml"
+    path.write_text(yaml.safe_dump(d))
+    config = load_config(path)
+    fit(config)
+    export(config)
+    onnx_path = config.run_path / "model.onnx"
+    report = run_evaluation(config, onnx_runner(onnx_path), {"sha256": sha256_file(onnx_path)})
+    write_report(report, config.run_path)
+    folder = ship(config)
+    sha = load_manifest(folder).sha256
+    finish(str(path))
+    manifest = load_manifest(folder)  # still loads: sha256 of the unchanged model file
+    assert manifest.sha256 == sha and "shortcut_checks" in manifest.metrics["extra"]
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: `pediatric`") and "A tiny test model." in card
+    assert "None looked at val in this test." in card and (folder / "extra.md").is_file()
