@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -197,8 +197,11 @@ def make_dicom(
     age: str | None = "045Y",
     study_uid: str | None = None,
     bits: int = 12,
+    series_uid: str | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
-    """Write a minimal valid image as explicit VR little endian; returns the SOP Instance UID."""
+    """Write a minimal valid image as explicit VR little endian; returns the SOP Instance UID. ``extra`` sets more
+    attributes by keyword (e.g. the rest of an IOD's Type 1 and 2 attributes)."""
     uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -209,7 +212,7 @@ def make_dicom(
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = uid
     ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.Modality = modality
     ds.PatientName = "Test^Film"
     ds.PatientID = "TEST-0001"
@@ -226,6 +229,8 @@ def make_dicom(
     ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
     ds.save_as(path, enforce_file_format=True)
     return uid
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from filmgate.config import parse_config
@@ -29,9 +28,19 @@ from filmgate.datasets import select
 from filmgate.index import DecisionIndex
 from filmgate.judge import Judge
 from filmgate.review.auth import hash_password
-from tests.helpers import MODELS, Gate, Orthanc, compress, film_pixels, free_port, storescu, wait_until
+from tests.helpers import (
+    CR_STORAGE,
+    MODELS,
+    Gate,
+    Orthanc,
+    compress,
+    film_pixels,
+    free_port,
+    make_dicom,
+    storescu,
+    wait_until,
+)
 
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 ANN_PASSWORD = "correct horse battery staple"
 ANN_HASH = hash_password(ANN_PASSWORD)
 FAULTS = {
@@ -50,30 +59,15 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def make_cr(pixels: np.ndarray, path: Path, *, study_uid: str, series_uid: str, number: int) -> str:
     """A complete CR Image instance (every Type 1 and 2 attribute of the IOD), 12-bit MONOCHROME2."""
-    uid = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_STORAGE
-    meta.MediaStorageSOPInstanceUID = uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, uid
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Film", "TEST-0001", "19700101", "F"
-    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName = "20240102", "101010", ""
-    ds.StudyID, ds.AccessionNumber = "1", "ACC0001"
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CR", number, number
-    ds.BodyPartExamined, ds.ViewPosition, ds.Manufacturer = "CHEST", "PA", "filmgate tests"
-    ds.PatientAge = "054Y"
-    ds.PatientOrientation = ["L", "F"]
-    ds.ImagerPixelSpacing = [0.2, 0.2]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return uid
+    return make_dicom(
+        pixels, path, modality="CR", sop_class=CR_STORAGE, age="054Y", study_uid=study_uid, series_uid=series_uid,
+        extra={
+            "SpecificCharacterSet": "ISO_IR 100", "PatientBirthDate": "19700101", "PatientSex": "F",
+            "StudyTime": "101010", "ReferringPhysicianName": "", "StudyID": "1", "AccessionNumber": "ACC0001",
+            "SeriesNumber": number, "InstanceNumber": number, "BodyPartExamined": "CHEST", "ViewPosition": "PA",
+            "Manufacturer": "filmgate tests", "PatientOrientation": ["L", "F"], "ImagerPixelSpacing": [0.2, 0.2],
+        },
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
