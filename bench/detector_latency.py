@@ -21,10 +21,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from filmgate.datasets import select  # noqa: E402
 from filmgate.decode import decode_file  # noqa: E402
 from filmgate.manifest import load_manifest  # noqa: E402
 from filmgate.preprocess import preprocess  # noqa: E402
+from filmgate_training.datasets import select  # noqa: E402
 
 GOAL_MS = 15.0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from filmgate.datasets import select  # noqa: E402
+from filmgate_training.datasets import select  # noqa: E402
 from tests.fault_harness import Harness, echo, idle_connections  # noqa: E402
 
 

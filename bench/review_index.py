@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from filmgate.datasets import select  # noqa: E402
 from filmgate.decode import decode_file  # noqa: E402
 from filmgate.index import DecisionIndex, Query  # noqa: E402
+from filmgate_training.datasets import select  # noqa: E402
 
 DETECTORS = ("atypical", "flip", "inversion", "orientation", "pediatric", "view")
 REASONS = ("rotated", "inverted", "flipped", "not-frontal-chest", "pediatric", "atypical", "modality")

@@ -15,8 +15,8 @@ import sys
 import time
 
 from filmgate.config import load_config
-from filmgate.datasets import select
 from filmgate.sweep.work import Item, judge_batch, judge_for
+from filmgate_training.datasets import select
 
 cfg = load_config(None)
 films = [f.path for f in select(split="val") if f.path.suffix in (".png", ".jpg")][:240]

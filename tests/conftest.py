@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from filmgate.datasets import data_root
+from filmgate_training.datasets import data_root
 
 
 @pytest.fixture(scope="session")

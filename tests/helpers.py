@@ -37,11 +37,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from filmgate.config import parse_config
-from filmgate.datasets import LabelledFilm, select
 from filmgate.decode import decode_file
 from filmgate.detectors import DetectorSet, load_detector
 from filmgate.judge import Judge
 from filmgate.manifest import Finding, ModelManifest, load_manifest
+from filmgate_training.datasets import LabelledFilm, select
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("FILMGATE_TEST_MODELS", REPO / "models"))  # the shipped detectors, unless told

@@ -20,8 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from filmgate.datasets import LabelledFilm, data_root
 from filmgate.decode import DecodeError, decode_file
+from filmgate_training.datasets import LabelledFilm, data_root
 from filmgate_training.films import film_id
 
 log = logging.getLogger(__name__)

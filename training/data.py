@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from filmgate.datasets import LabelledFilm
 from filmgate.decode import DecodeError, decode_file
 from filmgate.preprocess import PreprocessSpec, preprocess
 from filmgate_training.augment import display_augment, film_augment
 from filmgate_training.cache import FilmCache, build_cache
 from filmgate_training.config import AugmentConfig, Config
+from filmgate_training.datasets import LabelledFilm
 from filmgate_training.films import all_rows, film_id
 from filmgate_training.review import review_rows
 from filmgate_training.tasks import Example, Task, in_holdout

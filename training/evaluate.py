@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from filmgate.datasets import LabelledFilm, data_root, select
 from filmgate.decode import DecodeError, decode_file
 from filmgate.preprocess import PreprocessSpec, preprocess
 from filmgate_training.config import AugmentConfig, Config
 from filmgate_training.data import EvalItem, eval_items, split_train, val_films
+from filmgate_training.datasets import LabelledFilm, data_root, select
 from filmgate_training.films import film_id
 from filmgate_training.metrics import choose_threshold, margin_threshold, summarise
 from filmgate_training.tasks import Task, get_task

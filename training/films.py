@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from filmgate.datasets import LabelledFilm, data_root, labels
 from filmgate.decode import IMAGE_SUFFIXES
+from filmgate_training.datasets import LabelledFilm, data_root, labels
 
 FILM_SUFFIXES = (*IMAGE_SUFFIXES, ".dcm", ".dicom")
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from filmgate.datasets import LabelledFilm
 from filmgate.manifest import load_manifest, write_manifest
 from filmgate_training.config import REPO_ROOT, Config, config_from_dict
 from filmgate_training.data import _without_exclusions
+from filmgate_training.datasets import LabelledFilm
 from filmgate_training.evaluate import Runner, _jsonable, calibrate, infer, onnx_runner, torch_runner
 from filmgate_training.films import all_rows
 from filmgate_training.metrics import wilson_interval

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from filmgate.datasets import LabelledFilm
+from filmgate_training.datasets import LabelledFilm
 
 log = logging.getLogger(__name__)
 AUTH_ENV = "FILMGATE_REVIEW_AUTH"

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from filmgate.datasets import LabelledFilm
 from filmgate.typed_config import ConfigError
 from filmgate_training.augment import display_augment, film_augment
+from filmgate_training.datasets import LabelledFilm
 from filmgate_training.films import film_id
 
 if TYPE_CHECKING:  # annotations only: the config imports this registry (to check ``task:``), not the other way

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests.helpers import MODELS, REPO, Gate, film_pixels, make_dicom, normalise, storescu, val_subset
 
 

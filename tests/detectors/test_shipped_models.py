@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from filmgate.datasets import LabelledFilm, select
+from filmgate_training.datasets import LabelledFilm, select
 from tests.helpers import pixels
 
 

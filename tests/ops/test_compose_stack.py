@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests.helpers import DEPLOY, REPO, docker, film_pixels, http, make_dicom, normalise, wait_until
 
 pytestmark = pytest.mark.slow

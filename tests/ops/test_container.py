@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests.helpers import CT_STORAGE, docker, film_pixels, http, make_dicom, normalise, wait_until
 
 pytestmark = pytest.mark.slow

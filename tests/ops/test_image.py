@@ -22,7 +22,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests.helpers import DEPLOY, REPO, free_port, http, tool, wait_until
 
 DOCKERFILE = REPO / "Dockerfile"

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from filmgate.datasets import data_root
+from filmgate_training.datasets import data_root
 from tests.helpers import (
     DEPLOY,
     REPO,

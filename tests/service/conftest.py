@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests.helpers import (
     _STARTED,
     CR_STORAGE,

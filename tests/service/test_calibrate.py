@@ -16,8 +16,8 @@ import numpy as np
 import yaml
 
 from filmgate.config import load_config
-from filmgate.datasets import select
 from filmgate.judge import Judge
+from filmgate_training.datasets import select
 from tests.helpers import MODELS, REPO, film_pixels, make_dicom
 
 LOW = {"orientation": 1e-6, "flip": 0.01}

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests.helpers import (
     CR_STORAGE,
     DCMTK_ENV,

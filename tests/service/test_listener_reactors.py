@@ -11,8 +11,8 @@ import pydicom
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
-from filmgate.datasets import select
 from filmgate.patches import REACTOR_IDLE_CAP
+from filmgate_training.datasets import select
 from tests.helpers import Gate, film_pixels, make_dicom
 
 

@@ -24,10 +24,10 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from filmgate.config import parse_config
-from filmgate.datasets import select
 from filmgate.index import DecisionIndex
 from filmgate.judge import Judge
 from filmgate.review.auth import hash_password
+from filmgate_training.datasets import select
 from tests.helpers import (
     CR_STORAGE,
     MODELS,

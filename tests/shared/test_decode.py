@@ -136,7 +136,7 @@ def test_fake_monochrome1_is_the_inverse_of_its_original(data_dir):
 
 
 def test_png_and_jpeg_decode(data_dir):
-    from filmgate.datasets import select
+    from filmgate_training.datasets import select
 
     for film in select(split="val", kind="frontal-chest")[:3]:
         out = decode_file(film.path)
@@ -186,7 +186,7 @@ def test_large_film_is_reduced_before_the_grayscale_pipeline():
 
 
 def test_training_sized_films_are_not_reduced(data_dir):
-    from filmgate.datasets import select
+    from filmgate_training.datasets import select
 
     for film in select(split="val", kind="frontal-chest", source="nih-cxr14")[:3]:
         out = decode_file(film.path)
@@ -219,7 +219,7 @@ def test_native_fast_path_matches_pydicom(bits_stored, signed, frames):
 @pytest.mark.parametrize("lossless", [True, False], ids=["htj2k-lossless", "htj2k-lossy"])
 def test_htj2k_films_decode_like_their_uncompressed_original(tmp_path, data_dir, lossless):
     """High-Throughput JPEG 2000 (encoded by OpenJPH's ojph_compress): lossless decodes exactly, lossy closely."""
-    from filmgate.datasets import select
+    from filmgate_training.datasets import select
     from tests.helpers import HTJ2K, HTJ2K_LOSSLESS, film_pixels, htj2k, make_dicom
 
     film = select(split="val", kind="frontal-chest", source="hannover")[0]
@@ -284,8 +284,8 @@ def test_the_decode_fix_changes_only_the_unit_input_of_a_childrens_hospital_film
     """Why only ``atypical`` was rebuilt after the decode fix: a `kermany` (3-channel, 224 px) film decoded by the
     old rule (min-max stretch) and the new one (/255) differ by an affine map, which z-scoring removes (orientation,
     inversion, flip, view, pediatric inputs unchanged) and the ``unit`` input keeps (atypical)."""
-    from filmgate.datasets import select
     from filmgate.preprocess import PreprocessSpec, preprocess
+    from filmgate_training.datasets import select
 
     film = sorted(select(split="val", source="kermany"), key=lambda f: str(f.path))[0]
     new = decode_file(film.path).pixels

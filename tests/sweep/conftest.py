@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.fileset import FileSet
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests import hostile
 from tests.helpers import film_pixels, make_dicom, read_csv, run_sweep
 

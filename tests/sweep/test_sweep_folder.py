@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests.helpers import FILMGATE, SKIPPED, committed_rows, inspect, read_csv, run_sweep, wait_until
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from filmgate.datasets import select
+from filmgate_training.datasets import select
 from tests.helpers import (
     FILMGATE,
     Orthanc,

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from filmgate.datasets import select
 from filmgate.decode import decode_file
 from filmgate.detectors import onnx_session
 from filmgate.manifest import load_manifest
 from filmgate.preprocess import preprocess
 from filmgate_training.config import AugmentConfig, ConfigError, config_from_dict, load_config
+from filmgate_training.datasets import select
 from filmgate_training.evaluate import evaluate, onnx_runner, write_report
 from filmgate_training.export import export, ship
 from filmgate_training.metrics import choose_threshold, margin_threshold, roc_auc

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from filmgate.datasets import select
 from filmgate_training.config import config_from_dict
 from filmgate_training.data import split_train, training_pool, val_films
+from filmgate_training.datasets import select
 from filmgate_training.review import check_not_worse, read_labels, review_rows
 from filmgate_training.tasks import get_task
 

@@ -14,9 +14,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from filmgate.datasets import REPO_ROOT, data_root, select
 from filmgate.decode import decode_file
 from filmgate_training.config import load_config
+from filmgate_training.datasets import REPO_ROOT, data_root, select
 from filmgate_training.metrics import roc_auc
 from tests.helpers import ShippedDetector
 

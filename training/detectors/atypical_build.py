@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from filmgate.datasets import REPO_ROOT, LabelledFilm, labels, select
 from filmgate.decode import DecodeError, auto_window, decode_file
 from filmgate.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
 from filmgate.preprocess import PreprocessSpec, preprocess
 from filmgate_training.config import Config, config_from_dict, load_config
 from filmgate_training.data import cap
+from filmgate_training.datasets import REPO_ROOT, LabelledFilm, labels, select
 from filmgate_training.detectors.atypical import Atypicality, fit_gaussian
 from filmgate_training.detectors.corrupt import CORRUPTIONS
 from filmgate_training.evaluate import _jsonable, onnx_runner
@@ -350,7 +350,7 @@ def _contact_sheets(folder: Path, spec: PreprocessSpec, adults: Sequence[Labelle
     """Images for people (git-ignored run folder): synthetic examples and the most atypical val frontal films."""
     import cv2
 
-    from filmgate.datasets import data_root
+    from filmgate_training.datasets import data_root
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

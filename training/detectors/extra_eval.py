@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from filmgate.datasets import LabelledFilm, labels
 from filmgate.decode import DecodeError, decode_file
 from filmgate.preprocess import PreprocessSpec, preprocess
 from filmgate_training.augment import display_augment, film_augment
 from filmgate_training.config import AugmentConfig, Config
 from filmgate_training.data import val_films
+from filmgate_training.datasets import LabelledFilm, labels
 from filmgate_training.detectors.degrade import square_stretch
 from filmgate_training.evaluate import Runner
 from filmgate_training.tasks import Task, get_task

@@ -29,10 +29,10 @@ import cv2
 import numpy as np
 
 from filmgate.config import parse_config
-from filmgate.datasets import LabelledFilm, data_root, labels
 from filmgate.decode import decode_file
 from filmgate.judge import Judge
 from filmgate_training.config import REPO_ROOT
+from filmgate_training.datasets import LabelledFilm, data_root, labels
 
 
 def expected(film: LabelledFilm) -> tuple[str, str]:

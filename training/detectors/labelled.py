@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from filmgate.datasets import LabelledFilm
 from filmgate_training.augment import display_augment, film_augment
 from filmgate_training.config import AugmentConfig
+from filmgate_training.datasets import LabelledFilm
 from filmgate_training.detectors.degrade import low_resolution_copy
 from filmgate_training.tasks import Example, LabelledTask
 

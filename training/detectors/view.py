@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from filmgate.datasets import LabelledFilm
+from filmgate_training.datasets import LabelledFilm
 from filmgate_training.detectors.labelled import MirroredLowResTask
 from filmgate_training.tasks import register
 
