@@ -68,15 +68,15 @@ def held_out_films_all(config: Config, task: Task) -> list[LabelledFilm]:
 def fold_config(config: Config, source: str, overrides: dict[str, Any] | None = None) -> Config:
     """The config with ``source`` left out of training and calibration, run in ``<run_dir>/loso/<source>``."""
     d = config.to_dict()
-    d["data"]["exclude_sources"] = sorted({*d["data"].get("exclude_sources", ()), source})
-    run = Path(config.run_path)
-    d["run_dir"] = str(run / "loso" / source)
     for dotted, value in (overrides or {}).items():
         node = d
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    # the source is left out whatever the overrides say (they may leave out more, e.g. a second copy of a hospital)
+    d["data"]["exclude_sources"] = sorted({*(d["data"].get("exclude_sources") or ()), source})
+    d["run_dir"] = str(Path(config.run_path) / "loso" / source)
     return config_from_dict(d)
 
 
