@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -45,6 +46,25 @@ class Example:
 
 
 @dataclass(frozen=True)
+class CardText:
+    """A detector's own words for its model card (:func:`filmgate_training.detectors.cards.classifier_card`).
+
+    Every text is a template (``str.format``): ``{name}`` or ``{name:.1%}`` is filled from :meth:`Task.card_figures`,
+    which reads the figures from the evaluation JSON (``evaluation.json``, ``extra.json``), so no measured figure is
+    written in prose and none goes stale on retraining. What one *version* learnt (a comparison, an earlier version's
+    figures) belongs in its config's ``card_limits``, next to the version it describes.
+    """
+
+    purpose: str
+    data: str
+    measured: str
+    limits: tuple[str, ...] = ()
+
+    def fill(self, text: str, figures: Mapping[str, Any]) -> str:
+        return text.format_map(dict(figures))
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     labels: tuple[str, ...]
@@ -62,6 +82,9 @@ class Task:
     # (and so the manifest's per-source metrics) cover these kinds; the rest is reported by the detector's extra
     # evaluation. None: every kind it trains on.
     val_kinds: tuple[str, ...] | None = None
+    # The detector's own card text (templates filled by :meth:`card_figures`); None: the framework's card
+    # (:mod:`filmgate_training.card`, self-supervised orientation/inversion).
+    card: CardText | None = None
 
     # ------------------------------------------------------------------ which films
     def films(self, rows: Sequence[LabelledFilm], split: str) -> list[LabelledFilm]:
@@ -79,10 +102,30 @@ class Task:
         """The film's own class (None = not usable); synthetic tasks use every film."""
         return 0
 
-    def build(self, config: Any) -> Any:
+    def build(self, config: Any, **options: Any) -> Any:
         """Hook: a task with its own build (no training loop, e.g. ``atypical``) does everything ``all`` does here
         and returns the shipped folder; None (the default) means the shared fit -> export -> evaluate -> ship."""
         return None
+
+    # ------------------------------------------------------------------ after ``all``: ``finish`` and the card
+    def extra_evaluation(self, config: Any, runner: Any, threshold: float) -> dict[str, Any] | None:
+        """Hook: evaluation beyond the shared report, through the shipped ONNX file (``runner``) at its
+        ``threshold``; ``finish`` writes it to ``extra.json`` and :meth:`extra_markdown` to ``extra.md``. None (the
+        default): the task has none, and ``finish`` says so."""
+        return None
+
+    def extra_markdown(self, extra: Mapping[str, Any]) -> str:
+        """Hook: the body of ``extra.md`` (Markdown, after its title) from :meth:`extra_evaluation`'s result."""
+        return ""
+
+    def headline(self, extra: Mapping[str, Any]) -> dict[str, Any]:
+        """Hook: the figures of the extra evaluation that ``finish`` adds to the manifest's ``metrics.extra``."""
+        return {}
+
+    def card_figures(self, config: Any, report: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+        """Hook: the named figures :attr:`card`'s templates use, read from ``report`` (evaluation.json) and
+        ``extra`` (extra.json) and from the task's own code (e.g. class shares), never written in prose."""
+        return {}
 
     def fit_fold(self, config: Any) -> tuple[Any, float, str]:
         """Hook for score tasks without a training loop: (network, threshold, how) for a leave-one-source-out fold
@@ -232,13 +275,17 @@ def register(task: Task) -> Task:
     return task
 
 
+PLUGINS = "filmgate_training.detectors"
+
+
 def _load_plugins() -> None:
-    """Import ``filmgate_training.detectors`` (flip, view, pediatric, atypical register there) if present."""
-    try:
-        importlib.import_module("filmgate_training.detectors")
-    except ModuleNotFoundError as exc:
-        if exc.name != "filmgate_training.detectors":
-            raise
+    """Import every module directly under ``filmgate_training.detectors`` (``training/detectors/*.py``): a task's
+    module registers it with :func:`register` when imported, so a new detector is one new file there and no list is
+    kept by hand. Modules whose name starts with ``_`` are skipped."""
+    package = importlib.import_module(PLUGINS)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{PLUGINS}.{info.name}")
 
 
 def get_task(name: str) -> Task:
@@ -254,55 +301,6 @@ def in_holdout(film: LabelledFilm, fraction: float, salt: str = "calibration") -
     key = film.patient or film_id(film)
     h = int.from_bytes(hashlib.sha1(f"{salt}:{film.source}:{key}".encode()).digest()[:8], "big")
     return h / 2**64 < fraction
-
-
-def _rot(k: int) -> Callable[[np.ndarray], np.ndarray]:
-    def fn(img: np.ndarray) -> np.ndarray:
-        return np.rot90(img, k) if k else img
-
-    fn.__name__ = f"rot{90 * k}"
-    return fn
-
-
-def _invert(img: np.ndarray) -> np.ndarray:
-    return 1.0 - img
-
-
-def _identity(img: np.ndarray) -> np.ndarray:
-    return img
-
-
-register(
-    SyntheticTask(
-        name="orientation",
-        labels=("upright", "rot90", "rot180", "rot270"),
-        positive_labels=("rot90", "rot180", "rot270"),
-        reason="rotated",
-        description=(
-            "Is the frontal chest film displayed upright? rotN = the upright film turned N degrees counter-clockwise "
-            "(numpy.rot90(k=N/90)); turn it back N degrees clockwise to correct it."
-        ),
-        transforms=(_identity, _rot(1), _rot(2), _rot(3)),
-        nuisance=(_invert,),
-        nuisance_p=0.15,
-    )
-)
-
-register(
-    SyntheticTask(
-        name="inversion",
-        labels=("normal", "inverted"),
-        positive_labels=("inverted",),
-        reason="inverted",
-        description=(
-            "Is the film displayed with inverted grey levels (bone and mediastinum dark, lungs bright), e.g. a "
-            "MONOCHROME1/MONOCHROME2 header that does not match the pixels?"
-        ),
-        transforms=(_identity, _invert),
-        nuisance=(_rot(1), _rot(2), _rot(3)),
-        nuisance_p=0.3,
-    )
-)
 
 
 def registered() -> Mapping[str, Task]:

@@ -1,7 +1,6 @@
-"""The detectors that need real labels or a trained backbone : flip, view, pediatric, atypical.
+"""Every detector's task, one module each (orientation, inversion, flip, view, pediatric, atypical), and their helpers.
 
-Each module registers its task in :mod:`filmgate_training.tasks` when imported; importing this
-package registers them all.
+A module here registers its task with :func:`filmgate_training.tasks.register` when imported;
+:func:`filmgate_training.tasks.get_task` imports every module of this package (``pkgutil``) the first time a task is
+looked up, so adding a detector is adding a file here: no list is kept by hand.
 """
-
-from filmgate_training.detectors import atypical_build, flip, pediatric, view  # noqa: F401  (registration side effect)

@@ -1,6 +1,6 @@
 """Build, calibrate, evaluate and ship the ``atypical`` score detector from a trained ``view`` run.
 
-``python -m filmgate_training atypical [--config atypical]`` (or :func:`run`):
+``python -m filmgate_training all --config atypical`` (the task's :meth:`AtypicalTask.build` hook, or :func:`run`):
 
 1. load the shipped ``view`` model's run (``runs/view-ft/model.pt``, as ``models/view/manifest.json`` records it);
 2. embed the train split's frontal chest films that were not held out (decoded and preprocessed exactly as the gate
@@ -497,11 +497,12 @@ def run(config: Config, backbone_run: Path | None = None) -> Path:
     report = evaluate(config, info, sheet_dir=config.run_path / "sheets")
     write_json_md(report, config.run_path)
     folder = ship(config, report)
-    if info.get("loso_recalibration"):  # the held-out hospitals at the recalibrated threshold, into the report
+    target = config.evaluate.loso_target_fpr
+    if info.get("loso_recalibration") and target is not None:  # held-out hospitals at the recalibrated threshold
         from filmgate_training.loso import merge
         from filmgate_training.recalibrate import recalibrated_rows
 
-        merge(config.task, recalibrated_rows(config, config.evaluate.loso_target_fpr))
+        merge(config.task, recalibrated_rows(config, target))
     return folder
 
 
@@ -519,9 +520,10 @@ class AtypicalTask(Task):
 
     backbone_task: str = "view"
 
-    def build(self, config: Any) -> Any:
-        """Fit on the shipped view network, calibrate, export, evaluate and ship (``all --config atypical``)."""
-        return run(config)
+    def build(self, config: Any, **options: Any) -> Any:
+        """Fit on the shipped view network, calibrate, export, evaluate and ship (``all --config atypical``);
+        ``backbone_run`` (``finish --backbone-run``) builds on a run's model.pt instead."""
+        return run(config, options.get("backbone_run"))
 
     def fit_fold(self, config: Config) -> tuple[Atypicality, float, str]:
         """A leave-one-source-out fold: refit without ``data.exclude_sources`` on the same backbone."""

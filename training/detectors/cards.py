@@ -2,8 +2,9 @@
 
 The framework's card (:mod:`filmgate_training.card`) describes self-supervised
 orientation/inversion models; these detectors
-need their own words (labelled data, how few laterals there are, the pediatric shortcut, a distance score), so the
-card is written here from the same manifest and reports plus :mod:`filmgate_training.detectors.extra_eval`.
+need their own words (labelled data, how few laterals there are, the pediatric shortcut, a distance score): each
+task carries them (:attr:`filmgate_training.tasks.Task.card`, templates filled by its ``card_figures`` from the
+evaluation and extra JSON), and the card is assembled here from them, the manifest and the reports.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from filmgate.manifest import ModelManifest
+from filmgate.typed_config import ConfigError
 from filmgate_training.card import training_data_table
 from filmgate_training.config import Config
+from filmgate_training.tasks import get_task
 
 MIRROR_SWAP = (
     "The exported graph is mirror-consistent (`filmgate_training.model.MirrorSwap`): it runs the network on the film "
@@ -20,111 +23,6 @@ MIRROR_SWAP = (
     "mirror image and averages the logits with the second pair swapped, so a film and its mirror image always get "
     "complementary scores and the network's own left-right biases cancel (two passes per film). "
 )
-
-PURPOSE = {
-    "view": (
-        "Keeps everything that is not a frontal chest radiograph out of the accept path: lateral chest films, "
-        "radiographs of other body parts (knee, spine, skull, hand, pelvis, abdomen, teeth...), and images that are "
-        "not radiographs (CT, MR, ultrasound slices). DICOM tags cannot do this: BodyPartExamined is wrong in about "
-        "15% of images. The predicted class (the arg-max label) goes into the sidecar."
-    ),
-    "flip": (
-        "Finds frontal chest films displayed as a mirror image (patient's left on the viewer's left). Mirrored films "
-        "are the commonest orientation error in the literature and the one that generalises worst across hospitals."
-    ),
-    "pediatric": (
-        "Finds children's films when the header gives no usable age. The gate's metadata rule (PatientAge, or birth "
-        "and study dates) stays the first line; this image model is for films whose age is missing or implausible."
-    ),
-}
-
-DATA = {
-    "view": (
-        "Labelled by `kind` in labels.csv: every `frontal-chest` film (adult and child) is the negative class; "
-        "`lateral-chest`, `other-radiograph` and `not-radiograph` films are the three positive classes. Classes are "
-        "sampled by share (frontal 40%, lateral 20%, other radiograph 25%, not a radiograph 15%; "
-        "`training/detectors/view.py`), sources balanced within a class. Only 21 lateral films are in the training "
-        "part of the train split, so each is seen hundreds of times and never twice alike: mirrored (a lateral may "
-        "face either way), tilted, cropped, stretched, collimated, re-windowed, with burned-in markers, as a "
-        "low-resolution JPEG copy. Frontal films are mirrored too, so the view model ignores flips."
-    ),
-    "flip": (
-        "Self-supervised: every frontal chest film of the train split (adult and child) shown as it came (`normal`) "
-        "or mirrored left-right (`flipped`), chosen at random per sample. Burned-in markers are drawn on the film "
-        "before the mirror (so their glyphs mirror with it, as on a really mirrored film) and viewer overlays after "
-        "it (readable on both classes), so readable text alone is no clue."
-    ),
-    "pediatric": (
-        "Labelled by `pediatric` in labels.csv (yes < 18 years): frontal "
-        "chest films plus the `spine` collection, which holds children and adults from one source (so 'which "
-        "hospital' cannot explain its labels). Classes sampled 50/50, sources balanced within a class. Against the "
-        "resolution shortcut (`kermany` is a 224 px square copy), 35% of samples of *both* classes are turned into "
-        "160-256 px JPEG copies (half of them stretched to a square) before the usual augmentation."
-    ),
-}
-
-MEASURED = {
-    "view": (
-        "Recall with so few laterals: the val split has 11 real lateral films; all of them are scored as they came "
-        "and the exact one-sided 95% lower bound of the rate is given (11/11 proves only >= 76%). To say more, each "
-        "val lateral is also scored in 20 realistic variants (mirrored, tilted, cropped, re-windowed, markers, "
-        "noise): a robustness figure, not an independent sample. Other radiographs (224) and non-radiographs (73) "
-        "give tighter bounds. The 2 lateral films of the calibration holdout were not trained on either."
-    ),
-    "flip": (
-        "Every val frontal film is scored as it came and mirrored; accuracy and unaltered films flagged, per source."
-    ),
-    "pediatric": (
-        "Accuracy per source on the val frontal chest films (the only films on which the gate uses this model's "
-        "verdict; the spine films it also trained on are shown by age below), and the shortcut checks: adult val "
-        "films made into 224 px and 160 px square JPEG copies (what the pediatric `kermany` copy looks like) must "
-        "stay adult; children's full-resolution films as 224 px copies must stay children."
-    ),
-}
-
-LIMITS = {
-    "view": [
-        "34 real lateral films exist here (21 trained on): lateral films from other hospitals, decubitus or "
-        "oblique views, and unusual body parts may be missed. The atypical detector is the second net.",
-        "Frontal films of children are `frontal-chest` for this model (the pediatric detector handles age).",
-        "1.0.0 held back 5 of the 201 adult val frontal films (2.5%; 0 of 1,205 children's): kermany, one hospital, "
-        "was half of its frontal samples and its threshold sat at the edge of the held-out frontal films (0.09). "
-        "1.1.0 was fine-tuned with the sources weighted evenly and its threshold follows the `margin` rule (middle of "
-        "the gap between held-out frontal and held-out other films, chosen on held-out train films only; the *rule* "
-        "was changed after 1.0.0's val figures were seen). On val it flags one frontal film, the NIH film stored "
-        "upside down (which is not an upright frontal film; `orientation` quarantines it too), and lets one other "
-        "film through: a whole-spine PA film of a 16-year-old that shows the whole chest (score 0.38). "
-        "`policy.thresholds.view` in the gate's config moves this trade-off.",
-    ],
-    "flip": [
-        "**Per source, one source stays under 98%**: vqa-rad 95.2% (21 films: a teaching film labelled 'Hx of situs "
-        "inversus', heart on the right; the model calls the film as it came 'flipped' and its mirror 'normal', which "
-        "is right about the anatomy but counts as two errors here). nih-cxr14 is at 98.3%: its errors are both films "
-        "of one patient with a white-out right hemithorax and the mediastinum pulled right (the anatomy looks "
-        "mirrored; only the small 'L' marker tells). Every other source is 98.8-100%.",
-        "Mirroring is synthetic; dextrocardia, situs inversus and films with one hemithorax opaque are real "
-        "'mirror-looking' films that will be flagged (a person should look at them anyway).",
-        "The NIH film stored upside down is left out of the figures (as for orientation and inversion): turned "
-        "180 degrees is mirrored *and* upside down, and the gate quarantines it as rotated.",
-        "1.2.0 runs at 192 px (1.1.0: 128 px), about 3.6 ms per film on one core instead of 1.5. A mirror-consistent "
-        "export (`model.mirror_swap`: film and mirror image, logits swapped and averaged) was also evaluated: no "
-        "better on the held-out train films (99.64% against 99.56%) nor on val (99.07% against 99.22%) at twice the "
-        "cost, so it is not shipped.",
-        "Most val films are pediatric (kermany); adult sources have 21-89 val films each.",
-    ],
-    "pediatric": [
-        "Almost all children's chest films come from one hospital (Guangzhou, ages 1-5). The guards above reduce "
-        "but cannot rule out that the model partly recognises that hospital; teenagers are nearly absent from the "
-        "chest films, so children of 12-17 may be called adult. Use the metadata rule wherever the header has an age.",
-        "Adult films without an age (vqa-rad, openi, radiopaedia) were not trained on; their rate is reported.",
-        "The model is for frontal chest films. On the `spine` collection (not chest films; trained on only to break "
-        "the hospital shortcut) it calls most films children, adults of 18-35 included: accuracy about 84% on its 49 "
-        "val films (table above). In the gate this never decides a spine film: the view detector quarantines it as "
-        "`not-frontal-chest`, and `policy.outranks` drops the image model's `pediatric` there (a header age still "
-        "counts).",
-    ],
-}
-
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
@@ -213,12 +111,18 @@ def classifier_card(
     extra: dict[str, Any], extra_md: str,
 ) -> str:  # fmt: skip
     name = manifest.name
+    task = get_task(config.task)
+    if task.card is None:
+        raise ConfigError(f"task: {task.name} has no card text of its own (Task.card); its card is the framework's")
+    figures = task.card_figures(config, report, extra)
+    card = {k: task.card.fill(getattr(task.card, k), figures) for k in ("purpose", "data", "measured")}
+    limits = [task.card.fill(x, figures) for x in task.card.limits]
     val = report["val"]
     p = val["pooled"]
     lines = [
         f"# Model card: `{name}` {manifest.version}",
         "",
-        PURPOSE[name],
+        card["purpose"],
         "",
         "## Use",
         "",
@@ -240,7 +144,7 @@ def classifier_card(
         "",
         "## Training data",
         "",
-        DATA[name] + _data_note(name),
+        card["data"],
         "",
         _init_line(config)
         + f"{blob['steps']} steps of batch {config.train.batch_size}, AdamW lr {config.train.lr}, seed "
@@ -256,7 +160,7 @@ def classifier_card(
         "",
         f"Threshold {manifest.threshold:.6g}: {report['threshold_rule']}.",
         "",
-        MEASURED[name],
+        card["measured"],
         "",
         "| | films | accuracy (arg-max class) | AUC | recall | negatives flagged |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -270,7 +174,7 @@ def classifier_card(
             f"{_pct(m['fpr_unaltered'])} ({m['flagged_unaltered']}/{m['unaltered']}) |"
         )
     lines += ["", extra_md.split("\n", 2)[2].strip(), "", "## Limitations", ""]
-    lines += [f"- {x}" for x in (*config.card_limits, *LIMITS[name])]
+    lines += [f"- {x}" for x in (*config.card_limits, *limits)]
     lines += [
         "",
         "Full reports: [evaluation.md](evaluation.md) (confusion matrix, mistakes, every real DICOM file) and "
@@ -292,16 +196,6 @@ def _adult_line(report: dict[str, Any]) -> str:
         f"{k} of {n} val frontal films from adult sources ({100 * k / max(n, 1):.1f}%; worst {worst} "
         f"{adult[worst]['flagged']}/{adult[worst]['films']}) against {kids} of the children's"
     )
-
-
-def _data_note(name: str) -> str:
-    """What the task's code says about its data, read from the code (not restated here)."""
-    if name != "pediatric":
-        return ""
-    from filmgate_training.detectors.pediatric import ADULT_SOURCES
-
-    return (f" Adult collections without ages, labelled adult by source: {', '.join(f'`{s}`' for s in ADULT_SOURCES)} "
-            "(training/detectors/pediatric.py).")  # fmt: skip
 
 
 def _val_note(config: Config) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from filmgate.decode import DecodeError, decode_file
 from filmgate.preprocess import PreprocessSpec, preprocess
+from filmgate.typed_config import ConfigError
 from filmgate_training.augment import display_augment, film_augment
 from filmgate_training.config import AugmentConfig, Config
 from filmgate_training.data import val_films
@@ -192,88 +193,99 @@ def flip_extra(config: Config, runner: Runner, threshold: float) -> dict[str, An
     return {"per_source": per_source}
 
 
-EXTRA = {"view": view_extra, "pediatric": pediatric_extra, "flip": flip_extra}
-
-
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
-def markdown(task_name: str, extra: dict[str, Any]) -> str:
-    lines = [f"# Further evaluation: `{task_name}`", ""]
-    if task_name == "view":
-        lines += [
-            "Films kept out (flagged `not-frontal-chest`) per kind on val, with the exact one-sided 95% lower bound "
-            "of the rate (what the sample can prove):",
-            "",
-            "| kind | films | flagged | rate | 95% lower bound | predicted as |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for kind, m in extra["by_kind"].items():
-            lines.append(
-                f"| {kind} | {m['n']} | {m['flagged']} | {_pct(m['rate'])} | {_pct(m['lower95'])} | "
-                f"{extra['predicted_by_kind'][kind]} |"
-            )
-        lv = extra["lateral_variants"]
-        fm = extra["frontal_mirrored"]
-        lines += [
-            "",
-            f"Realistic variants of the {lv['films']} real val lateral films ({lv['variants_per_film']} each: "
-            f"mirrored, tilted, cropped, re-windowed, markers, noise): {lv['flagged']}/{lv['n']} kept out "
-            f"({_pct(lv['rate'])}). This measures robustness, not an independent sample.",
-            "",
-            f"Val frontal films mirrored left-right: {fm['flagged']}/{fm['n']} flagged ({_pct(fm['rate'])}): the view "
-            "model leaves flips to the flip detector.",
-            "",
-            "Frontal chest films flagged, per source:",
-            "",
-            "| source | films | flagged | rate |",
-            "| --- | --- | --- | --- |",
-        ]
-        for s, m in extra["frontal_per_source"].items():
-            lines.append(f"| {s} | {m['n']} | {m['flagged']} | {_pct(m['rate'])} |")
-        lines += ["", "Films not kept out:", ""]
-        missed_all = [(kind, rel, score) for kind, m in extra.get("missed", {}).items() for rel, score in m[:40]]
-        lines += [f"- {kind}: `{rel}` (score {score:.4f})" for kind, rel, score in missed_all] or ["None."]
-    elif task_name == "pediatric":
-        lines += [
-            "Shortcut checks: is the model calling films children for their resolution or hospital?",
-            "",
-            "| films | n | called child | rate | per source |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for name, m in extra["checks"].items():
-            ps = ", ".join(f"{s} {v['flagged']}/{v['n']}" for s, v in m["per_source"].items())
-            lines.append(f"| {name} | {m['n']} | {m['flagged']} | {_pct(m['rate'])} | {ps} |")
-        lines += [
-            "",
-            "The `spine` val films (thoraco-lumbar films of the scoliosis set, children and young adults; trained on "
-            "only to break the hospital shortcut) by age. They are outside the gate's use of this model: the gate "
-            "drops the image model's `pediatric` on films that are `not-frontal-chest` (`policy.outranks`), so a "
-            "spine film is quarantined as not-frontal-chest, and as pediatric only by the age in its header.",
-            "",
-            "| ages | films | called child | right |",
-            "| --- | --- | --- | --- |",
-        ]
-        lines += [f"| {r['ages']} | {r['films']} | {r['called_child']} | {r['right']} |" for r in extra["spine_by_age"]]
-    elif task_name == "flip":
-        lines += [
-            "Per source at the shipped threshold (val frontal films, each as it came and mirrored):",
-            "",
-            "| source | films | accuracy | unaltered flagged | mirrored caught |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for s, m in extra["per_source"].items():
-            u, c = m["unaltered_flagged"], m["mirrored_caught"]
-            lines.append(
-                f"| {s} | {m['films']} | {_pct(m['accuracy'])} | {u['flagged']}/{u['n']} ({_pct(u['rate'])}) | "
-                f"{c['flagged']}/{c['n']} ({_pct(c['rate'])}) |"
-            )
-    return "\n".join(lines) + "\n"
+def view_markdown(extra: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "Films kept out (flagged `not-frontal-chest`) per kind on val, with the exact one-sided 95% lower bound "
+        "of the rate (what the sample can prove):",
+        "",
+        "| kind | films | flagged | rate | 95% lower bound | predicted as |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind, m in extra["by_kind"].items():
+        lines.append(
+            f"| {kind} | {m['n']} | {m['flagged']} | {_pct(m['rate'])} | {_pct(m['lower95'])} | "
+            f"{extra['predicted_by_kind'][kind]} |"
+        )
+    lv = extra["lateral_variants"]
+    fm = extra["frontal_mirrored"]
+    lines += [
+        "",
+        f"Realistic variants of the {lv['films']} real val lateral films ({lv['variants_per_film']} each: "
+        f"mirrored, tilted, cropped, re-windowed, markers, noise): {lv['flagged']}/{lv['n']} kept out "
+        f"({_pct(lv['rate'])}). This measures robustness, not an independent sample.",
+        "",
+        f"Val frontal films mirrored left-right: {fm['flagged']}/{fm['n']} flagged ({_pct(fm['rate'])}): the view "
+        "model leaves flips to the flip detector.",
+        "",
+        "Frontal chest films flagged, per source:",
+        "",
+        "| source | films | flagged | rate |",
+        "| --- | --- | --- | --- |",
+    ]
+    for s, m in extra["frontal_per_source"].items():
+        lines.append(f"| {s} | {m['n']} | {m['flagged']} | {_pct(m['rate'])} |")
+    lines += ["", "Films not kept out:", ""]
+    missed_all = [(kind, rel, score) for kind, m in extra.get("missed", {}).items() for rel, score in m[:40]]
+    lines += [f"- {kind}: `{rel}` (score {score:.4f})" for kind, rel, score in missed_all] or ["None."]
+    return lines
+
+
+def pediatric_markdown(extra: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "Shortcut checks: is the model calling films children for their resolution or hospital?",
+        "",
+        "| films | n | called child | rate | per source |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, m in extra["checks"].items():
+        ps = ", ".join(f"{s} {v['flagged']}/{v['n']}" for s, v in m["per_source"].items())
+        lines.append(f"| {name} | {m['n']} | {m['flagged']} | {_pct(m['rate'])} | {ps} |")
+    lines += [
+        "",
+        "The `spine` val films (thoraco-lumbar films of the scoliosis set, children and young adults; trained on "
+        "only to break the hospital shortcut) by age. They are outside the gate's use of this model: the gate "
+        "drops the image model's `pediatric` on films that are `not-frontal-chest` (`policy.outranks`), so a "
+        "spine film is quarantined as not-frontal-chest, and as pediatric only by the age in its header.",
+        "",
+        "| ages | films | called child | right |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {r['ages']} | {r['films']} | {r['called_child']} | {r['right']} |" for r in extra["spine_by_age"]]
+    return lines
+
+
+def flip_markdown(extra: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "Per source at the shipped threshold (val frontal films, each as it came and mirrored):",
+        "",
+        "| source | films | accuracy | unaltered flagged | mirrored caught |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for s, m in extra["per_source"].items():
+        u, c = m["unaltered_flagged"], m["mirrored_caught"]
+        lines.append(
+            f"| {s} | {m['films']} | {_pct(m['accuracy'])} | {u['flagged']}/{u['n']} ({_pct(u['rate'])}) | "
+            f"{c['flagged']}/{c['n']} ({_pct(c['rate'])}) |"
+        )
+    return lines
+
+
+def markdown(task: Task, extra: Mapping[str, Any]) -> str:
+    """``extra.md``: a title and the task's own body (:meth:`Task.extra_markdown`)."""
+    return f"# Further evaluation: `{task.name}`\n\n" + task.extra_markdown(extra)
 
 
 def run_extra(config: Config, runner: Runner, threshold: float, folder: Path) -> dict[str, Any]:
-    extra = EXTRA[config.task](config, runner, threshold)
+    """The task's extra evaluation (:meth:`Task.extra_evaluation`) written to ``folder``/extra.{json,md}."""
+    task = get_task(config.task)
+    extra = task.extra_evaluation(config, runner, threshold)
+    if extra is None:
+        raise ConfigError(f"task: {task.name} has no extra evaluation (Task.extra_evaluation); `finish` is for the "
+                          "detectors that define one")  # fmt: skip
     (folder / "extra.json").write_text(json.dumps(extra, indent=2) + "\n")
-    (folder / "extra.md").write_text(markdown(config.task, extra))
+    (folder / "extra.md").write_text(markdown(task, extra))
     return extra

@@ -1,11 +1,11 @@
 """After ``python -m filmgate_training all --config <name>``: the extra evaluation and model card of a detector.
 
-``python -m filmgate_training.detectors.finish --config view|flip|pediatric`` runs
-:mod:`filmgate_training.detectors.extra_eval` on ``models/<name>/model.onnx``, writes ``extra.{json,md}`` there, adds
-the headline figures to the manifest's ``metrics`` (through :func:`filmgate.manifest.write_manifest`; the model file
+``python -m filmgate_training finish --config view-ft|flip-hr|pediatric-ft`` runs the task's own
+``extra_evaluation`` hook on ``models/<task>/model.onnx``, writes ``extra.{json,md}`` there, adds the task's
+``headline`` figures to the manifest's ``metrics`` (through :func:`filmgate.manifest.write_manifest`; the model file
 and its sha256 are unchanged) and replaces the generic model card with this detector's own
-(:mod:`filmgate_training.detectors.cards`). ``--config atypical`` builds, evaluates and ships the atypical score
-(:mod:`filmgate_training.detectors.atypical_build`).
+(:mod:`filmgate_training.detectors.cards`, from the task's ``card`` templates). A task with its own build
+(``atypical``) is built, evaluated and shipped by its ``build`` hook, as ``all`` does.
 """
 
 from __future__ import annotations
@@ -21,31 +21,15 @@ from filmgate_training.config import load_config, parse_overrides
 from filmgate_training.detectors.cards import classifier_card
 from filmgate_training.detectors.extra_eval import run_extra
 from filmgate_training.evaluate import onnx_runner
+from filmgate_training.tasks import get_task
 from filmgate_training.train import load_trained
-
-
-def headline(name: str, extra: dict) -> dict:
-    if name == "view":
-        return {
-            "kept_out_by_kind": {k: v["rate"] for k, v in extra["by_kind"].items() if k != "frontal-chest"},
-            "kept_out_lower95_by_kind": {k: v["lower95"] for k, v in extra["by_kind"].items() if k != "frontal-chest"},
-            "frontal_flagged": extra["by_kind"]["frontal-chest"]["rate"],
-            "lateral_variants_kept_out": extra["lateral_variants"]["rate"],
-            "frontal_mirrored_flagged": extra["frontal_mirrored"]["rate"],
-        }
-    if name == "pediatric":
-        return {"shortcut_checks": {k: v["rate"] for k, v in extra["checks"].items()}}
-    if name == "flip":
-        return {"per_source_accuracy": {k: v["accuracy"] for k, v in extra["per_source"].items()}}
-    return {}
 
 
 def finish(name: str, overrides: dict | None = None, backbone_run: Path | None = None) -> None:
     config = load_config(name, overrides)
-    if config.task == "atypical":
-        from filmgate_training.detectors.atypical_build import run
-
-        print(f"shipped {run(config, backbone_run)}")
+    task = get_task(config.task)
+    if task.own_build:  # atypical: its build is its finish (evaluation, card); as `all --config atypical`
+        print(f"shipped {task.build(config, backbone_run=backbone_run)}")
         return
     folder = config.models_path / config.task
     manifest = load_manifest(folder)
@@ -54,7 +38,7 @@ def finish(name: str, overrides: dict | None = None, backbone_run: Path | None =
     report = json.loads((folder / "evaluation.json").read_text())
     parity = json.loads((config.run_path / "parity.json").read_text())
     _, blob = load_trained(config.run_path)
-    metrics = dict(manifest.metrics) | {"extra": headline(config.task, extra), "extra_report": "extra.md"}
+    metrics = dict(manifest.metrics) | {"extra": task.headline(extra), "extra_report": "extra.md"}
     manifest = dataclasses.replace(manifest, metrics=metrics)
     write_manifest(folder, manifest)
     extra_md = (folder / "extra.md").read_text()
