@@ -308,7 +308,7 @@ class Ledger:
     acked: collections.Counter = field(default_factory=collections.Counter)  # sha256 of dataset bytes -> times
     answers: collections.Counter = field(default_factory=collections.Counter)  # status (None: no answer)
     kinds: dict[str, str] = field(default_factory=dict)  # sha -> case kind
-    silent: list[tuple[str, float]] = field(default_factory=list)  # (case kind, seconds) of stores never answered
+    silent: list[tuple[str, float, str]] = field(default_factory=list)  # (kind, seconds, file) of stores never answered
     keep_silent: Path | None = None  # where to keep a copy of each file whose store was never answered
     answer_timeout: float = 30.0  # seconds a C-STORE may go unanswered before it counts as never answered
 
@@ -348,7 +348,7 @@ class Ledger:
                     status = "unsendable"
                 self.answers[status] += 1
                 if status is None:
-                    self.silent.append((kind, round(time.monotonic() - t0, 1)))
+                    self.silent.append((kind, round(time.monotonic() - t0, 1), path.name))
                     if self.keep_silent is not None:
                         self.keep_silent.mkdir(parents=True, exist_ok=True)
                         shutil.copy(path, self.keep_silent / path.name)
