@@ -389,11 +389,14 @@ def _jsonable(obj: Any) -> Any:
 
 
 def write_report(report: dict[str, Any], folder: Path, stem: str = "evaluation") -> tuple[Path, Path]:
+    """The one writer of every detector's ``evaluation.{json,md}``: the Markdown is the task's own
+    (:meth:`Task.report_markdown`, e.g. ``atypical``) or the framework's."""
     folder.mkdir(parents=True, exist_ok=True)
     js = folder / f"{stem}.json"
     md = folder / f"{stem}.md"
     js.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    md.write_text(report_markdown(report))
+    own = get_task(report["detector"]).report_markdown(report) if "detector" in report else None
+    md.write_text(own if own is not None else report_markdown(report))
     return js, md
 
 

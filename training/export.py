@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from filmgate.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
 from filmgate_training.config import Config
 from filmgate_training.data import eval_items, split_train, val_films
+from filmgate_training.datasets import LabelledFilm
 from filmgate_training.evaluate import onnx_runner, torch_runner
 from filmgate_training.films import all_rows
 from filmgate_training.tasks import get_task
@@ -56,10 +58,15 @@ def export_onnx(model: Any, size: int, path: Path) -> None:
         shutil.copyfile(out, path)
 
 
-def parity(config: Config, model: Any, onnx_path: Path) -> dict[str, Any]:
-    """torch vs onnxruntime on real val films (every variant), batch of several and batch of one."""
+def parity(
+    config: Config, model: Any, onnx_path: Path, films: Sequence[LabelledFilm] | None = None
+) -> dict[str, Any]:
+    """torch vs onnxruntime on real val films (every variant), batch of several and batch of one: the one parity
+    check every detector's export passes (``films``: which val films, default the first ``evaluate.parity_films``).
+    A ``score`` task's outputs are distances, not logits: its tolerance is relative to the largest output when that
+    is above 1."""
     task = get_task(config.task)
-    films = val_films(config, task)[: config.evaluate.parity_films]
+    films = list(films) if films is not None else val_films(config, task)[: config.evaluate.parity_films]
     items = [i for i in eval_items(films, task, config.preprocessing) if not isinstance(i, tuple)]
     if not items:
         raise RuntimeError("parity check: no val film could be decoded")
@@ -79,7 +86,8 @@ def parity(config: Config, model: Any, onnx_path: Path) -> dict[str, Any]:
     }
     print(f"parity torch vs onnxruntime on {len(x)} inputs from {len(films)} real val films: "
           f"max |diff| = {result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g})")  # fmt: skip
-    if not result["max_abs_diff"] <= config.evaluate.parity_tolerance:
+    bound = config.evaluate.parity_tolerance * (max(1.0, float(np.abs(a).max())) if task.kind == "score" else 1.0)
+    if not result["max_abs_diff"] <= bound:
         raise RuntimeError(f"ONNX parity failed: max abs diff {result['max_abs_diff']:.3g} > tolerance")
     return result
 
@@ -187,11 +195,27 @@ def ship(config: Config) -> Path:
             "config": config.to_dict(),
         },
     )
+    return install(config, manifest, lambda m: model_card(config, m, report, blob, parity_result))
+
+
+def install(config: Config, manifest: ModelManifest, card: Callable[[ModelManifest], str]) -> Path:
+    """The one way a detector lands in ``models/<task>/`` (``ship``, and the ``atypical`` build): the run's
+    evaluated ``model.onnx`` (its sha256 must be the one ``evaluation.json`` and the manifest record), the run's
+    ``evaluation.{json,md}``, the manifest (:func:`filmgate.manifest.write_manifest`) and the card made from it;
+    then the folder is loaded as the gate loads it (schema and sha256)."""
+    run = config.run_path
+    onnx_path, report_path = run / "model.onnx", run / "evaluation.json"
+    if not onnx_path.is_file() or not report_path.is_file():
+        raise FileNotFoundError(f"{run}: needs model.onnx and evaluation.json; run export and evaluate first")
+    digest = sha256_file(onnx_path)
+    if json.loads(report_path.read_text())["model"].get("sha256") != digest or manifest.sha256 != digest:
+        raise RuntimeError("evaluation.json was made with another model.onnx; run evaluate again")
+    folder = config.models_path / manifest.name
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, folder / "model.onnx")
     shutil.copyfile(report_path, folder / "evaluation.json")
     shutil.copyfile(run / "evaluation.md", folder / "evaluation.md")
     write_manifest(folder, manifest)
-    (folder / "MODEL_CARD.md").write_text(model_card(config, manifest, report, blob, parity_result))
+    (folder / "MODEL_CARD.md").write_text(card(manifest))
     load_manifest(folder)  # what the gate will do: schema and sha256
     return folder

@@ -108,6 +108,11 @@ class Task:
         return None
 
     # ------------------------------------------------------------------ after ``all``: ``finish`` and the card
+    def report_markdown(self, report: Mapping[str, Any]) -> str | None:
+        """Hook: ``evaluation.md`` from the evaluation report, for a task whose report is not the framework's
+        (``atypical``: by kind, synthetic wrong films); None (the default): the framework's."""
+        return None
+
     def extra_evaluation(self, config: Any, runner: Any, threshold: float) -> dict[str, Any] | None:
         """Hook: evaluation beyond the shared report, through the shipped ONNX file (``runner``) at its
         ``threshold``; ``finish`` writes it to ``extra.json`` and :meth:`extra_markdown` to ``extra.md``. None (the

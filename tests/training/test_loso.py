@@ -4,6 +4,7 @@ shipped model from its ONNX file, the atypical build through ``all`` and ``finis
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -133,7 +134,13 @@ def test_atypical_builds_through_all_and_has_no_fit_of_its_own(tmp_path, data_di
     report = json.loads((models / "atypical" / "evaluation.json").read_text())
     assert report["val"]["by_kind"]["frontal-chest"]["films"] == 12
     assert "Which choices looked at val" in (models / "atypical" / "MODEL_CARD.md").read_text()
-    capsys.readouterr()
+    run = tmp_path / "run"  # shipped through the framework's one install path: the evaluated files, unchanged
+    for name in ("model.onnx", "evaluation.json", "evaluation.md"):
+        assert (models / "atypical" / name).read_bytes() == (run / name).read_bytes()
+    build = json.loads((run / "build.json").read_text())
+    assert build["sha256"] == manifest.sha256 and build["parity_max_abs_diff"] < 1e-2
+    out = capsys.readouterr().out  # the framework's parity check (export.parity) ran on the exported file
+    assert re.search(r"parity torch vs onnxruntime on \d+ inputs from \d+ real val films", out)
     assert main(["fit", "--config", "atypical"]) == 2
     assert "all --config atypical" in capsys.readouterr().err
 
@@ -168,3 +175,7 @@ def test_finish_writes_the_extra_evaluation_card_and_headline_of_a_pediatric_run
     card = (folder / "MODEL_CARD.md").read_text()
     assert card.startswith("# Model card: `pediatric`") and "A tiny test model." in card
     assert "None looked at val in this test." in card and (folder / "extra.md").is_file()
+    extra = json.loads((folder / "extra.json").read_text())  # the card's figures are the extra evaluation's
+    spine = extra["spine_by_age"]
+    assert f"{sum(r['right'] for r in spine)} of its {sum(r['films'] for r in spine)} val films right" in card
+    assert manifest.metrics["extra"] == get_task("pediatric").headline(extra)

@@ -13,6 +13,7 @@ import pytest
 import filmgate_training.detectors as detectors
 from filmgate_training.config import config_from_dict
 from filmgate_training.detectors.extra_eval import markdown
+from filmgate_training.evaluate import write_report
 from filmgate_training.tasks import get_task, registered
 from tests.helpers import REPO
 
@@ -68,3 +69,13 @@ def test_card_text_is_filled_from_the_shipped_evaluation_json(name):
     if name == "flip":
         worst = min(extra["per_source"].items(), key=lambda kv: kv[1]["accuracy"])
         assert f"{worst[0]} {worst[1]['accuracy']:.1%}" in task.card.fill(task.card.limits[0], figures)
+
+
+@pytest.mark.parametrize("name", ["orientation", "inversion", "flip", "view", "pediatric", "atypical"])
+def test_one_report_writer_reproduces_every_shipped_evaluation_report(name, tmp_path):
+    """``evaluate.write_report`` (the task's own Markdown, e.g. atypical's, or the framework's) turns each shipped
+    evaluation.json into the shipped evaluation.md."""
+    report = json.loads((SHIPPED / name / "evaluation.json").read_text())
+    js, md = write_report(report, tmp_path)
+    assert md.read_text() == (SHIPPED / name / "evaluation.md").read_text()
+    assert json.loads(js.read_text()) == report

@@ -20,9 +20,8 @@ import collections
 import datetime as dt
 import json
 import os
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,15 @@ import numpy as np
 import torch
 
 from filmgate.decode import DecodeError, auto_window, decode_file
-from filmgate.manifest import ModelManifest, load_manifest, sha256_file, write_manifest
+from filmgate.manifest import ModelManifest, load_manifest, sha256_file
 from filmgate.preprocess import PreprocessSpec, preprocess
 from filmgate_training.config import Config, config_from_dict, load_config
 from filmgate_training.data import cap
 from filmgate_training.datasets import REPO_ROOT, LabelledFilm, labels, select
 from filmgate_training.detectors.atypical import Atypicality, fit_gaussian
 from filmgate_training.detectors.corrupt import CORRUPTIONS
-from filmgate_training.evaluate import _jsonable, onnx_runner
-from filmgate_training.export import OPSET, export_onnx
+from filmgate_training.evaluate import onnx_runner, write_report
+from filmgate_training.export import OPSET, export_onnx, install, parity
 from filmgate_training.model import filmnet_from_onnx
 from filmgate_training.tasks import Example, Task, get_task, in_holdout, register
 from filmgate_training.train import load_trained
@@ -228,23 +227,17 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
                                    "rate": float((s >= threshold).mean())}  # fmt: skip
     onnx_tmp = run / "model.onnx.tmp"
     export_onnx(net, spec.size, onnx_tmp)
-    # parity: torch vs onnxruntime, and the rebuilt z-score input vs the gate's own z-score preprocessing
+    # parity: torch vs onnxruntime (the framework's check), and the rebuilt z-score input vs the gate's own z-score
     val_frontal = [f for f in task.films(labels(), "val")][::40][: config.evaluate.parity_films]
     x = inputs(val_frontal, spec)
-    with torch.inference_mode():
-        a = net(torch.from_numpy(x)).numpy()
-    b = onnx_runner(onnx_tmp)(x)
-    diff = float(np.abs(a - b).max())
+    diff = parity(config, net, onnx_tmp, val_frontal)["max_abs_diff"]
     z_spec = PreprocessSpec(spec.size, spec.resize, "zscore")
     xz = inputs(val_frontal, z_spec)
     with torch.inference_mode():
         ref = view.embed(torch.from_numpy(xz)).numpy()
         mine = net.embed(torch.from_numpy(x)).numpy()[:, 128 : 128 + ref.shape[1]]
     zdiff = float(np.abs(ref - mine).max() / (np.abs(ref).max() + 1e-9))
-    print(f"parity torch vs onnxruntime on {len(x)} real val films: max |diff| = {diff:.3g}; "
-          f"rebuilt z-score vs gate z-score, relative max |diff| of features = {zdiff:.3g}")  # fmt: skip
-    if diff > config.evaluate.parity_tolerance * max(1.0, float(np.abs(a).max())):
-        raise RuntimeError(f"ONNX parity failed: {diff:.3g}")
+    print(f"rebuilt z-score vs gate z-score, relative max |diff| of features = {zdiff:.3g}")
     os.replace(onnx_tmp, run / "model.onnx")
     info = {
         "threshold": threshold,
@@ -432,12 +425,6 @@ def report_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json_md(report: dict[str, Any], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "evaluation.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-    (folder / "evaluation.md").write_text(report_markdown(report))
-
-
 def ship(config: Config, report: dict[str, Any]) -> Path:
     task = get_task(config.task)
     run = config.run_path
@@ -482,20 +469,15 @@ def ship(config: Config, report: dict[str, Any]) -> Path:
             "config": config.to_dict(),
         },
     )
-    shutil.copyfile(run / "model.onnx", folder / "model.onnx")
-    write_json_md(report, folder)
-    write_manifest(folder, manifest)
     from filmgate_training.detectors.cards import atypical_card
 
-    (folder / "MODEL_CARD.md").write_text(atypical_card(config, manifest, report))
-    load_manifest(folder)
-    return folder
+    return install(config, manifest, lambda m: atypical_card(config, m, report))
 
 
 def run(config: Config, backbone_run: Path | None = None) -> Path:
     info = build(config, backbone_run)
     report = evaluate(config, info, sheet_dir=config.run_path / "sheets")
-    write_json_md(report, config.run_path)
+    write_report(report, config.run_path)
     folder = ship(config, report)
     target = config.evaluate.loso_target_fpr
     if info.get("loso_recalibration") and target is not None:  # held-out hospitals at the recalibrated threshold
@@ -529,6 +511,10 @@ class AtypicalTask(Task):
         """A leave-one-source-out fold: refit without ``data.exclude_sources`` on the same backbone."""
         net, threshold, backbone = fit_score(config)
         return net, threshold, f"refit on {backbone}"
+
+    def report_markdown(self, report: Mapping[str, Any]) -> str:
+        """Its evaluation.md (by kind, per source, synthetic wrong films, real DICOM files, most atypical films)."""
+        return report_markdown(dict(report))
 
     def eval_examples(self, pixels: np.ndarray, film: LabelledFilm) -> list[Example]:
         """A film as it came, labelled typical (a frontal chest film): what a fold's false flags are counted on."""

@@ -231,7 +231,7 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         "3. Two Mahalanobis distances (per dimension; standardised, covariance shrunk 10% towards the identity) to "
         "the train split's frontal chest films (sources balanced as n^0.5): content (the "
         f"{b['embedding_dims'] - 5} view features) and display (the 5 statistics), kept apart so that 5 numbers "
-        "are not drowned by 320. Each is divided by its own 99.5% calibration quantile (content "
+        f"are not drowned by {b['embedding_dims'] - 5}. Each is divided by its own 99.5% calibration quantile (content "
         f"{b['unit_content']:.3f}, display {b['unit_display']:.3f}); the score is the larger of the two.",
         "",
         "## Data",
