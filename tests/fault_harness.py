@@ -310,7 +310,7 @@ class Ledger:
     kinds: dict[str, str] = field(default_factory=dict)  # sha -> case kind
     silent: list[tuple[str, float, str]] = field(default_factory=list)  # (kind, seconds, file) of stores never answered
     keep_silent: Path | None = None  # where to keep a copy of each file whose store was never answered
-    answer_timeout: float = 30.0  # seconds a C-STORE may go unanswered before it counts as never answered
+    answer_timeout: float = 15.0  # seconds a C-STORE may go unanswered before it counts as never answered
 
     def store(self, port: int, cases: list[tuple[str, Path]], per_association: int = 25) -> None:
         """Send the files' bytes as they are (chunked, no re-encoding), ``per_association`` per association."""
