@@ -44,6 +44,9 @@ def main() -> int:
     ap.add_argument("--memory-limit-mib", type=int, default=2048)
     args = ap.parse_args()
     import shutil
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: still unmount and kill the node (finally)
 
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
