@@ -229,9 +229,10 @@ def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any
         "stages; five display statistics are added (mean and log spread of grey, share of near-white and near-black "
         "pixels, share of padding).",
         "3. Two Mahalanobis distances (per dimension; standardised, covariance shrunk 10% towards the identity) to "
-        "the train split's frontal chest films (sources balanced as n^0.5): content (the "
+        f"the train split's frontal chest films (sources balanced as n^{config.data.source_balance:g}): content (the "
         f"{b['embedding_dims'] - 5} view features) and display (the 5 statistics), kept apart so that 5 numbers "
-        f"are not drowned by {b['embedding_dims'] - 5}. Each is divided by its own 99.5% calibration quantile (content "
+        f"are not drowned by {b['embedding_dims'] - 5}. Each is divided by its own "
+        f"{1 - config.evaluate.target_fpr:.1%} calibration quantile (content "
         f"{b['unit_content']:.3f}, display {b['unit_display']:.3f}); the score is the larger of the two.",
         "",
         "## Data",
