@@ -133,6 +133,7 @@ def test_atypical_builds_through_all_and_has_no_fit_of_its_own(tmp_path, data_di
     assert manifest.kind == "score" and manifest.extra["backbone"] == f"view {load_manifest(models / 'view').version}"
     report = json.loads((models / "atypical" / "evaluation.json").read_text())
     assert report["val"]["by_kind"]["frontal-chest"]["films"] == 12
+    assert report["dicom"] and all("score" in d or "error" in d for d in report["dicom"])  # evaluate.dicom_survey
     assert "Which choices looked at val" in (models / "atypical" / "MODEL_CARD.md").read_text()
     run = tmp_path / "run"  # shipped through the framework's one install path: the evaluated files, unchanged
     for name in ("model.onnx", "evaluation.json", "evaluation.md"):

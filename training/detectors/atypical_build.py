@@ -34,10 +34,10 @@ from filmgate.manifest import ModelManifest, load_manifest, sha256_file
 from filmgate.preprocess import PreprocessSpec, preprocess
 from filmgate_training.config import Config, config_from_dict, load_config
 from filmgate_training.data import cap
-from filmgate_training.datasets import REPO_ROOT, LabelledFilm, labels, select
+from filmgate_training.datasets import REPO_ROOT, LabelledFilm, labels
 from filmgate_training.detectors.atypical import Atypicality, fit_gaussian
 from filmgate_training.detectors.corrupt import CORRUPTIONS
-from filmgate_training.evaluate import onnx_runner, write_report
+from filmgate_training.evaluate import dicom_survey, onnx_runner, write_report
 from filmgate_training.export import OPSET, export_onnx, install, parity
 from filmgate_training.model import filmnet_from_onnx
 from filmgate_training.tasks import Example, Task, get_task, in_holdout, register
@@ -311,15 +311,7 @@ def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None
             "caught": int((s >= threshold).sum()),
             "rate": float((s >= threshold).mean()),
         }
-    dicom: list[dict[str, Any]] = []
-    for film in select(kind="dicom"):
-        try:
-            x = preprocess(decode_file(film.path).pixels, spec)[None]
-        except DecodeError as exc:
-            dicom.append({"path": film.rel, "error": str(exc)[:100]})
-            continue
-        v = float(score(x)[0, 0])
-        dicom.append({"path": film.rel, "body_part": film.body_part, "score": round(v, 4), "flagged": v >= threshold})
+    dicom = dicom_survey(config, get_task(config.task), score, threshold)  # the framework's survey of real DICOM
     frontal_top = [r for r in ranked if r[3] == "frontal-chest"][:15]
     report = {
         "detector": "atypical",
