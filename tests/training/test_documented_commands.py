@@ -1,5 +1,6 @@
 """Every ``python -m filmgate_training ...`` command the docs name exists: the training README, the model cards
-(their "Reproduce" lines), docs/, the top README and the training package's own docstrings and messages.
+(their "Reproduce" lines), docs/, the top README, the training configs and the training package's own docstrings
+and messages.
 
 A command is checked as far as its words go: the module runs as ``-m`` (it has a ``__main__`` guard), the
 subcommand and each ``--option`` are the CLI's own, and a ``--config`` names a config that loads. ``a|b`` lists
@@ -27,6 +28,7 @@ DOCS = [
     *sorted((REPO / "docs").glob("*.md")),
     *sorted((REPO / "models").glob("*/*.md")),
     *sorted((REPO / "training").rglob("*.py")),
+    *sorted((REPO / "training" / "configs").glob("*.yaml")),
 ]
 COMMAND = re.compile(r"python -m (filmgate_training[\w.]*)((?: +[^\s`'\"#);,]+)*)")
 
