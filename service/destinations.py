@@ -22,7 +22,6 @@ accepts (``transcode_to``), the only case where the bytes sent are not the bytes
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from pydicom.filereader import read_file_meta_info
 
 from filmgate import metrics
 from filmgate.config import DicomDestinationConfig, FolderDestinationConfig
+from filmgate.manifest import sha256_file
 from filmgate.record import LAYOUT_FIELDS
 from filmgate.spool import (
     PIPELINE_DEAD_LETTER,
@@ -138,7 +138,7 @@ class FolderDestination:
         already there, what the sidecar says about it."""
         first = self.target(item)
         uid = str(item.fields.get("SOPInstanceUID", "") or "")
-        digest = _sha256(item.path)
+        digest = ""  # hashed only when a name is taken: the common delivery reads nothing twice
         for n in range(1, 10_000):
             dst = first if n == 1 else first.with_name(f"{_stem(first)}-copy{n}{_suffix(first)}")
             if place_new(item.path, dst, fsync=self.cfg.fsync):
@@ -147,10 +147,11 @@ class FolderDestination:
                 log.warning("destination %s: another copy of an instance already there kept as copy %d "
                             "(duplicates: keep)", self.name, n)  # fmt: skip
                 return dst, {"rule": "keep", "copy": n, "first": first.name}
-            if _sha256(dst) == digest:  # these very bytes are there already (a re-delivery after a crash, a resend)
+            digest = digest or sha256_file(item.path)
+            if sha256_file(dst) == digest:  # these very bytes are there already (a re-delivery after a crash, a resend)
                 return dst, {"rule": "identical", "file": dst.name}
             if n == 1 and self.cfg.duplicates == "replace" and uid and _sop_instance_uid(dst) == uid:
-                old = _sha256(dst)
+                old = sha256_file(dst)
                 place(item.path, dst, fsync=self.cfg.fsync)
                 return dst, {"rule": "replace", "replaced_sha256": old}
         raise OSError(f"destination {self.name}: 10,000 copies of one file name; refusing to add more")
@@ -172,14 +173,6 @@ def _stem(p: Path) -> str:
 
 def _suffix(p: Path) -> str:
     return ".dcm" if p.suffix == ".dcm" else ""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sop_instance_uid(path: Path) -> str:

@@ -12,7 +12,6 @@ restarted node.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 from filmgate import metrics
 from filmgate.config import Config
+from filmgate.sandbox import die_with_parent
 
 log = logging.getLogger("filmgate.worker")
 
@@ -108,16 +108,8 @@ class WorkerProcess:
         return self.proc.exitcode == 0
 
 
-def _die_with_parent(parent: int) -> None:
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _child_main(cfg: Config, index: int, stop: Any, ready: Any, bell: Any, conn: Any, parent: int) -> None:
-    _die_with_parent(parent)
+    die_with_parent(parent)
     from filmgate import patches
 
     patches.install()  # a spawned interpreter: the parent's patches are not inherited
