@@ -236,7 +236,7 @@ class StudyWatcher:
             "reasons": reasons,
             "queued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        self.tracker.mark_noted(uids, note)
+        self.tracker.mark_noted(uids)
         for _sop, header_path, _reasons in pending:
             Path(header_path).unlink(missing_ok=True)
         metrics.REJECTION_NOTES.labels(destination=self.cfg.iocm.destination).inc()

@@ -40,8 +40,7 @@ CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid);
 CREATE TABLE IF NOT EXISTS studies (
     study_instance_uid TEXT PRIMARY KEY,
     last_seen REAL NOT NULL,
-    summarised_at REAL,             -- NULL while the study is not stable or changed since
-    summary TEXT                    -- JSON of the last summary
+    summarised_at REAL              -- NULL while the study is not stable or changed since
 );
 CREATE INDEX IF NOT EXISTS studies_due ON studies (summarised_at, last_seen);
 """
@@ -122,16 +121,14 @@ class StudyTracker:
     def due(self, *, now: float | None = None) -> list[str]:
         """Studies that became stable and have no summary since their last instance."""
         now = time.time() if now is None else now
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT study_instance_uid FROM studies WHERE summarised_at IS NULL AND last_seen <= ? "
-                "ORDER BY last_seen",
-                (now - self.stable_seconds,),
-            ).fetchall()
+        rows = self._connection().execute(  # a read: no write lock (the node asks every half second)
+            "SELECT study_instance_uid FROM studies WHERE summarised_at IS NULL AND last_seen <= ? ORDER BY last_seen",
+            (now - self.stable_seconds,),
+        ).fetchall()
         return [r[0] for r in rows]
 
     def summarise(self, study_uid: str, *, now: float | None = None) -> dict[str, Any]:
-        """The summary of one study (stored with the study; marks it summarised)."""
+        """The summary of one study (marks it summarised; the decision index and the JSON files keep it)."""
         now = time.time() if now is None else now
         with self._db() as db:
             rows = db.execute(
@@ -164,51 +161,25 @@ class StudyTracker:
                 "last_received": _iso(max((r[6] for r in rows), default=now)),
                 "summarised_at": _iso(now),
             }
-            db.execute(
-                "UPDATE studies SET summarised_at = ?, summary = ? WHERE study_instance_uid = ?",
-                (now, json.dumps(summary), study_uid),
-            )
+            db.execute("UPDATE studies SET summarised_at = ? WHERE study_instance_uid = ?", (now, study_uid))
         return summary
 
     def pending_rejections(self, study_uid: str) -> list[tuple[str, str, tuple[str, ...]]]:
         """(SOP Instance UID, header file, reasons) of the study's rejected instances no note has referenced yet."""
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT sop_instance_uid, header_path, rejection_reasons FROM instances WHERE study_instance_uid = ? "
-                "AND noted = 0 AND header_path IS NOT NULL AND rejection_reasons != '[]' ORDER BY received_at",
-                (study_uid,),
-            ).fetchall()
+        rows = self._connection().execute(
+            "SELECT sop_instance_uid, header_path, rejection_reasons FROM instances WHERE study_instance_uid = ? "
+            "AND noted = 0 AND header_path IS NOT NULL AND rejection_reasons != '[]' ORDER BY received_at",
+            (study_uid,),
+        ).fetchall()
         return [(sop, path, tuple(json.loads(rs))) for sop, path, rs in rows]
 
-    def mark_noted(self, sop_uids: Sequence[str], note: dict[str, Any]) -> None:
+    def mark_noted(self, sop_uids: Sequence[str]) -> None:
+        """A rejection note names these instances: no later note names them again, and their headers may go."""
         with self._db() as db:
             db.executemany(
                 "UPDATE instances SET noted = 1, header_path = NULL WHERE sop_instance_uid = ?",
                 [(s,) for s in sop_uids],
             )
-            row = db.execute(
-                "SELECT summary, study_instance_uid FROM studies WHERE study_instance_uid = "
-                "(SELECT study_instance_uid FROM instances WHERE sop_instance_uid = ?)",
-                (sop_uids[0],),
-            ).fetchone() if sop_uids else None  # fmt: skip
-            if row and row[0]:
-                summary = json.loads(row[0])
-                summary.setdefault("rejection_notes", []).append(note)
-                db.execute("UPDATE studies SET summary = ? WHERE study_instance_uid = ?", (json.dumps(summary), row[1]))
-
-    def summary(self, study_uid: str) -> dict[str, Any] | None:
-        with self._db() as db:
-            row = db.execute("SELECT summary FROM studies WHERE study_instance_uid = ?", (study_uid,)).fetchone()
-        return json.loads(row[0]) if row and row[0] else None
-
-    def studies(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """Summarised studies, newest first (for the review console and scripts)."""
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT summary FROM studies WHERE summary IS NOT NULL ORDER BY last_seen DESC LIMIT ? OFFSET ?",
-                (limit, offset),
-            ).fetchall()
-        return [json.loads(r[0]) for r in rows]
 
 
 def _iso(ts: float) -> str:
