@@ -22,6 +22,16 @@ it offers one. What it does not offer, and the node needs:
   seen by ``pynetdicom.dul`` and ``pynetdicom.association``, ``DULServiceProvider.send_pdu`` and ``kill_dul``, the
   class of the two queues an Association reactor reads): an idle association cost 5.9 % of a core, 0.6 % with it
   (bench/idle_cpu); the listener turns this on for its process.
+- **Responses the Association reactor takes by mistake** (``Association._serve_request``): pynetdicom's ``send_*``
+  methods pause the reactor (``_reactor_checkpoint.clear()``, then wait for ``_is_paused``) before they send a request
+  and read its response. The reactor sets ``_is_paused`` *before* it waits on the checkpoint and clears it only after
+  the wait returns, so a sender that clears the checkpoint just after the wait returned sees ``_is_paused`` and goes
+  on while the reactor makes one more ``get_msg``. When the peer answers within that one pass (a small dataset, a
+  loaded machine), the reactor takes the response, logs "Received unexpected C-STORE service message" and drops it;
+  the sender waits its whole DIMSE timeout, then aborts. This is what left about 1 C-STORE in 250-500 unanswered in the
+  fault harness under load, and it hits the node's forwarding to DICOM destinations too (pynetdicom#875 shows the same
+  symptom for C-FIND). The replacement hands such a response back to the head of the queue, where the waiting
+  ``send_*`` reads it, when a ``send_*`` is waiting (the checkpoint is cleared); otherwise it behaves as before.
 - **The DUL reactor's idle sleep** (``DULServiceProvider._run_loop_delay``, an attribute set per association, so it is
   set from the ``EVT_CONN_OPEN`` handler with :func:`tune_reactor`): 1 ms per idle loop cost ~30% of the receive rate.
 
@@ -68,6 +78,7 @@ PATCHED = (
     ("pynetdicom.dul", "DULServiceProvider.send_pdu"),
     ("pynetdicom.dul", "DULServiceProvider.kill_dul"),
     ("pynetdicom.dimse", "DIMSEServiceProvider().msg_queue._put"),  # its class becomes a waking queue
+    ("pynetdicom.association", "Association._serve_request"),  # responses taken by the pause race go back
     ("pynetdicom.dul", "DULServiceProvider().to_user_queue._put"),
 )
 
@@ -125,6 +136,10 @@ def problems() -> list[str]:
         if f"time.sleep({_ASSOC_REACTOR_SLEEP})" not in inspect.getsource(Association._run_reactor):
             found.append(f"pynetdicom {version}'s Association._run_reactor no longer sleeps {_ASSOC_REACTOR_SLEEP} s "
                          "(make_reactors_event_driven waits on its message queue instead)")  # fmt: skip
+        reactor = inspect.getsource(Association._run_reactor)
+        if not all(step in reactor for step in _PAUSE_HANDSHAKE):
+            found.append(f"pynetdicom {version}'s Association._run_reactor no longer pauses as hand_back_responses "
+                         f"expects (each of {_PAUSE_HANDSHAKE})")  # fmt: skip
     except (OSError, TypeError) as exc:
         found.append(f"pynetdicom {version}: cannot read Association._run_reactor ({exc})")
     return found
@@ -149,6 +164,7 @@ def install() -> None:
         _config.STORE_SEND_CHUNKED_DATASET = True  # only affects send_c_store(path): the file's bytes as they are
         dimse_messages.NamedTemporaryFile = _receive_file  # type: ignore[assignment]
         AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
+        _hand_back_responses()
         _installed = True
 
 
@@ -320,6 +336,34 @@ def make_reactors_event_driven() -> None:
     dul.DULServiceProvider.send_pdu = send_pdu_and_wake  # type: ignore[method-assign]
     dul.DULServiceProvider.kill_dul = kill_dul_and_wake  # type: ignore[method-assign]
     dul.DULServiceProvider._filmgate_event_driven = True  # type: ignore[attr-defined]
+
+
+# The steps of Association._run_reactor's pause handshake that the race in _hand_back_responses lives between.
+_PAUSE_HANDSHAKE = ("self._is_paused = True", "self._reactor_checkpoint.wait()", "self.dimse.get_msg(block=False)")
+
+
+def _hand_back_responses() -> None:
+    """Replace ``Association._serve_request``: a response the reactor took while a ``send_*`` method waits for it
+    goes back to the head of the message queue (see the module docstring); anything else is served as before."""
+    from pynetdicom.association import Association
+
+    serve = Association._serve_request
+    if getattr(serve, "_filmgate_hands_back", False):
+        return
+
+    def serve_request(self: Any, msg: Any, context_id: int) -> None:
+        if not self._reactor_checkpoint.is_set() and getattr(msg, "is_valid_response", False):
+            q = self.dimse.msg_queue
+            with q.mutex:  # the head: it is the answer the waiting send_* reads next
+                q.queue.appendleft((context_id, msg))
+                q.unfinished_tasks += 1
+                q.not_empty.notify()
+            log.debug("handed a %s the association reactor took back to the waiting sender", type(msg).__name__)
+            return
+        serve(self, msg, context_id)
+
+    serve_request._filmgate_hands_back = True  # type: ignore[attr-defined]
+    Association._serve_request = serve_request  # type: ignore[method-assign]
 
 
 def _receive_file(*args: Any, **kwargs: Any) -> Any:

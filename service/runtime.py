@@ -6,8 +6,17 @@ its parent and nothing imports the CLI to get it (that made the import cycle cli
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
+import time
 import warnings
+
+# Libraries whose log lines hostile input can repeat without end (pynetdicom logs an ERROR for every 6 garbage bytes
+# a peer sends after an invalid PDU; pydicom's decoders one per broken frame).
+# filmgate.patches is here for its line per refused PDU (a PDU-length bomb per connection; the metric counts each).
+NOISY_LIBRARIES = ("pynetdicom", "pydicom", "filmgate.patches")
+_NUMBERS = re.compile(r"0x[0-9A-Fa-f]+|\d+")  # pynetdicom formats its messages itself: '0xC4', '6 of 543260520 bytes'
 
 
 def setup_logging(level: str) -> None:
@@ -20,6 +29,9 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     if level.upper() != "DEBUG":
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, LibraryLogThrottle) for f in handler.filters):
+                handler.addFilter(LibraryLogThrottle())
         logging.getLogger("pynetdicom").setLevel(logging.ERROR)
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         import pydicom.config
@@ -27,6 +39,37 @@ def setup_logging(level: str) -> None:
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
         warnings.filterwarnings("ignore", module=r"pynetdicom(\.|$)")
+
+
+class LibraryLogThrottle(logging.Filter):
+    """Lets one line of each kind (logger and message template) from :data:`NOISY_LIBRARIES` through per
+    ``interval`` seconds; the next one that passes says how many were held back. A peer that streams garbage must not
+    fill the disk with logs (the node's own lines are throttled where they are made)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(NOISY_LIBRARIES):
+            return True
+        kind = (record.name, _NUMBERS.sub("#", str(record.msg)))
+        now = time.monotonic()
+        with self._lock:
+            if len(self._last) > 10_000:  # kinds are few, but an exception's text can vary without end
+                self._last.clear()
+                self._held.clear()
+            if now - self._last.get(kind, -1e18) < self.interval:
+                self._held[kind] = self._held.get(kind, 0) + 1
+                return False
+            self._last[kind] = now
+            held = self._held.pop(kind, 0)
+        if held:
+            record.msg = f"{record.msg} (and {held} more like it in the last {self.interval:g} s)"
+        return True
 
 
 def single_threaded_native() -> None:

@@ -9,6 +9,7 @@ sender on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
@@ -308,3 +309,22 @@ def test_deployments_open_the_http_server_explicitly():
     cm = yaml.safe_load((REPO / "deploy/k8s/base/configmap.yaml").read_text())
     inner = yaml.safe_load(next(iter(cm["data"].values())))
     assert inner["http"]["host"] == "0.0.0.0"
+
+
+def test_a_peer_streaming_garbage_cannot_flood_the_log(gate):
+    """After an invalid PDU, pynetdicom reads the rest of the stream 6 bytes at a time and logs an ERROR for each
+    (about 100 lines per 300 KB, each PDU type its own text); the node lets one line of each kind through per 10 s."""
+    import random
+
+    rng = random.Random(7)
+    before = len(gate.log().splitlines())
+    for _ in range(3):
+        with _connect(gate.dicom_port, "127.0.0.3") as s:
+            s.sendall(b"\x09\x00\x00\x00\x00\x04abcd" + rng.randbytes(300_000))
+            with contextlib.suppress(OSError):  # reset by the node while we were still sending: closed as well
+                _read_all(s, 15)
+    assert _echo(gate.dicom_port)
+    lines = gate.log().splitlines()[before:]
+    library = [line for line in lines if " pynetdicom." in line or " filmgate.patches:" in line]
+    assert 1 <= len(library) <= 12, "\n".join(library)
+    assert any("Unknown PDU type received" in line for line in library), "\n".join(lines)

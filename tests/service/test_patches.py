@@ -115,3 +115,79 @@ def test_the_cli_refuses_to_start_on_an_untested_pynetdicom(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "pynetdicom 4.0.0 is installed" in proc.stderr and "pynetdicom>=3.0.0,<3.1.0" in proc.stderr
+
+
+# A sender whose Association reactor is caught in pynetdicom's pause race: the reactor's checkpoint wait returns, the
+# sender clears the checkpoint and (seeing _is_paused) sends; the reactor goes on, after the peer's answer is queued,
+# into one more get_msg before the sender reads it. The interleaving is forced, not left to chance: the reactor's
+# checkpoint wait returns only once the answer is queued, and the sender reads only after the reactor's pass.
+RACE = r"""
+import sys, threading, time
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+if sys.argv[2] == "patched":
+    from filmgate import patches
+    patches.install()
+
+ae = AE(ae_title="RACESCU")
+ae.add_requested_context(Verification)
+ae.dimse_timeout = 3
+assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="STORESCP")
+assert assoc.is_established
+armed, in_window, reactor_took = threading.Event(), threading.Event(), threading.Event()
+
+class LateCheckpoint(threading.Event):
+    def wait(self, timeout=None):
+        passed = super().wait(timeout)
+        if threading.current_thread() is assoc and armed.is_set():
+            armed.clear()  # once: _is_paused is True here; go on only when the peer's answer waits in the queue
+            in_window.set()
+            deadline = time.monotonic() + 5
+            while not assoc.dimse.msg_queue.qsize() and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return passed
+
+checkpoint = LateCheckpoint()
+checkpoint.set()
+assoc._reactor_checkpoint = checkpoint
+real_get = assoc.dimse.get_msg
+
+def get_msg(block=False):
+    if threading.current_thread() is assoc:  # the reactor's pass
+        item = real_get(block)
+        if item[1] is not None:
+            reactor_took.set()
+        return item
+    reactor_took.wait(5)  # the sender reads after the reactor's pass
+    return real_get(block)
+
+assoc.dimse.get_msg = get_msg
+armed.set()
+assert in_window.wait(5), "the reactor never reached its checkpoint"
+status = assoc.send_c_echo()
+print("took" if reactor_took.is_set() else "not-taken", int(status.Status) if "Status" in status else "none")
+assoc.release() if assoc.is_established else None
+"""
+
+
+def test_a_response_the_reactor_takes_by_the_pause_race_reaches_the_waiting_sender(tmp_path):
+    """pynetdicom's requestor race (see filmgate.patches): unpatched, the answer is lost and the sender waits its DIMSE
+    timeout (what left C-STOREs unanswered in the fault harness); with the patches, it gets the answer."""
+    from tests.helpers import DCMTK_ENV, Process, free_port, wait_for
+
+    port = free_port()
+    peer = Process(["/usr/bin/storescp", "--ignore", "--aetitle", "STORESCP", str(port)], tmp_path / "scp.log",
+                   env=DCMTK_ENV)  # fmt: skip
+    try:
+        echo = ["/usr/bin/echoscu", "-aec", "STORESCP", "127.0.0.1", str(port)]
+        wait_for(lambda: subprocess.run(echo, capture_output=True, env=DCMTK_ENV).returncode == 0, 20, "storescp")
+        results = {}
+        for mode in ("unpatched", "patched"):
+            proc = subprocess.run([sys.executable, "-c", RACE, str(port), mode], capture_output=True, text=True,
+                                  timeout=60, cwd=REPO)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            results[mode] = proc.stdout.split()
+        assert results["unpatched"] == ["took", "none"], "the race was not reproduced: " + str(results)
+        assert results["patched"] == ["took", "0"], results
+    finally:
+        peer.stop()
