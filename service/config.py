@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The destination types (each type's config class and implementation, registered once in filmgate.destinations) and
+# the TLS settings (filmgate.tls) are defined beside the code that uses them; imported here for the parser and the
+# checks, and so that ``filmgate.config`` names every configuration class.
+from filmgate.destinations import DESTINATION_TYPES, DicomDestinationConfig, FolderDestinationConfig
 from filmgate.record import LAYOUT_FIELDS  # the names a layout may use: the fields of the one instance record
+from filmgate.tls import TLS_VERSIONS, TLSConfig
 from filmgate.typed_config import ConfigError, FrozenMap, build, read_yaml
 
 ENV_CONFIG = "FILMGATE_CONFIG"
@@ -40,29 +45,6 @@ class SenderRule:
 
     ae_title: str = "*"
     hosts: tuple[str, ...] = ()
-
-
-# BCP 195 (RFC 9325) and DICOM's BCP 195 TLS profile (PS3.15 B.9): TLS 1.2 or later, forward-secret key exchange
-# with AEAD ciphers only. TLS 1.3 suites are OpenSSL's defaults (all of them AEAD) and not affected by this list.
-BCP195_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
-    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
-    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
-)
-TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """DICOM TLS on the listener (hospital IT often requires it between sites), with BCP 195's settings."""
-
-    enabled: bool = False
-    cert_file: str = ""
-    key_file: str = ""
-    ca_file: str = ""
-    require_client_cert: bool = False
-    min_version: str = "TLSv1.2"
-    ciphers: str = BCP195_CIPHERS
 
 
 @dataclass(frozen=True)
@@ -180,47 +162,6 @@ class PolicyConfig:
     # enforce: route by the decision. shadow: decide and record everything (index, sidecars, metrics), but route every
     # film to the accept route; how a site tries the gate on its own traffic before it holds films back.
     mode: str = "enforce"
-
-
-@dataclass(frozen=True)
-class FolderDestinationConfig:
-    """Write the received file and a JSON sidecar under ``path`` following ``layout``."""
-
-    name: str
-    path: str
-    layout: str = "{StudyInstanceUID}/{SOPInstanceUID}.dcm"
-    sidecar: bool = True
-    fsync: bool = True
-    # A second copy of an instance (same SOP Instance UID, other bytes): "keep" it beside the first as
-    # <name>-copy2.dcm, -copy3, ..., or "replace" the first. A different instance is never overwritten; identical
-    # bytes are delivered once.
-    duplicates: str = "keep"
-
-
-@dataclass(frozen=True)
-class DicomDestinationConfig:
-    """Forward the received bytes by C-STORE, with retries, exponential back-off and a dead-letter folder."""
-
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    calling_ae: str = "FILMGATE"
-    retries: int = 8
-    backoff_initial: float = 1.0
-    backoff_factor: float = 2.0
-    backoff_max: float = 300.0
-    timeout: float = 30.0
-    dead_letter: str = ""  # default: <spool>/dead-letter/<name>
-    # TLS to the peer, the listener's settings: ca_file verifies the peer (empty: the system's CAs), cert_file and
-    # key_file are our client certificate for mutual TLS (optional).
-    tls: TLSConfig = field(default_factory=TLSConfig)
-    # Uncompressed transfer syntaxes (Explicit/Implicit VR Little Endian) to decompress to when the peer accepts no
-    # context for an instance's own syntax; empty: never change the bytes (the instance is dead-lettered instead).
-    transcode_to: tuple[str, ...] = ()
-
-
-DESTINATION_TYPES: dict[str, type] = {"folder": FolderDestinationConfig, "dicom": DicomDestinationConfig}
 
 
 @dataclass(frozen=True)
@@ -438,7 +379,7 @@ def _build_destinations(data: Any) -> tuple[Any, ...]:
             errors.append(f"{key}.name: the name is the mapping key; remove 'name'")
             continue
         try:
-            out.append(build(DESTINATION_TYPES[kind], {**spec, "name": str(name)}, key + ".", skip=set()))
+            out.append(build(DESTINATION_TYPES[kind].config, {**spec, "name": str(name)}, key + ".", skip=set()))
         except ConfigError as exc:
             errors.extend(exc.errors)
     if errors:

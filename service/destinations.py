@@ -36,7 +36,6 @@ from typing import Any, Protocol
 from pydicom.filereader import read_file_meta_info
 
 from filmgate import metrics
-from filmgate.config import DicomDestinationConfig, FolderDestinationConfig
 from filmgate.manifest import sha256_file
 from filmgate.record import LAYOUT_FIELDS
 from filmgate.spool import (
@@ -48,7 +47,46 @@ from filmgate.spool import (
     safe_component,
     write_durably,
 )
-from filmgate.tls import client_context
+from filmgate.tls import TLSConfig, client_context
+
+
+@dataclass(frozen=True)
+class FolderDestinationConfig:
+    """Write the received file and a JSON sidecar under ``path`` following ``layout``."""
+
+    name: str
+    path: str
+    layout: str = "{StudyInstanceUID}/{SOPInstanceUID}.dcm"
+    sidecar: bool = True
+    fsync: bool = True
+    # A second copy of an instance (same SOP Instance UID, other bytes): "keep" it beside the first as
+    # <name>-copy2.dcm, -copy3, ..., or "replace" the first. A different instance is never overwritten; identical
+    # bytes are delivered once.
+    duplicates: str = "keep"
+
+
+@dataclass(frozen=True)
+class DicomDestinationConfig:
+    """Forward the received bytes by C-STORE, with retries, exponential back-off and a dead-letter folder."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae: str = "FILMGATE"
+    retries: int = 8
+    backoff_initial: float = 1.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 300.0
+    timeout: float = 30.0
+    dead_letter: str = ""  # default: <spool>/dead-letter/<name>
+    # TLS to the peer, the listener's settings: ca_file verifies the peer (empty: the system's CAs), cert_file and
+    # key_file are our client certificate for mutual TLS (optional).
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    # Uncompressed transfer syntaxes (Explicit/Implicit VR Little Endian) to decompress to when the peer accepts no
+    # context for an instance's own syntax; empty: never change the bytes (the instance is dead-lettered instead).
+    transcode_to: tuple[str, ...] = ()
+
 
 log = logging.getLogger("filmgate.destinations")
 # Warning statuses of a Storage SCP still mean the instance is stored (PS3.4 B.2.3).
@@ -492,19 +530,31 @@ def resend(cfg: Any, paths: list[Path], *, to: str | None = None) -> dict[str, i
     return done
 
 
-# The destination registry: config type -> implementation.
-DESTINATIONS: dict[type, Callable[[Any, Spool, Any], Destination]] = {
-    FolderDestinationConfig: FolderDestination,
-    DicomDestinationConfig: DicomDestination,
+@dataclass(frozen=True)
+class DestinationType:
+    """One destination type: the class its configuration is read into (``destinations.<name>`` with ``type:``) and
+    the implementation built from it. ``forwards``: it sends on to a peer (the forwarding metrics are declared)."""
+
+    config: type
+    factory: Callable[[Any, Spool, Any], Destination]
+    forwards: bool = False
+
+
+# The one registry of destination types: the config parser (filmgate.config) reads ``type:`` through it and
+# :func:`build` makes each destination through it. A new type is a config class, an implementation and a line here.
+DESTINATION_TYPES: dict[str, DestinationType] = {
+    "folder": DestinationType(FolderDestinationConfig, FolderDestination),
+    "dicom": DestinationType(DicomDestinationConfig, DicomDestination, forwards=True),
 }
 
 
 def build(configs: Any, spool: Spool, recorder: Any = None) -> dict[str, Destination]:
     """The configured destinations; each reports its state per instance to ``recorder``
     (:class:`filmgate.records.Recorder`) when one is given."""
+    by_config = {t.config: t for t in DESTINATION_TYPES.values()}
     for c in configs:
-        metrics.declare_destination(c.name, forwards=isinstance(c, DicomDestinationConfig))
-    return {c.name: DESTINATIONS[type(c)](c, spool, recorder) for c in configs}
+        metrics.declare_destination(c.name, forwards=by_config[type(c)].forwards)
+    return {c.name: by_config[type(c)].factory(c, spool, recorder) for c in configs}
 
 
 def _iso(ts: float) -> str:

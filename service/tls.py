@@ -5,8 +5,30 @@ mutual TLS when a CA and client certificates are required (server) or a client c
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 
-from filmgate.config import TLSConfig
+# BCP 195 (RFC 9325) and DICOM's BCP 195 TLS profile (PS3.15 B.9): TLS 1.2 or later, forward-secret key exchange
+# with AEAD ciphers only. TLS 1.3 suites are OpenSSL's defaults (all of them AEAD) and not affected by this list.
+BCP195_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """DICOM TLS on the listener (hospital IT often requires it between sites), with BCP 195's settings."""
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    require_client_cert: bool = False
+    min_version: str = "TLSv1.2"
+    ciphers: str = BCP195_CIPHERS
+
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 

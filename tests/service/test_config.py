@@ -51,6 +51,25 @@ routes: {accept: [research], quarantine: [hold]}
     assert isinstance(cfg.destinations[1], FolderDestinationConfig)
 
 
+def test_one_registry_names_each_destination_type_its_config_and_its_implementation(tmp_path):
+    """``type:`` is read through filmgate.destinations.DESTINATION_TYPES and the node builds each destination from
+    the same entry: a config of each registered type becomes that type's config class and implementation."""
+    from filmgate import destinations
+    from filmgate.spool import Spool
+
+    specs = {"folder": {"path": str(tmp_path / "out")}, "dicom": {"ae_title": "PEER", "host": "127.0.0.1", "port": 1}}
+    assert set(destinations.DESTINATION_TYPES) == set(specs)
+    cfg = parse_config({"destinations": {f"d-{k}": {"type": k, **v} for k, v in specs.items()},
+                        "routes": {"accept": ["d-folder"], "quarantine": ["d-dicom"]}})  # fmt: skip
+    built = destinations.build(cfg.destinations, Spool(tmp_path / "spool"))
+    for kind in specs:
+        entry = destinations.DESTINATION_TYPES[kind]
+        config = next(d for d in cfg.destinations if d.name == f"d-{kind}")
+        assert type(config) is entry.config and type(built[f"d-{kind}"]) is entry.factory
+    with pytest.raises(ConfigError, match=r"destinations.x.type: must be one of \['dicom', 'folder'\]"):
+        parse_config({"destinations": {"x": {"type": "s3"}}})
+
+
 @pytest.mark.parametrize(
     "data,key",
     [
