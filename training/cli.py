@@ -6,8 +6,8 @@ python -m filmgate_training export --config orientation    # ONNX + parity check
 python -m filmgate_training evaluate --config orientation  # threshold + val report (on the ONNX file)
 python -m filmgate_training ship --config orientation      # -> models/<task>/ (model, manifest, card, report)
 python -m filmgate_training all --config orientation       # all of the above
-python -m filmgate_training finish --config view           # extra evaluation + card (view, flip, pediatric);
-                                                  # --config atypical builds the atypical score from runs/view
+python -m filmgate_training all --config atypical          # the same steps; its fit is a distance on models/view
+python -m filmgate_training finish --config view           # extra evaluation + card (view, flip, pediatric)
 python -m filmgate_training gate-report [--docs]           # the val split decided as the gate would
 python -m filmgate_training loso --config view --unseen    # leave-one-source-out: the shipped model on sources it
                                                   # never trained on; --sources a,b retrains a fold without each
@@ -18,7 +18,6 @@ python -m filmgate_training loso --config view --unseen    # leave-one-source-ou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from filmgate.clihelp import add_command, make_parser
@@ -27,64 +26,38 @@ from filmgate_training.config import Config, ConfigError, load_config, parse_ove
 
 
 def cmd_fit(config: Config, args: argparse.Namespace) -> None:
-    _shared_steps_only(config, "fit")
-    from filmgate_training.train import fit
+    from filmgate_training.tasks import get_task
+
+    if get_task(config.task).own_fit:  # e.g. atypical: nothing to train; its fit is a step of `all`
+        raise ConfigError(f"task {config.task} has no training loop: `python -m filmgate_training all --config "
+                          f"{config.task}` fits, exports, evaluates and ships it")  # fmt: skip
+    from filmgate_training.steps import fit
 
     fit(config, resume=not args.restart)
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> None:
-    _shared_steps_only(config, "export")
     from filmgate_training.export import export
 
     print(f"exported {export(config)}")
 
 
 def cmd_evaluate(config: Config, args: argparse.Namespace) -> None:
-    _shared_steps_only(config, "evaluate")
-    from filmgate.manifest import sha256_file
-    from filmgate_training.evaluate import evaluate, onnx_runner, write_report
+    from filmgate_training.steps import evaluate_run
 
-    onnx_path = config.run_path / "model.onnx"
-    if not onnx_path.is_file():
-        raise FileNotFoundError(
-            f"{onnx_path}: run `python -m filmgate_training export` first (evaluation runs the ONNX file)"
-        )
-    report = evaluate(config, onnx_runner(onnx_path, config.train.threads), {"sha256": sha256_file(onnx_path)})
-    js, md = write_report(report, config.run_path)
-    p = report["val"]["pooled"]
-    print(
-        f"{config.task}: threshold {report['threshold']:.6g}; val accuracy {p['accuracy']:.5f} AUC {p['auc']:.6f} "
-        f"recall {p['recall']:.5f} unaltered flagged {p['flagged_unaltered']}/{p['unaltered']}; "
-        f"worst source {json.dumps(report['val']['worst_source'])}; checks ok: {report['checks_ok']}"
-    )
-    print(f"report: {md} and {js}")
+    evaluate_run(config)
 
 
 def cmd_ship(config: Config, args: argparse.Namespace) -> None:
-    _shared_steps_only(config, "ship")
     from filmgate_training.export import ship
 
     print(f"shipped {ship(config)}")
 
 
 def cmd_all(config: Config, args: argparse.Namespace) -> None:
-    from filmgate_training.tasks import get_task
+    from filmgate_training.steps import build
 
-    task = get_task(config.task)
-    if task.own_build:  # e.g. atypical: no training loop of its own
-        print(f"shipped {task.build(config)}")
-        return
-    for step in (cmd_fit, cmd_export, cmd_evaluate, cmd_ship):
-        step(config, args)
-
-
-def _shared_steps_only(config: Config, step: str) -> None:
-    from filmgate_training.tasks import get_task
-
-    if get_task(config.task).own_build:
-        raise ConfigError(f"task {config.task} has no {step} step of its own: `python -m filmgate_training all "
-                          f"--config {config.task}` builds, evaluates and ships it")  # fmt: skip
+    build(config, resume=not args.restart)
 
 
 def cmd_cache(config: Config, args: argparse.Namespace) -> None:
@@ -143,7 +116,7 @@ STEP_HELP = {
                  "python -m filmgate_training evaluate --config orientation"),
     "ship": ("copy the model, its manifest, card and report to models/<task>/ (what the gate loads)",
              "python -m filmgate_training ship --config orientation"),
-    "all": ("fit, export, evaluate and ship in one go",
+    "all": ("fit, export, evaluate and ship in one go (a task without a training loop, atypical, fits its own way)",
             "python -m filmgate_training all --config flip --set train.threads=2"),
 }  # fmt: skip
 CONFIG_HELP = "YAML file, or the name of one under training/configs/ (e.g. orientation)"
@@ -168,9 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--models", help="models folder to decide with (default: the repository's models/)")
     report.add_argument("--docs", action="store_true", help="also copy the Markdown/JSON summary to docs/")
     finish = add_command(
-        sub, "finish", "extra evaluation and model card for view, flip or pediatric; builds the atypical score",
-        examples=["python -m filmgate_training finish --config view",
-                  "python -m filmgate_training finish --config atypical"],
+        sub, "finish", "extra evaluation and model card for view, flip or pediatric (atypical: as `all`)",
+        examples=["python -m filmgate_training finish --config view"],
     )  # fmt: skip
     finish.add_argument("--config", required=True, help=CONFIG_HELP)
     finish.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)

@@ -192,8 +192,20 @@ def calibrate(config: Config, task: Task, runner: Runner) -> tuple[float, str, d
 
 
 def evaluate(config: Config, runner: Runner, model_info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Calibrate the threshold, measure ``val``, run the checks; returns the report (see :func:`write_report`)."""
+    """Calibrate the threshold, measure ``val``, run the checks; returns the report (see :func:`write_report`).
+    A task with its own evaluation (:meth:`Task.evaluation`, e.g. ``atypical``) gives its threshold and figures;
+    the survey of the real DICOM files and the common keys are the same for every detector."""
     task = get_task(config.task)
+    own = task.evaluation(config, runner)
+    if own is not None:
+        return {
+            "detector": task.name,
+            "version": config.version,
+            "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **own,
+            "dicom": dicom_survey(config, task, runner, own["threshold"]),
+            "model": model_info or {},
+        }
     t0 = time.perf_counter()
     threshold, rule, cal, cal_neg = calibrate(config, task, runner)
     calibration = _group_metrics(task, cal, np.ones(len(cal["label"]), bool), threshold)

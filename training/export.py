@@ -92,9 +92,15 @@ def parity(
     return result
 
 
+def fitted(config: Config) -> tuple[Any, dict[str, Any]]:
+    """The run's fitted network and its metadata: the task's own (:meth:`Task.load_run`, e.g. ``atypical``) or the
+    training loop's ``model.pt``."""
+    return get_task(config.task).load_run(config) or load_trained(config.run_path)
+
+
 def export(config: Config) -> Path:
     """run_dir/model.pt -> run_dir/model.onnx (checked) and run_dir/parity.json."""
-    trained, _ = load_trained(config.run_path)
+    trained, _ = fitted(config)
     model = get_task(config.task).serving_model(trained, config.model.mirror_swap)
     tmp = config.run_path / "model.onnx.tmp"
     export_onnx(model, config.preprocessing.size, tmp)
@@ -126,8 +132,10 @@ def _training_data(config: Config) -> list[dict[str, Any]]:
 
 
 def ship(config: Config) -> Path:
-    """Copy the evaluated ONNX model to models/<task>/ with manifest, model card and evaluation report."""
+    """The one ship path of every detector: the evaluated ONNX model to models/<task>/ with the one manifest
+    construction (:func:`manifest_of`), the model card and the evaluation report (:func:`install`)."""
     from filmgate_training.card import model_card
+    from filmgate_training.detectors.cards import score_card
 
     task = get_task(config.task)
     run = config.run_path
@@ -136,14 +144,67 @@ def ship(config: Config) -> Path:
     if not onnx_path.is_file() or not report_path.is_file():
         raise FileNotFoundError(f"{run}: needs model.onnx and evaluation.json; run export and evaluate first")
     report = json.loads(report_path.read_text())
-    digest = sha256_file(onnx_path)
+    parity_result = json.loads((run / "parity.json").read_text())
+    _, blob = fitted(config)
+    manifest = manifest_of(config, report, parity_result, blob, sha256_file(onnx_path))
+    if config.data.review and task.kind == "classifier":  # a site fine-tune on the review console's corrections
+        from filmgate_training.review import check_not_worse  # ships only if not worse on val
+
+        check_not_worse(config.models_path / task.name, dict(manifest.metrics))
+    if task.kind == "score":  # every figure of a score detector's card is in its evaluation report
+        return install(config, manifest, lambda m: score_card(config, m, report))
+    return install(config, manifest, lambda m: model_card(config, m, report, blob, parity_result))
+
+
+def manifest_of(
+    config: Config, report: dict[str, Any], parity_result: dict[str, Any], blob: dict[str, Any], digest: str
+) -> ModelManifest:
+    """The manifest of an evaluated run: the task's metrics and provenance hooks (:meth:`Task.manifest_metrics`,
+    :meth:`Task.manifest_extra`) or the framework's; refuses a model file other than the one evaluated."""
+    task = get_task(config.task)
     if report["model"].get("sha256") != digest:
         raise RuntimeError("evaluation.json was made with another model.onnx; run evaluate again")
-    parity_result = json.loads((run / "parity.json").read_text())
-    _, blob = load_trained(run)
+    metrics = task.manifest_metrics(report) or _metrics(report)
+    made = task.manifest_extra(blob) or {
+        "architecture": f"FilmNet widths {list(config.model.widths)}",
+        "parameters": blob["parameters"],
+        "train_steps": blob["steps"],
+        "train_seconds": blob["train_seconds"],
+        "train_cpu_seconds": blob.get("cpu_seconds"),
+        "train_device": blob["device"],
+        "train_threads": blob["threads"],
+    }
+    return ModelManifest(
+        name=task.name,
+        version=config.version,
+        file="model.onnx",
+        kind=task.kind,
+        reason=task.reason,
+        threshold=float(report["threshold"]),
+        preprocessing=config.preprocessing,
+        labels=task.labels if task.kind == "classifier" else (),  # a score has no classes to name
+        positive_labels=task.positive_labels if task.kind == "classifier" else (),
+        sha256=digest,
+        description=task.description,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        metrics=metrics,
+        training_data=_training_data(config),
+        extra={
+            "threshold_rule": report["threshold_rule"],
+            "target_fpr": config.evaluate.target_fpr,
+            **made,
+            "parity_max_abs_diff": parity_result["max_abs_diff"],
+            "opset": OPSET,
+            "config": config.to_dict(),
+        },
+    )
+
+
+def _metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The framework's manifest metrics from its evaluation report."""
     val = report["val"]
     pooled = val["pooled"]
-    metrics = {
+    return {
         "val_films": report["val_films"],
         "accuracy": pooled["accuracy"],
         "auc": pooled["auc"],
@@ -159,47 +220,10 @@ def ship(config: Config) -> Path:
         "checks_ok": report["checks_ok"],
         "evaluation": "evaluation.md",
     }
-    training_data = _training_data(config)
-    folder = config.models_path / task.name
-    if config.data.review:  # a site fine-tune on the review console's corrections ships only if not worse on val
-        from filmgate_training.review import check_not_worse
-
-        check_not_worse(folder, metrics)
-    manifest = ModelManifest(
-        name=task.name,
-        version=config.version,
-        file="model.onnx",
-        kind=task.kind,
-        reason=task.reason,
-        threshold=float(report["threshold"]),
-        preprocessing=config.preprocessing,
-        labels=task.labels,
-        positive_labels=task.positive_labels,
-        sha256=digest,
-        description=task.description,
-        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        metrics=metrics,
-        training_data=training_data,
-        extra={
-            "threshold_rule": report["threshold_rule"],
-            "target_fpr": config.evaluate.target_fpr,
-            "architecture": f"FilmNet widths {list(config.model.widths)}",
-            "parameters": blob["parameters"],
-            "train_steps": blob["steps"],
-            "train_seconds": blob["train_seconds"],
-            "train_cpu_seconds": blob.get("cpu_seconds"),
-            "train_device": blob["device"],
-            "train_threads": blob["threads"],
-            "parity_max_abs_diff": parity_result["max_abs_diff"],
-            "opset": OPSET,
-            "config": config.to_dict(),
-        },
-    )
-    return install(config, manifest, lambda m: model_card(config, m, report, blob, parity_result))
 
 
 def install(config: Config, manifest: ModelManifest, card: Callable[[ModelManifest], str]) -> Path:
-    """The one way a detector lands in ``models/<task>/`` (``ship``, and the ``atypical`` build): the run's
+    """The one way a detector lands in ``models/<task>/`` (from :func:`ship`): the run's
     evaluated ``model.onnx`` (its sha256 must be the one ``evaluation.json`` and the manifest record), the run's
     ``evaluation.{json,md}``, the manifest (:func:`filmgate.manifest.write_manifest`) and the card made from it;
     then the folder is loaded as the gate loads it (schema and sha256)."""

@@ -59,6 +59,7 @@ class CardText:
     data: str
     measured: str
     limits: tuple[str, ...] = ()
+    method: str = ""  # a score detector's "How it works" (:func:`filmgate_training.detectors.cards.score_card`)
 
     def fill(self, text: str, figures: Mapping[str, Any]) -> str:
         return text.format_map(dict(figures))
@@ -102,12 +103,45 @@ class Task:
         """The film's own class (None = not usable); synthetic tasks use every film."""
         return 0
 
-    def build(self, config: Any, **options: Any) -> Any:
-        """Hook: a task with its own build (no training loop, e.g. ``atypical``) does everything ``all`` does here
-        and returns the shipped folder; None (the default) means the shared fit -> export -> evaluate -> ship."""
+    # ------------------------------------------------------------------ the steps of ``all``
+    # Every detector is built by the same four steps (:mod:`filmgate_training.steps`: fit -> export with the parity
+    # check -> evaluate on the ONNX file -> ship through the one manifest and install); a task changes what a step
+    # does only through these hooks, whose default (None) is the framework's.
+
+    def fit(self, config: Any, **options: Any) -> Any:
+        """Hook: a task without a training loop (``atypical``: a distance on the shipped view network) fits here and
+        writes its run folder (what :meth:`load_run` reads); None (the default): the shared training loop
+        (:func:`filmgate_training.train.fit`)."""
         return None
 
-    # ------------------------------------------------------------------ after ``all``: ``finish`` and the card
+    def load_run(self, config: Any) -> tuple[Any, dict[str, Any]] | None:
+        """Hook: (network, metadata) of the fitted run for export and the manifest, when :meth:`fit` is the task's
+        own; None (the default): :func:`filmgate_training.train.load_trained`."""
+        return None
+
+    def evaluation(self, config: Any, runner: Any) -> dict[str, Any] | None:
+        """Hook: the val report of a task whose threshold and figures are not the framework's (``atypical``: the
+        threshold its fit chose; films flagged per kind and source, synthetic wrong films, the most atypical films),
+        through the exported ONNX file (``runner``). The framework adds the common keys (detector, version, created,
+        the survey of the real DICOM files, the model's sha256). None (the default): the framework's calibration on
+        held-out train films and its per-source report (:func:`filmgate_training.evaluate.evaluate`)."""
+        return None
+
+    def manifest_metrics(self, report: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Hook: the manifest's ``metrics`` from this task's evaluation report; None (the default): the framework's
+        (pooled and per-source accuracy, AUC, recall, unaltered films flagged)."""
+        return None
+
+    def manifest_extra(self, blob: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Hook: how the model was made, for the manifest's ``extra`` (from :meth:`load_run`'s metadata); None (the
+        default): the training loop's (architecture, parameters, steps, time, device)."""
+        return None
+
+    @property
+    def own_fit(self) -> bool:
+        return type(self).fit is not Task.fit
+
+    # ------------------------------------------------------------------ reports and the card
     def report_markdown(self, report: Mapping[str, Any]) -> str | None:
         """Hook: ``evaluation.md`` from the evaluation report, for a task whose report is not the framework's
         (``atypical``: by kind, synthetic wrong films); None (the default): the framework's."""
@@ -136,10 +170,6 @@ class Task:
         """Hook for score tasks without a training loop: (network, threshold, how) for a leave-one-source-out fold
         of ``config`` (which leaves the source out in ``data.exclude_sources``)."""
         raise NotImplementedError(f"task {self.name}: a score task needs fit_fold for leave-one-source-out")
-
-    @property
-    def own_build(self) -> bool:
-        return type(self).build is not Task.build
 
     def for_held_out(self) -> Task:
         """Hook: the task as leave-one-source-out scores a hospital it never saw (:mod:`filmgate_training.loso`);

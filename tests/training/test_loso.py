@@ -138,12 +138,40 @@ def test_atypical_builds_through_all_and_has_no_fit_of_its_own(tmp_path, data_di
     run = tmp_path / "run"  # shipped through the framework's one install path: the evaluated files, unchanged
     for name in ("model.onnx", "evaluation.json", "evaluation.md"):
         assert (models / "atypical" / name).read_bytes() == (run / name).read_bytes()
-    build = json.loads((run / "build.json").read_text())
+    build = report["build"]  # the fit's record (run/build.json) with the export's parity
     assert build["sha256"] == manifest.sha256 and build["parity_max_abs_diff"] < 1e-2
     out = capsys.readouterr().out  # the framework's parity check (export.parity) ran on the exported file
     assert re.search(r"parity torch vs onnxruntime on \d+ inputs from \d+ real val films", out)
     assert main(["fit", "--config", "atypical"]) == 2
     assert "all --config atypical" in capsys.readouterr().err
+    # the one manifest construction gives it the shipped model's keys (what the gate and the tests read)
+    shipped = load_manifest(REPO_MODELS / "atypical")
+    assert set(manifest.metrics) == set(shipped.metrics) - {"loso"} and set(manifest.extra) == set(shipped.extra)
+    assert manifest.labels == shipped.labels == () and manifest.threshold == report["threshold"] == build["threshold"]
+    card = (models / "atypical" / "MODEL_CARD.md").read_text()  # its templates, filled from the evaluation JSON
+    assert "{" not in card.replace("{'", "") and f"**{manifest.threshold:.4f}**" in card
+    assert f"Frontal chest films flagged: {report['val']['by_kind']['frontal-chest']['flagged']}/12" in card
+
+
+def test_finish_builds_atypical_as_all_does_and_the_same_config_gives_the_same_model(tmp_path, data_dir):
+    """``finish --config atypical`` is the same build (steps.build): on the same films it ships the same model."""
+    import shutil
+
+    from filmgate_training.cli import main
+    from filmgate_training.detectors.finish import finish
+
+    models = tmp_path / "models"
+    shutil.copytree(REPO_MODELS / "view", models / "view")
+    sets = {"data.max_train_films": 40, "data.max_val_films": 6, "run_dir": str(tmp_path / "run"),
+            "models_dir": str(models), "train.threads": 1, "evaluate.loso_target_fpr": None}  # fmt: skip
+    cli = [x for k, v in sets.items() for x in ("--set", f"{k}={'null' if v is None else v}")]
+    assert main(["all", "--config", "atypical", *cli]) == 0
+    first = load_manifest(models / "atypical")
+    (models / "atypical" / "model.onnx").unlink()
+    finish("atypical", sets)
+    again = load_manifest(models / "atypical")  # loads: the model file is back, with the sha256 it records
+    assert again.sha256 == first.sha256 and again.threshold == first.threshold and again.created >= first.created
+    assert json.loads((models / "atypical" / "evaluation.json").read_text())["model"]["sha256"] == first.sha256
 
 
 def test_finish_writes_the_extra_evaluation_card_and_headline_of_a_pediatric_run(tmp_path, data_dir):

@@ -85,11 +85,11 @@ def test_atypical_card_is_filled_from_its_shipped_evaluation_json_and_config():
     """The atypical card's figures come from evaluation.json and the shipped config: its data and evaluation lines
     are the shipped card's, and the source balance is the config's (the prose once said n^0.5 after it became 0.25)."""
     from filmgate.manifest import load_manifest
-    from filmgate_training.detectors.cards import atypical_card
+    from filmgate_training.detectors.cards import score_card
 
     manifest = load_manifest(SHIPPED / "atypical")
     config = config_from_dict(manifest.extra["config"])
-    card = atypical_card(config, manifest, json.loads((SHIPPED / "atypical" / "evaluation.json").read_text()))
+    card = score_card(config, manifest, json.loads((SHIPPED / "atypical" / "evaluation.json").read_text()))
     shipped = (SHIPPED / "atypical" / "MODEL_CARD.md").read_text()
     assert f"sources balanced as n^{config.data.source_balance:g})" in card
     lines = [x for x in card.splitlines() if x.startswith(("Fitted on", "- Frontal chest films flagged", "- Also"))]

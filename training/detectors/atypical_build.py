@@ -1,28 +1,29 @@
-"""Build, calibrate, evaluate and ship the ``atypical`` score detector from a trained ``view`` run.
+"""Fitting and evaluating the ``atypical`` score: the work behind its task's hooks (:mod:`.atypical`).
 
-``python -m filmgate_training all --config atypical`` (the task's :meth:`AtypicalTask.build` hook, or :func:`run`):
+``python -m filmgate_training all --config atypical`` runs the same steps as every detector
+(:mod:`filmgate_training.steps`); this module is what differs:
 
-1. load the shipped ``view`` model's run (``runs/view-ft/model.pt``, as ``models/view/manifest.json`` records it);
-2. embed the train split's frontal chest films that were not held out (decoded and preprocessed exactly as the gate
-   does, ``unit`` input) and fit a source-balanced Gaussian (:func:`filmgate_training.detectors.atypical.fit_gaussian`);
-3. threshold = the source-balanced quantile of the held-out train frontal films that flags ``evaluate.target_fpr`` of
-   them (val never chooses it);
-4. export to ONNX (opset 17, dynamic batch), check torch vs onnxruntime on real val films;
-5. evaluate on the whole val split with that very ONNX file: frontal films flagged per source, other kinds caught,
-   synthetic wrong films (:mod:`filmgate_training.detectors.corrupt`) caught, the real DICOM files,
-   the most atypical val
-   films; write ``evaluation.{json,md}`` and ship ``models/atypical/`` (manifest, model, card, evaluation).
+1. fit (:func:`fit`): load the *shipped* ``view`` network (``models/view/model.onnx`` rebuilt in torch); embed the
+   train split's frontal chest films that were not held out (decoded and preprocessed exactly as the gate does,
+   ``unit`` input; each as it came and auto-windowed) and fit a source-balanced Gaussian
+   (:func:`filmgate_training.detectors.atypical_net.fit_gaussian`); threshold = the source-balanced quantile of the
+   held-out train frontal films that flags ``evaluate.target_fpr`` of them (val never chooses it), times the
+   leave-one-source-out recalibration factor when ``evaluate.loso_target_fpr`` is set; ``model.pt`` and
+   ``build.json`` in the run folder;
+2. export and parity: the framework's (:func:`filmgate_training.export.export`);
+3. evaluate (:func:`evaluation`) with that very ONNX file on the whole val split: frontal films flagged per source,
+   other kinds caught, synthetic wrong films (:mod:`filmgate_training.detectors.corrupt`) caught, the most atypical
+   val films (the real DICOM files are the framework's survey);
+4. ship: the framework's one manifest and install, with :meth:`AtypicalTask.manifest_metrics` and the card from
+   its templates (:func:`filmgate_training.detectors.cards.score_card`).
 """
 
 from __future__ import annotations
 
 import collections
-import datetime as dt
 import json
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +31,19 @@ import numpy as np
 import torch
 
 from filmgate.decode import DecodeError, auto_window, decode_file
-from filmgate.manifest import ModelManifest, load_manifest, sha256_file
+from filmgate.manifest import load_manifest
 from filmgate.preprocess import PreprocessSpec, preprocess
 from filmgate_training.config import Config, config_from_dict, load_config
-from filmgate_training.data import cap
+from filmgate_training.data import cap, split_train
 from filmgate_training.datasets import REPO_ROOT, LabelledFilm, labels
-from filmgate_training.detectors.atypical import Atypicality, fit_gaussian
+from filmgate_training.detectors.atypical_net import Atypicality, fit_gaussian
 from filmgate_training.detectors.corrupt import CORRUPTIONS
-from filmgate_training.evaluate import dicom_survey, onnx_runner, write_report
-from filmgate_training.export import OPSET, export_onnx, install, parity
+from filmgate_training.evaluate import Runner
 from filmgate_training.model import filmnet_from_onnx
-from filmgate_training.tasks import Example, Task, get_task, in_holdout, register
+from filmgate_training.tasks import get_task
 from filmgate_training.train import load_trained
+
+SHRINK = 0.1  # the covariance is shrunk this far towards the identity (fit_gaussian)
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -116,7 +118,7 @@ def source_weights(films: Sequence[LabelledFilm], balance: float) -> np.ndarray:
     return w / w.sum()
 
 
-def weighted_gaussian(emb: np.ndarray, weights: np.ndarray, shrink: float = 0.1) -> tuple[np.ndarray, ...]:
+def weighted_gaussian(emb: np.ndarray, weights: np.ndarray, shrink: float = SHRINK) -> tuple[np.ndarray, ...]:
     """:func:`fit_gaussian` with per-film weights (by resampling rows in proportion: simple and exact enough)."""
     rng = np.random.default_rng(0)
     idx = rng.choice(len(emb), size=max(4 * len(emb), 20000), p=weights)
@@ -177,11 +179,7 @@ def _fit(config: Config, backbone_run: Path | None) -> tuple[Atypicality, float,
     view, backbone = load_backbone(config, backbone_task, backbone_run)
     spec = config.preprocessing
     frac = config.data.calibration_fraction
-    left_out = set(config.data.exclude_sources)
-    films = [f for f in task.films(labels(), "train") if f.source not in left_out]
-    limit = config.data.max_train_films  # for smoke runs
-    fit_films = cap([f for f in films if not in_holdout(f, frac)], limit)
-    cal_films = cap([f for f in films if in_holdout(f, frac)], None if limit is None else max(50, limit // 4))
+    fit_films, cal_films = split_train(config, task)  # as every detector: held-out patients, left-out sources
     if backbone_cfg.data.calibration_fraction != frac:
         raise ValueError("data.calibration_fraction must equal the view run's, so calibration films were never seen")
     probe = Atypicality(view, np.zeros(1), np.ones(1), np.eye(1), np.eye(1))
@@ -202,8 +200,11 @@ def _fit(config: Config, backbone_run: Path | None) -> tuple[Atypicality, float,
     return net, threshold, parts
 
 
-def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
-    task = get_task(config.task)
+def fit(config: Config, backbone_run: Path | None = None) -> Path:
+    """Fit the score and its threshold; the run folder gets ``model.pt`` (what :func:`load_run` reads) and
+    ``build.json`` (how it was fitted: films, units, threshold rule, the synthetic films of the held-out train films).
+    With ``evaluate.loso_target_fpr`` the threshold is raised by the folds' recalibration factor, and the held-out
+    hospitals at the recalibrated threshold go into the leave-one-source-out report."""
     run = config.run_path
     run.mkdir(parents=True, exist_ok=True)
     spec = config.preprocessing
@@ -213,10 +214,12 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
     cal_scores = parts["cal_scores"]
     recalibration = None
     if config.evaluate.loso_target_fpr is not None:
-        from filmgate_training.recalibrate import recalibration_factor
+        from filmgate_training.loso import merge
+        from filmgate_training.recalibrate import recalibrated_rows, recalibration_factor
 
         recalibration = recalibration_factor(config, config.evaluate.loso_target_fpr)
         threshold *= recalibration["factor"]
+        merge(config.task, recalibrated_rows(config, config.evaluate.loso_target_fpr))
     # what the build may look at to judge a design: synthetic wrong films made from held-out *train* adult films
     cal_adults = [f for f in cal_films if f.pediatric != "yes"]
     cal_synthetic = {}
@@ -225,20 +228,15 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
             s = net(torch.from_numpy(inputs(cal_adults, spec, fn))).numpy()[:, 0]
             cal_synthetic[name] = {"films": len(s), "caught": int((s >= threshold).sum()),
                                    "rate": float((s >= threshold).mean())}  # fmt: skip
-    onnx_tmp = run / "model.onnx.tmp"
-    export_onnx(net, spec.size, onnx_tmp)
-    # parity: torch vs onnxruntime (the framework's check), and the rebuilt z-score input vs the gate's own z-score
-    val_frontal = [f for f in task.films(labels(), "val")][::40][: config.evaluate.parity_films]
+    # the rebuilt z-score input vs the gate's own z-score, on real val films (a check of the graph, chooses nothing)
+    val_frontal = [f for f in get_task(config.task).films(labels(), "val")][::40][: config.evaluate.parity_films]
     x = inputs(val_frontal, spec)
-    diff = parity(config, net, onnx_tmp, val_frontal)["max_abs_diff"]
-    z_spec = PreprocessSpec(spec.size, spec.resize, "zscore")
-    xz = inputs(val_frontal, z_spec)
+    xz = inputs(val_frontal, PreprocessSpec(spec.size, spec.resize, "zscore"))
     with torch.inference_mode():
         ref = view.embed(torch.from_numpy(xz)).numpy()
         mine = net.embed(torch.from_numpy(x)).numpy()[:, 128 : 128 + ref.shape[1]]
     zdiff = float(np.abs(ref - mine).max() / (np.abs(ref).max() + 1e-9))
     print(f"rebuilt z-score vs gate z-score, relative max |diff| of features = {zdiff:.3g}")
-    os.replace(onnx_tmp, run / "model.onnx")
     info = {
         "threshold": threshold,
         "threshold_rule": (
@@ -261,20 +259,37 @@ def build(config: Config, backbone_run: Path | None = None) -> dict[str, Any]:
         "embedding_dims": parts["embedding_dims"],
         "unit_content": net.unit_content,
         "unit_display": net.unit_display,
-        "parity_max_abs_diff": diff,
         "zscore_rebuild_rel_diff": zdiff,
         "backbone": backbone,
         "build_seconds": round(time.perf_counter() - t0, 1),
-        "sha256": sha256_file(run / "model.onnx"),
     }
+    blob = {"task": config.task, "model": net, "parameters": int(sum(p.numel() for p in net.parameters())),
+            "build": info}  # fmt: skip
+    torch.save(blob, run / "model.pt")
     (run / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    return run / "model.pt"
 
 
-def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None) -> dict[str, Any]:
-    """The whole val split through the exported ONNX file."""
+def load_run(config: Config) -> tuple[Atypicality, dict[str, Any]]:
+    """The fitted score network of the run (``model.pt`` written by :func:`fit`) and its metadata."""
+    path = config.run_path / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no fitted score; run `python -m filmgate_training all --config atypical`")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(blob.get("model"), Atypicality):
+        raise FileNotFoundError(f"{path}: not a fitted atypical score (a training run's model.pt?)")
+    return blob["model"].eval(), blob
+
+
+def evaluation(config: Config, runner: Runner, sheet_dir: Path | None = None) -> dict[str, Any]:
+    """The whole val split through the exported ONNX file (``runner``), at the threshold :func:`fit` chose: films
+    flagged per kind and per source, synthetic wrong films caught, the most atypical val frontal films; ``build``
+    is the fit's record with the export's parity (``parity.json``)."""
     run = config.run_path
-    score = onnx_runner(run / "model.onnx")
+    info = json.loads((run / "build.json").read_text())
+    exported = json.loads((run / "parity.json").read_text())
+    info |= {"parity_max_abs_diff": exported["max_abs_diff"], "sha256": exported["sha256"]}
+    score = runner
     spec = config.preprocessing
     threshold = info["threshold"]
     val = [f for f in labels() if f.split == "val"]
@@ -311,24 +326,28 @@ def evaluate(config: Config, info: dict[str, Any], sheet_dir: Path | None = None
             "caught": int((s >= threshold).sum()),
             "rate": float((s >= threshold).mean()),
         }
-    dicom = dicom_survey(config, get_task(config.task), score, threshold)  # the framework's survey of real DICOM
     frontal_top = [r for r in ranked if r[3] == "frontal-chest"][:15]
-    report = {
-        "detector": "atypical",
-        "version": config.version,
-        "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    if sheet_dir is not None:
+        _contact_sheets(sheet_dir, spec, adults[:6], [r[1] for r in frontal_top[:12]])
+    return {
         "threshold": threshold,
         "threshold_rule": info["threshold_rule"],
         "val": {"by_kind": by_kind, "frontal_per_source": frontal_per_source},
         "synthetic": synthetic,
-        "dicom": dicom,
         "most_atypical_frontal": [{"film": r[1], "source": r[2], "score": round(r[0], 4)} for r in frontal_top],
-        "model": {"sha256": sha256_file(run / "model.onnx")},
         "build": info,
     }
-    if sheet_dir is not None:
-        _contact_sheets(sheet_dir, spec, adults[:6], [r[1] for r in frontal_top[:12]])
-    return report
+
+
+def manifest_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's figures (what the gate's ``--version`` and the tests read): flag rates by kind and source."""
+    return {
+        "val_frontal_flagged": report["val"]["by_kind"]["frontal-chest"]["rate"],
+        "val_by_kind": {k: v["rate"] for k, v in report["val"]["by_kind"].items()},
+        "val_frontal_per_source": {k: v["rate"] for k, v in report["val"]["frontal_per_source"].items()},
+        "synthetic_caught": {k: v["rate"] for k, v in report["synthetic"].items()},
+        "evaluation": "evaluation.md",
+    }
 
 
 def _contact_sheets(folder: Path, spec: PreprocessSpec, adults: Sequence[LabelledFilm], top: Sequence[str]) -> None:
@@ -417,114 +436,9 @@ def report_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ship(config: Config, report: dict[str, Any]) -> Path:
-    task = get_task(config.task)
-    run = config.run_path
-    folder = config.models_path / task.name
-    folder.mkdir(parents=True, exist_ok=True)
-    digest = sha256_file(run / "model.onnx")
-    if report["model"]["sha256"] != digest:
-        raise RuntimeError("the evaluation was made with another model.onnx")
-    info = report["build"]
-    licences: dict[str, str] = {}
-    for row in labels():
-        licences.setdefault(row.source, row.licence)
-    training_data = [
-        {"source": s, "films": n, "calibration_films": info["calibration_films"].get(s, 0), "licence": licences[s]}
-        for s, n in info["fit_films"].items()
-    ]
-    manifest = ModelManifest(
-        name=task.name,
-        version=config.version,
-        file="model.onnx",
-        kind="score",
-        reason=task.reason,
-        threshold=float(report["threshold"]),
-        preprocessing=config.preprocessing,
-        sha256=digest,
-        description=task.description,
-        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        metrics={
-            "val_frontal_flagged": report["val"]["by_kind"]["frontal-chest"]["rate"],
-            "val_by_kind": {k: v["rate"] for k, v in report["val"]["by_kind"].items()},
-            "val_frontal_per_source": {k: v["rate"] for k, v in report["val"]["frontal_per_source"].items()},
-            "synthetic_caught": {k: v["rate"] for k, v in report["synthetic"].items()},
-            "evaluation": "evaluation.md",
-        },
-        training_data=training_data,
-        extra={
-            "threshold_rule": report["threshold_rule"],
-            "target_fpr": config.evaluate.target_fpr,
-            "backbone": f"{info['backbone']['task']} {info['backbone']['version']}",
-            "parity_max_abs_diff": info["parity_max_abs_diff"],
-            "opset": OPSET,
-            "config": config.to_dict(),
-        },
-    )
-    from filmgate_training.detectors.cards import atypical_card
-
-    return install(config, manifest, lambda m: atypical_card(config, m, report))
-
-
-def run(config: Config, backbone_run: Path | None = None) -> Path:
-    info = build(config, backbone_run)
-    report = evaluate(config, info, sheet_dir=config.run_path / "sheets")
-    write_report(report, config.run_path)
-    folder = ship(config, report)
-    target = config.evaluate.loso_target_fpr
-    if info.get("loso_recalibration") and target is not None:  # held-out hospitals at the recalibrated threshold
-        from filmgate_training.loso import merge
-        from filmgate_training.recalibrate import recalibrated_rows
-
-        merge(config.task, recalibrated_rows(config, target))
-    return folder
-
-
 def _repo_relative(path: Path) -> str:
     """A path as recorded in reports: relative to the checkout when inside it (no machine paths in the repo)."""
     try:
         return str(Path(path).resolve().relative_to(REPO_ROOT))
     except ValueError:
         return str(path)
-
-
-@dataclass(frozen=True)
-class AtypicalTask(Task):
-    """A ``score`` task built on the shipped ``view`` network by this module (no training loop of its own)."""
-
-    backbone_task: str = "view"
-
-    def build(self, config: Any, **options: Any) -> Any:
-        """Fit on the shipped view network, calibrate, export, evaluate and ship (``all --config atypical``);
-        ``backbone_run`` (``finish --backbone-run``) builds on a run's model.pt instead."""
-        return run(config, options.get("backbone_run"))
-
-    def fit_fold(self, config: Config) -> tuple[Atypicality, float, str]:
-        """A leave-one-source-out fold: refit without ``data.exclude_sources`` on the same backbone."""
-        net, threshold, backbone = fit_score(config)
-        return net, threshold, f"refit on {backbone}"
-
-    def report_markdown(self, report: Mapping[str, Any]) -> str:
-        """Its evaluation.md (by kind, per source, synthetic wrong films, real DICOM files, most atypical films)."""
-        return report_markdown(dict(report))
-
-    def eval_examples(self, pixels: np.ndarray, film: LabelledFilm) -> list[Example]:
-        """A film as it came, labelled typical (a frontal chest film): what a fold's false flags are counted on."""
-        return [Example("as-is", pixels, 0)]
-
-
-TASK = register(
-    AtypicalTask(
-        name="atypical",
-        labels=("typical", "atypical"),
-        positive_labels=("atypical",),
-        reason="atypical",
-        description=(
-            "How unlike a clean frontal chest film the film is: the larger of two Mahalanobis distances to the train "
-            "split's frontal chest films, over the view network's features and over five display statistics, each in "
-            "units of its calibration quantile."
-        ),
-        film_kinds=("frontal-chest",),
-        kind="score",
-    )
-)

@@ -1,4 +1,4 @@
-"""``atypical``: how unlike a clean frontal chest film is this film? One out-of-distribution score, inside the ONNX.
+"""The ``atypical`` network: how unlike a clean frontal chest film is a film? One distance, inside the ONNX.
 
 No labels exist for "wrong" films (heavily collimated or zoomed, washed out, nearly blank, screenshots, films of the
 wrong thing that the other detectors miss), so this detector measures distance instead of learning classes:

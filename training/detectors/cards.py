@@ -1,4 +1,5 @@
-"""Model cards for flip, view, pediatric, atypical: what each is for, how it was made and measured, what it cannot do.
+"""Model cards for flip, view, pediatric (:func:`classifier_card`) and score detectors such as atypical
+(:func:`score_card`): what each is for, how it was made and measured, what it cannot do.
 
 The framework's card (:mod:`filmgate_training.card`) describes self-supervised
 orientation/inversion models; these detectors
@@ -185,99 +186,56 @@ def classifier_card(
     return "\n".join(lines) + "\n"
 
 
-def _adult_line(report: dict[str, Any]) -> str:
-    per = report["val"]["frontal_per_source"]
-    adult = {s: m for s, m in per.items() if not s.startswith("kermany")}
-    n = sum(m["films"] for m in adult.values())
-    k = sum(m["flagged"] for m in adult.values())
-    worst = max(adult, key=lambda s: adult[s]["rate"])
-    kids = sum(m["flagged"] for s, m in per.items() if s.startswith("kermany"))
-    return (
-        f"{k} of {n} val frontal films from adult sources ({100 * k / max(n, 1):.1f}%; worst {worst} "
-        f"{adult[worst]['flagged']}/{adult[worst]['films']}) against {kids} of the children's"
-    )
-
-
 def _val_note(config: Config) -> str:
     """The config's own words on which choices looked at val (``val_notes``), or that none did."""
     return " ".join(config.val_notes) or "None did."
 
 
-def atypical_card(config: Config, manifest: ModelManifest, report: dict[str, Any]) -> str:
-    b = report["build"]
-    byk = report["val"]["by_kind"]
+def score_card(config: Config, manifest: ModelManifest, report: dict[str, Any]) -> str:
+    """A ``score`` detector's card (``atypical``), written at ship time: the task's :class:`CardText` templates
+    (purpose, how it works, data, what was measured, limits) filled by its ``card_figures`` from the evaluation
+    report, around the manifest's use, threshold and training data."""
+    task = get_task(config.task)
+    if task.card is None:
+        raise ConfigError(f"task: {task.name} is a score detector without card text (Task.card)")
+    figures = task.card_figures(config, report, {})
+    card = {k: task.card.fill(getattr(task.card, k), figures) for k in ("purpose", "method", "data", "measured")}
     lines = [
-        f"# Model card: `atypical` {manifest.version}",
+        f"# Model card: `{manifest.name}` {manifest.version}",
         "",
-        "An out-of-distribution score: how unlike a clean frontal chest film a film is. It is the second net behind "
-        "the classifiers, for films nobody labelled: heavily collimated or zoomed, washed out or nearly blank, "
-        "screenshots, and films of the wrong thing that the other detectors miss.",
+        card["purpose"],
         "",
         "## Use",
         "",
-        f"- Kind `score`: the ONNX output is one number per film (higher = more atypical); the gate quarantines with "
-        f"reason `atypical` when it is >= **{manifest.threshold:.4f}**.",
+        f"- Kind `score`: the ONNX output is one number per film (higher = more {manifest.reason}); the gate "
+        f"quarantines with reason `{manifest.reason}` when it is >= **{manifest.threshold:.4f}**.",
         f"- Input `image` float32 (N, 1, {config.preprocessing.size}, {config.preprocessing.size}), preprocessing "
-        f"`{config.preprocessing.to_dict()}` (displayed grey, not z-scored: brightness is part of what is measured).",
+        f"`{config.preprocessing.to_dict()}`"
+        + (" (displayed grey, not z-scored: brightness is part of what is measured)."
+           if config.preprocessing.normalize == "unit" else "."),
         "",
         "## How it works (all inside model.onnx)",
         "",
-        "1. From the `unit` input the model rebuilds the view network's z-scored input (padding = all-zero edge rows "
-        f"and columns; relative feature difference to the gate's own z-score on real films: "
-        f"{b['zscore_rebuild_rel_diff']:.2g}).",
-        "2. The trained `view` network (models/view) gives mean-pooled features after its 128-wide and 192-wide "
-        "stages; five display statistics are added (mean and log spread of grey, share of near-white and near-black "
-        "pixels, share of padding).",
-        "3. Two Mahalanobis distances (per dimension; standardised, covariance shrunk 10% towards the identity) to "
-        f"the train split's frontal chest films (sources balanced as n^{config.data.source_balance:g}): content (the "
-        f"{b['embedding_dims'] - 5} view features) and display (the 5 statistics), kept apart so that 5 numbers "
-        f"are not drowned by {b['embedding_dims'] - 5}. Each is divided by its own "
-        f"{1 - config.evaluate.target_fpr:.1%} calibration quantile (content "
-        f"{b['unit_content']:.3f}, display {b['unit_display']:.3f}); the score is the larger of the two.",
+        card["method"],
         "",
         "## Data",
         "",
-        f"Fitted on {sum(b['fit_films'].values())} frontal chest films of the train split (those the view network "
-        "trained on), each both as it came and auto-windowed (0.5th-99.5th percentile, which is how the gate shows a "
-        "DICOM file without a window); threshold from "
-        f"{sum(b['calibration_films'].values())} held-out train frontal films "
-        f"({report['threshold_rule']}). Built on the shipped view network itself "
-        f"(`{b['backbone'].get('from', '')}`, view {b['backbone'].get('version', '')}, rebuilt in torch from the ONNX "
-        "file, so no run folder is needed). The Gaussian covers every train source, including the hospitals added "
-        "on 2026-12-01 that the view network never trained on.",
+        card["data"],
         "",
         *training_data_table(manifest, "films fitted"),
         "",
-        "Synthetic wrong films made from the held-out *train* adult frontal films (what the build judges a design "
-        "by): " + ", ".join(f"{k} {_pct(v['rate'])}" for k, v in b.get("calibration_synthetic", {}).items()) + ".",
-        "",
-        "**Which choices looked at val**: the threshold, the Gaussian and the calibration never did. "
-        + _val_note(config),
-    ]
-    lines += [
-        "",
         "## Evaluation (val, through decode + preprocess + this ONNX file)",
         "",
-        f"- Frontal chest films flagged: {byk['frontal-chest']['flagged']}/{byk['frontal-chest']['films']} "
-        f"({_pct(byk['frontal-chest']['rate'])}); per source in evaluation.md.",
-        f"- Also flagged (these are the view detector's job; this is the second net): lateral "
-        f"{_pct(byk['lateral-chest']['rate'])}, other radiographs {_pct(byk['other-radiograph']['rate'])}, "
-        f"not radiographs {_pct(byk['not-radiograph']['rate'])}.",
-        "- Synthetic wrong films made from val adult frontal films (`training/detectors/corrupt.py`): "
-        + ", ".join(f"{k} {_pct(v['rate'])}" for k, v in report["synthetic"].items())
-        + ".",
+        card["measured"],
         "",
         "## Limitations",
         "",
-        f"- The frontal films it flags are adults' ({_adult_line(report)}): washed-out or hazy films and teaching-"
-        "file images in black frames with annotations (see 'most atypical' in evaluation.md), i.e. films a "
-        "research set may well not want, but good films among them are lost too.",
-        "- A distance is not a diagnosis: it flags what is *unusual* relative to these training sources. Frontal "
-        "films from a hospital with a very different look may score higher; check the per-source rates on your own "
-        "films and override the threshold in the gate's config (`policy.thresholds.atypical`) if needed.",
-        "- Depends on models/view: retraining view requires rebuilding this model "
-        "(`python -m filmgate_training finish --config atypical`).",
+        *(f"- {x}" for x in (*config.card_limits, *(task.card.fill(t, figures) for t in task.card.limits))),
         "",
         "Full report: [evaluation.md](evaluation.md), machine-readable in evaluation.json.",
-    ]
+        "",
+        f"Reproduce: `python -m filmgate_training all --config {config.run_path.name}`"
+        + (f" after `python -m filmgate_training loso --config {config.run_path.name} --sources all` (the folds "
+           "its threshold is recalibrated on)." if config.evaluate.loso_target_fpr is not None else "."),
+    ]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -4,8 +4,9 @@
 ``extra_evaluation`` hook on ``models/<task>/model.onnx``, writes ``extra.{json,md}`` there, adds the task's
 ``headline`` figures to the manifest's ``metrics`` (through :func:`filmgate.manifest.write_manifest`; the model file
 and its sha256 are unchanged) and replaces the generic model card with this detector's own
-(:mod:`filmgate_training.detectors.cards`, from the task's ``card`` templates). A task with its own build
-(``atypical``) is built, evaluated and shipped by its ``build`` hook, as ``all`` does.
+(:mod:`filmgate_training.detectors.cards`, from the task's ``card`` templates). A task with its own fit and no
+extra evaluation (``atypical``, whose card is made at ship time from its evaluation report) is built as ``all``
+builds it (:func:`filmgate_training.steps.build`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from filmgate_training.train import load_trained
 def finish(name: str, overrides: dict | None = None, backbone_run: Path | None = None) -> None:
     config = load_config(name, overrides)
     task = get_task(config.task)
-    if task.own_build:  # atypical: its build is its finish (evaluation, card); as `all --config atypical`
-        print(f"shipped {task.build(config, backbone_run=backbone_run)}")
+    if task.own_fit:  # atypical: nothing to add after `all`; `finish` builds it as `all` does
+        from filmgate_training.steps import build
+
+        build(config, backbone_run=backbone_run)
         return
     folder = config.models_path / config.task
     manifest = load_manifest(folder)
