@@ -71,7 +71,7 @@ def model_card(
         "window differences between hospitals.",
         "",
         "**One model per problem** (following Oakden-Rayner, 2018): each detector is ~1.5 ms per film on an idle "
-        "core (bench/detector_latency), so a shared backbone would save little time, while separate models can be "
+        "core (bench/detector_latency.py), so a shared backbone would save little time, while separate models can be "
         "retrained, thresholded and replaced independently, and a mistake in one task cannot leak into another.",
         "",
         "## Training",
