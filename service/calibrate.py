@@ -164,15 +164,17 @@ def calibrate(cfg: Config, opts: CalibrateOptions, judge: Judge | None = None,
         f"{sum(map(len, fault_scores.values()))} synthetic faults judged")  # fmt: skip
     reports = []
     for name, manifest in sorted(detectors.items()):
-        current = float(cfg.policy.thresholds.get(name, manifest.threshold))
+        # an age detector's threshold is the policy's cut in years (what the header's age is cut at too)
+        default = cfg.policy.pediatric_age_years if manifest.kind == "age" else manifest.threshold
+        current = float(cfg.policy.thresholds.get(name, default))
         clean = np.array(clean_scores[name], dtype=np.float64)
         faults = np.array(fault_scores[name], dtype=np.float64) if name in fault_scores else None
         goal = opts.recall.get(manifest.reason) if faults is not None else None
         proposed, note = propose(clean, faults, current, opts.target, goal) if len(clean) else (current, "no films")
         rep = DetectorReport(
             name=name, reason=manifest.reason, current=current, proposed=proposed,
-            flag_rate_now=float((clean >= current).mean()) if len(clean) else 0.0,
-            flag_rate_proposed=float((clean >= proposed).mean()) if len(clean) else 0.0,
+            flag_rate_now=float(manifest.flagged(clean, current).mean()) if len(clean) else 0.0,
+            flag_rate_proposed=float(manifest.flagged(clean, proposed).mean()) if len(clean) else 0.0,
             films=len(clean), goal=goal, note=note,
         )  # fmt: skip
         if faults is not None and len(faults):

@@ -10,8 +10,12 @@ Two kinds of detector:
 - ``classifier``: the ONNX output is logits over ``labels``; the score is the softmax probability mass of
   ``positive_labels`` (for orientation: rot90 + rot180 + rot270), the predicted class is the arg-max label.
 - ``score``: the ONNX output is one number per film (for example an out-of-distribution distance), higher is worse.
+- ``age``: the ONNX output is one number per film, the patient's estimated age in years (``pediatric``). The film is
+  flagged when the age is *under* the threshold, a cut in years; the gate's policy applies its own cut
+  (``policy.pediatric_age_years``) to it, the one it applies to the header's age.
 
-A film is flagged with ``reason`` when its score is at least ``threshold``.
+A film is flagged with ``reason`` when its score is at least ``threshold`` (under it, for an ``age`` detector:
+:meth:`Finding.below`, :meth:`ModelManifest.flagged`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from filmgate.preprocess import PreprocessSpec
 from filmgate.typed_config import ConfigError, build
 
 MANIFEST_NAME = "manifest.json"
-DETECTOR_KINDS = ("classifier", "score")
+DETECTOR_KINDS = ("classifier", "score", "age")
 
 
 class ManifestError(ValueError):
@@ -48,6 +52,11 @@ class Finding:
     flagged: bool
     predicted: str | None = None
     probabilities: Mapping[str, float] | None = None
+    below: bool = False  # an age detector's: flagged when the score (an age) is under the threshold (a cut)
+
+    def flags(self, threshold: float) -> bool:
+        """Whether this score is flagged at ``threshold`` (the policy's, which may differ from the manifest's)."""
+        return self.score < threshold if self.below else self.score >= threshold
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -61,6 +70,8 @@ class Finding:
             out["predicted"] = self.predicted
         if self.probabilities is not None:
             out["probabilities"] = {k: round(v, 6) for k, v in self.probabilities.items()}
+        if self.below:
+            out["flagged_when"] = "score < threshold"  # the score is an age in years, the threshold the cut
         return out
 
 
@@ -143,6 +154,9 @@ class ModelManifest:
         if self.kind == "score":
             values = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)[:, 0]
             return [Finding(self.name, self.reason, float(v), limit, bool(v >= limit)) for v in values]
+        if self.kind == "age":
+            values = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)[:, 0]
+            return [Finding(self.name, self.reason, float(v), limit, bool(v < limit), below=True) for v in values]
         probs = softmax(np.asarray(outputs, dtype=np.float64))
         positive = [self.labels.index(label) for label in self.positive_labels]
         result = []
@@ -163,11 +177,19 @@ class ModelManifest:
 
     def scores(self, outputs: np.ndarray) -> np.ndarray:
         """The score per film (what ``threshold`` is compared with), for evaluation and calibration."""
-        if self.kind == "score":
+        if self.kind in ("score", "age"):
             return np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)[:, 0]
         probs = softmax(np.asarray(outputs, dtype=np.float64))
         positive = [self.labels.index(label) for label in self.positive_labels]
         return probs[:, positive].sum(axis=1)
+
+
+    def flagged(self, scores: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """Which of :meth:`scores` are flagged at ``threshold`` (default the manifest's): at least it, or under it
+        for an ``age`` detector."""
+        limit = self.threshold if threshold is None else threshold
+        values = np.asarray(scores, dtype=np.float64)
+        return values < limit if self.kind == "age" else values >= limit
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ is ``not-frontal-chest``; whether it is also "flipped" by a chest detector means
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from collections.abc import Mapping, Sequence
@@ -97,9 +98,11 @@ def decide(
     age = age_in_years(metadata) if metadata is not None else None
     header_age = policy.pediatric_rule and age is not None and PLAUSIBLE_AGE_YEARS[0] <= age <= PLAUSIBLE_AGE_YEARS[1]
     for f in findings:
-        threshold = policy.thresholds.get(f.detector, f.threshold)
-        flagged = f.score >= threshold
-        judged.append(Finding(f.detector, f.reason, f.score, threshold, flagged, f.predicted, f.probabilities))
+        # an age detector is cut where the header's age is (policy.pediatric_age_years), not at its manifest's cut
+        default = policy.pediatric_age_years if f.below and f.reason == PEDIATRIC else f.threshold
+        threshold = policy.thresholds.get(f.detector, default)
+        flagged = f.flags(threshold)
+        judged.append(dataclasses.replace(f, threshold=threshold, flagged=flagged))
         if flagged and f.reason == PEDIATRIC and header_age:
             notes[PEDIATRIC] = "image model overruled by the age in the header"
         elif flagged:

@@ -112,7 +112,7 @@ class ShippedDetector:
         return np.array([f.score for f in self.findings(images)], dtype=np.float64)
 
     def flagged(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        return self.scores(images) >= self.manifest.threshold
+        return self.manifest.flagged(self.scores(images))  # at least the threshold; under it for an age detector
 
 
 # ---------------------------------------- the node: `filmgate serve`, films made from real ones, DCMTK, pynetdicom

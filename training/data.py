@@ -103,16 +103,19 @@ def training_pool(config: Config, task: Task, films: Sequence[LabelledFilm], pro
 def make_batch(
     pool: TrainingPool, task: Task, config: Config, rng: np.random.Generator, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A batch of augmented, labelled, preprocessed examples: (B, 1, S, S) float32 and (B,) int64."""
+    """A batch of augmented, labelled, preprocessed examples: (B, 1, S, S) float32 and the targets (classes (B,)
+    int64, or (B, K) float32 for a task whose examples carry a ``target``)."""
     spec = config.preprocessing
     picks = rng.choice(len(pool.films), size=batch_size, p=pool.weights)
     x = np.empty((batch_size, 1, spec.size, spec.size), dtype=np.float32)
-    y = np.empty(batch_size, dtype=np.int64)
+    targets: list[int | tuple[float, ...]] = []
     for j, i in enumerate(picks):
         film = pool.films[i]
         ex = task.train_example(pool.cache.image(int(pool.cache_index[i])), film, rng, config.augment)
         x[j] = preprocess(ex.pixels, spec)
-        y[j] = ex.label
+        targets.append(ex.label if ex.target is None else ex.target)
+    # classes (B,) int64, or a regression task's targets (B, K) float32 (Example.target)
+    y = np.asarray(targets, dtype=np.float32 if isinstance(targets[0], tuple) else np.int64)
     return x, y
 
 

@@ -168,6 +168,8 @@ def dicom_survey(config: Config, task: Task, runner: Runner, threshold: float) -
 
 def _rule_text(config: Config, rule: str, negatives: int, positives: int) -> str:
     ev = config.evaluate
+    if rule == "fixed":
+        return "fixed by the task (not calibrated): the policy's cut, policy.pediatric_age_years"
     fpr = (f"smallest threshold >= {ev.min_threshold} flagging at most {ev.target_fpr:.2%} of {negatives} "
            "unaltered held-out train films")  # fmt: skip
     if rule == "margin":
@@ -184,6 +186,8 @@ def calibrate(config: Config, task: Task, runner: Runner) -> tuple[float, str, d
     cal_neg = np.array([not task.is_positive(int(y)) for y in cal["label"]], dtype=bool)
     ev = config.evaluate
     rule = "fpr"
+    if task.fixed_threshold is not None:  # the task's own cut (the age model: the policy's), nothing calibrated
+        return task.fixed_threshold, "fixed", cal, cal_neg
     if ev.threshold_rule == "margin":
         threshold, rule = margin_threshold(cal_scores[cal_neg], cal_scores[~cal_neg], ev.target_fpr, ev.min_threshold)
     else:

@@ -63,8 +63,8 @@ def parity(
 ) -> dict[str, Any]:
     """torch vs onnxruntime on real val films (every variant), batch of several and batch of one: the one parity
     check every detector's export passes (``films``: which val films, default the first ``evaluate.parity_films``).
-    A ``score`` task's outputs are distances, not logits: its tolerance is relative to the largest output when that
-    is above 1."""
+    A ``score`` task's outputs are distances, an ``age`` task's years, not logits: the tolerance is relative to the
+    largest output when that is above 1."""
     task = get_task(config.task)
     films = list(films) if films is not None else val_films(config, task)[: config.evaluate.parity_films]
     items = [i for i in eval_items(films, task, config.preprocessing) if not isinstance(i, tuple)]
@@ -86,7 +86,8 @@ def parity(
     }
     print(f"parity torch vs onnxruntime on {len(x)} inputs from {len(films)} real val films: "
           f"max |diff| = {result['max_abs_diff']:.3g} (tolerance {result['tolerance']:g})")  # fmt: skip
-    bound = config.evaluate.parity_tolerance * (max(1.0, float(np.abs(a).max())) if task.kind == "score" else 1.0)
+    relative = task.kind in ("score", "age")
+    bound = config.evaluate.parity_tolerance * (max(1.0, float(np.abs(a).max())) if relative else 1.0)
     if not result["max_abs_diff"] <= bound:
         raise RuntimeError(f"ONNX parity failed: max abs diff {result['max_abs_diff']:.3g} > tolerance")
     return result
@@ -180,7 +181,7 @@ def manifest_of(
         file="model.onnx",
         kind=task.kind,
         reason=task.reason,
-        threshold=float(report["threshold"]),
+        threshold=task.manifest_threshold(float(report["threshold"])),
         preprocessing=config.preprocessing,
         labels=task.labels if task.kind == "classifier" else (),  # a score has no classes to name
         positive_labels=task.positive_labels if task.kind == "classifier" else (),

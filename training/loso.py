@@ -91,14 +91,16 @@ def summarise(task: Task, res: dict[str, Any], threshold: float) -> dict[str, An
             continue
         k, n = int(flagged[m].sum()), int(m.sum())
         lo, hi = wilson_interval(k, n)
-        role = "caught" if task.is_positive(i) else "false flags"
+        role = "caught" if task.is_positive(i) else "reported" if name in task.ignored_labels else "false flags"
         out["classes"][name] = {"role": role, "examples": n, "flagged": k, "rate": k / n, "ci95": [lo, hi]}
     neg = np.array([not task.is_positive(int(y)) for y in res["label"]], dtype=bool)
+    pos = ~neg
+    neg &= np.array([task.labels[int(y)] not in task.ignored_labels for y in res["label"]], dtype=bool)
     if neg.any():
         k, n = int(flagged[neg].sum()), int(neg.sum())
         out["false_flags"] = {"examples": n, "flagged": k, "rate": k / n, "ci95": list(wilson_interval(k, n))}
-    if (~neg).any():
-        k, n = int(flagged[~neg].sum()), int((~neg).sum())
+    if pos.any():
+        k, n = int(flagged[pos].sum()), int(pos.sum())
         out["caught"] = {"examples": n, "flagged": k, "rate": k / n, "ci95": list(wilson_interval(k, n))}
     return out
 

@@ -43,6 +43,9 @@ class Example:
     variant: str
     pixels: np.ndarray
     label: int
+    # A regression task's training target (an interval, e.g. (low, high) in its own units) instead of the class:
+    # make_batch then gives float targets of shape (B, len(target)) to :meth:`Task.loss`.
+    target: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,12 @@ class Task:
     # The detector's own card text (templates filled by :meth:`card_figures`); None: the framework's card
     # (:mod:`filmgate_training.card`, self-supervised orientation/inversion).
     card: CardText | None = None
+    # Labels that are neither clean films nor faults for the leave-one-source-out aggregates (reported per class
+    # only): e.g. ``pediatric``'s children of 10-17, whom the policy's cut of 10 years neither must catch nor spare.
+    ignored_labels: tuple[str, ...] = ()
+    # A threshold fixed by the task (in :meth:`scores` units) instead of one calibrated on held-out films: the age
+    # model's is the policy's cut, the same for the header and the image.
+    fixed_threshold: float | None = None
 
     # ------------------------------------------------------------------ which films
     def films(self, rows: Sequence[LabelledFilm], split: str) -> list[LabelledFilm]:
@@ -233,6 +242,10 @@ class Task:
 
         return F.cross_entropy(outputs, labels)
 
+    def manifest_threshold(self, threshold: float) -> float:
+        """Hook: the manifest's threshold for a threshold in :meth:`scores` units (the same, except for ``age``)."""
+        return threshold
+
     def scores(self, outputs: np.ndarray) -> np.ndarray:
         """Raw outputs -> the score thresholds compare with (same rule as the gate's manifest)."""
         outputs = np.asarray(outputs, dtype=np.float64)
@@ -301,12 +314,15 @@ class LabelledTask(Task):
 TASKS: dict[str, Task] = {}
 
 
-def register(task: Task) -> Task:
-    if task.kind not in ("classifier", "score"):
-        raise ValueError(f"task {task.name}: kind must be classifier or score")
-    if task.kind == "classifier" and not set(task.positive_labels) <= set(task.labels):
+def register(task: Task, key: str | None = None) -> Task:
+    """Add a task under ``key`` (the config's ``task:``; default its name). Two keys may name tasks of one name:
+    variants of a detector (``pediatric``: the classifier and the age model) that ship to the same ``models/`` folder
+    and share one leave-one-source-out report, so the report compares them."""
+    if task.kind not in ("classifier", "score", "age"):
+        raise ValueError(f"task {task.name}: kind must be classifier, score or age")
+    if task.kind != "score" and not set(task.positive_labels) <= set(task.labels):
         raise ValueError(f"task {task.name}: positive_labels must be among labels")
-    TASKS[task.name] = task
+    TASKS[key or task.name] = task
     return task
 
 

@@ -208,3 +208,73 @@ def test_finish_writes_the_extra_evaluation_card_and_headline_of_a_pediatric_run
     spine = extra["spine_by_age"]
     assert f"{sum(r['right'] for r in spine)} of its {sum(r['films'] for r in spine)} val films right" in card
     assert manifest.metrics["extra"] == get_task("pediatric").headline(extra)
+
+
+def test_the_pediatric_age_model_trains_on_intervals_ships_as_kind_age_and_is_cut_by_the_policy(tmp_path, data_dir):
+    """The age variant of ``pediatric`` (task key ``pediatric-age``) through the one ship path on real films: its
+    training targets are age intervals (a recorded age, the children's hospital's documented 1-6 years, 18 or more
+    for adult collections), its exported model outputs years, its threshold is the policy's cut (never calibrated),
+    it ships to ``models/pediatric`` as kind ``age``, ``finish`` writes the mean absolute error per age band, and
+    the gate's policy cuts its estimate where it cuts the header's age."""
+    import math
+
+    import yaml
+
+    from filmgate.config import DetectorsConfig, PolicyConfig
+    from filmgate.decode import decode_file
+    from filmgate.detectors import DetectorSet, load_detector
+    from filmgate.manifest import sha256_file
+    from filmgate.policy import Metadata, decide
+    from filmgate_training.data import make_batch, training_pool
+    from filmgate_training.detectors.finish import finish
+    from filmgate_training.detectors.pediatric_age import U0, age_interval
+    from filmgate_training.evaluate import evaluate as run_evaluation
+    from filmgate_training.evaluate import onnx_runner, write_report
+    from filmgate_training.export import export, ship
+    from filmgate_training.films import all_rows
+    from filmgate_training.train import fit
+
+    task = get_task("pediatric-age")
+    assert task.name == "pediatric" and task.kind == "age" and get_task("pediatric").kind == "classifier"
+    rows = {r.source: r for r in all_rows(())}
+    assert age_interval(rows["kermany"]) == (1.0, 6.0) and age_interval(rows["tbx11k"]) == (18.0, 120.0)
+    aged = next(r for r in all_rows(()) if r.source == "nih-cxr14" and r.age is not None)
+    assert age_interval(aged) == (aged.age, aged.age)
+
+    d = json.loads(json.dumps(tiny_config(tmp_path, task="pediatric-age").to_dict()))
+    d["val_notes"], d["card_limits"] = ["None looked at val in this test."], ["A tiny test model."]
+    path = tmp_path / "pediatric-age-tiny.yaml"
+    path.write_text(yaml.safe_dump(d))
+    config = load_config(path)
+    train, _ = split_train(config, task)
+    pool = training_pool(config, task, train)
+    _, y = make_batch(pool, task, config, np.random.default_rng(0), 8)
+    assert y.dtype == np.float32 and y.shape == (8, 2) and (y[:, 0] <= y[:, 1]).all()  # (low, high) - U0
+    assert (np.expm1(y + U0) >= 0).all()
+    fit(config)
+    export(config)
+    onnx_path = config.run_path / "model.onnx"
+    report = run_evaluation(config, onnx_runner(onnx_path), {"sha256": sha256_file(onnx_path)})
+    assert report["threshold"] == -10.0 and "fixed by the task" in report["threshold_rule"]
+    write_report(report, config.run_path)
+    folder = ship(config)
+    assert folder.name == "pediatric"
+    finish(str(path))
+    manifest = load_manifest(folder)
+    assert manifest.kind == "age" and manifest.threshold == 10.0 and manifest.reason == "pediatric"
+    extra = json.loads((folder / "extra.json").read_text())
+    bands = [r["band"] for r in extra["mae_by_band"]]
+    assert "18-39" in bands and all(math.isfinite(r["mae"]) for r in extra["mae_by_band"])
+    assert manifest.metrics["extra"] == task.headline(extra)
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "Kind `age`" in card and "**under** the policy's cut" in card and "A tiny test model." in card
+
+    # the gate: the finding's score is the age in years; the policy's cut decides, for the header and image alike
+    det = load_detector(folder, manifest, DetectorsConfig(models_dir=str(folder.parent), provider="cpu"))
+    film = next(f for f in all_rows(()) if f.source == "nih-cxr14" and f.split == "val")
+    prepared = DetectorSet([det]).prepare(decode_file(film.path).pixels)
+    (finding,) = det.run(prepared[manifest.preprocessing][None])
+    assert finding.below and finding.score >= 0.0
+    for cut in (finding.score - 0.5, finding.score + 0.5):
+        judged = decide([finding], Metadata(modality="DX"), PolicyConfig(pediatric_age_years=max(cut, 0.1)))
+        assert (judged.reasons == ("pediatric",)) is (finding.score < max(cut, 0.1)), (finding.score, cut)

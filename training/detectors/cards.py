@@ -120,6 +120,16 @@ def classifier_card(
     limits = [task.card.fill(x, figures) for x in task.card.limits]
     val = report["val"]
     p = val["pooled"]
+    if manifest.kind == "age":
+        use = (f"- Kind `age`: the output is the estimated age in years (score = that age); the gate quarantines "
+               f"with reason `{manifest.reason}` when it is **under** the policy's cut (`policy.pediatric_age_years`, "
+               f"{manifest.threshold:.6g} by default, the cut of the header's age too).")  # fmt: skip
+        output = "Output `output`: (N, 1), years."
+    else:
+        use = (f"- Kind `classifier`; labels {', '.join(f'`{x}`' for x in manifest.labels)}; score = softmax mass "
+               f"of {', '.join(f'`{x}`' for x in manifest.positive_labels)}; the gate quarantines with reason "
+               f"`{manifest.reason}` when score >= **{manifest.threshold:.6g}**.")  # fmt: skip
+        output = "Output `output`: logits."
     lines = [
         f"# Model card: `{name}` {manifest.version}",
         "",
@@ -127,12 +137,10 @@ def classifier_card(
         "",
         "## Use",
         "",
-        f"- Kind `classifier`; labels {', '.join(f'`{x}`' for x in manifest.labels)}; score = softmax mass of "
-        f"{', '.join(f'`{x}`' for x in manifest.positive_labels)}; the gate quarantines with reason "
-        f"`{manifest.reason}` when score >= **{manifest.threshold:.6g}**.",
+        use,
         f"- Input `image` float32 (N, 1, {config.preprocessing.size}, {config.preprocessing.size}), dynamic batch: "
         "the film decoded by `filmgate.decode`, then `filmgate.preprocess` with "
-        f"`{config.preprocessing.to_dict()}`. Output `output`: logits.",
+        f"`{config.preprocessing.to_dict()}`. {output}",
         "",
         "## Model",
         "",
@@ -141,7 +149,7 @@ def classifier_card(
         "at 128-192 px shows the view, the heart side and the body proportions; it keeps every detector at a few ms "
         "per film on one core). "
         + (MIRROR_SWAP if config.model.mirror_swap else "")
-        + f"ONNX opset 17; torch vs onnxruntime max |logit diff| {parity['max_abs_diff']:.2g} on real val films.",
+        + f"ONNX opset 17; torch vs onnxruntime max |output diff| {parity['max_abs_diff']:.2g} on real val films.",
         "",
         "## Training data",
         "",

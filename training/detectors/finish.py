@@ -34,7 +34,7 @@ def finish(name: str, overrides: dict | None = None, backbone_run: Path | None =
 
         build(config, backbone_run=backbone_run)
         return
-    folder = config.models_path / config.task
+    folder = config.models_path / task.name  # a variant's key (pediatric-age) ships as its name
     manifest = load_manifest(folder)
     runner = onnx_runner(folder / manifest.file, config.train.threads)
     extra = run_extra(config, runner, manifest.threshold, folder)
