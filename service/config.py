@@ -29,6 +29,7 @@ from filmgate.typed_config import ConfigError, FrozenMap, build, read_yaml
 ENV_CONFIG = "FILMGATE_CONFIG"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PROVIDERS = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32")
 DUPLICATE_RULES = ("keep", "replace")
 TRANSCODE_TARGETS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit, Implicit VR Little Endian
 POLICY_MODES = ("enforce", "shadow")
@@ -135,6 +136,7 @@ class DetectorsConfig:
     provider: str = "auto"
     intra_op_threads: int = 1
     disabled: tuple[str, ...] = ()
+    precision: str = "auto"  # auto: a manifest's int8 model on CPU where it names one; fp32: always the float model
 
 
 @dataclass(frozen=True)
@@ -465,6 +467,8 @@ def validate(cfg: Config, *, check_models: bool = True) -> Config:
             f"libraries alone need that much address space, got {lim.decode_memory_bytes}")  # fmt: skip
     if cfg.detectors.provider not in PROVIDERS:
         err(f"detectors.provider: must be one of {PROVIDERS}, got {cfg.detectors.provider!r}")
+    if cfg.detectors.precision not in PRECISIONS:
+        err(f"detectors.precision: must be one of {PRECISIONS}, got {cfg.detectors.precision!r}")
     if cfg.detectors.intra_op_threads < 0:
         err("detectors.intra_op_threads: must be >= 0 (0 lets onnxruntime choose)")
     if cfg.spool.stale_tmp_seconds < 2 * cfg.listener.network_timeout:

@@ -4,6 +4,10 @@ A new detector (flip, view, pediatric, atypical) needs no code here: its manifes
 score and which quarantine reason it raises. Films are preprocessed once per distinct preprocessing spec, so models
 that share one (most do) share the work. onnxruntime-gpu silently falls back to CPU, so the provider really in use
 is read back from the session, logged and exported as ``filmgate_model_info``.
+
+A manifest may name an int8 copy of its model for the CPU provider (``quantized``): the gate runs it there and the
+float model on CUDA (``ModelManifest.file_for``; ``detectors.precision: fp32`` keeps the float model everywhere).
+Which file runs is chosen from the provider really in use, so a CUDA build that falls back to CPU runs int8 too.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class OnnxDetector:
     folder: Path
     session: object
     provider: str
+    precision: str = "fp32"  # of the file that runs: "int8" (the manifest's quantized model) or "fp32"
 
     @property
     def name(self) -> str:
@@ -73,11 +78,17 @@ def onnx_session(path: str | Path, *, provider: str = "cpu", intra_op_threads: i
 
 
 def _onnx_factory(folder: Path, manifest: ModelManifest, cfg: DetectorsConfig) -> OnnxDetector:
-    session = onnx_session(folder / manifest.file, provider=cfg.provider, intra_op_threads=cfg.intra_op_threads)
+    cpu = "CPUExecutionProvider"
+    wanted = cpu if _providers(cfg.provider)[0] == cpu else "CUDAExecutionProvider"
+    file, precision = manifest.file_for(wanted, cfg.precision)
+    session = onnx_session(folder / file, provider=cfg.provider, intra_op_threads=cfg.intra_op_threads)
     used = session.get_providers()[0]
     if cfg.provider == "cuda" and used != "CUDAExecutionProvider":
         raise RuntimeError(f"detectors.provider is cuda but {manifest.name} runs on {used} (no usable GPU)")
-    return OnnxDetector(manifest=manifest, folder=folder, session=session, provider=used)
+    if used != wanted and manifest.file_for(used, cfg.precision)[0] != file:  # CUDA fell back to CPU silently
+        file, precision = manifest.file_for(used, cfg.precision)
+        session = onnx_session(folder / file, provider="cpu", intra_op_threads=cfg.intra_op_threads)
+    return OnnxDetector(manifest=manifest, folder=folder, session=session, provider=used, precision=precision)
 
 
 # The detector registry: how a model file is run, by file suffix. ONNX is the only runtime today.
@@ -125,8 +136,8 @@ class DetectorSet:
                 continue
             det = load_detector(folder, manifest, cfg)
             log.info(
-                "detector %s version %s (reason %s) loaded on %s",
-                manifest.name, manifest.version, manifest.reason, det.provider,
+                "detector %s version %s (reason %s) loaded on %s, %s",
+                manifest.name, manifest.version, manifest.reason, det.provider, det.precision,
             )  # fmt: skip
             metrics.MODEL_INFO.labels(model=manifest.name, version=manifest.version, provider=det.provider).set(1)
             loaded.append(det)
@@ -140,7 +151,8 @@ class DetectorSet:
         return cls(loaded)
 
     def describe(self) -> list[dict[str, str]]:
-        return [{"name": d.name, "version": d.manifest.version, "provider": d.provider} for d in self.detectors]
+        return [{"name": d.name, "version": d.manifest.version, "provider": d.provider, "precision": d.precision}
+                for d in self.detectors]  # fmt: skip
 
     def prepare(self, pixels: np.ndarray) -> dict[PreprocessSpec, np.ndarray]:
         """One decoded film -> its input tensor for every distinct spec (timed per model).

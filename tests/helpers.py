@@ -91,13 +91,15 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
 
 class ShippedDetector:
     """One shipped model (``models/<name>``), judged as the gate judges: ``Judge.examine_pixels`` (the gate's
-    preprocessing) then ``Judge.conclude`` (onnxruntime on CPU through the one session factory)."""
+    preprocessing) then ``Judge.conclude`` (onnxruntime on CPU through the one session factory): the int8 model where
+    the manifest names one, as the gate runs it on CPU; ``precision="fp32"`` the float model."""
 
-    def __init__(self, name: str, models: Path = MODELS, threads: int = 2) -> None:
+    def __init__(self, name: str, models: Path = MODELS, threads: int = 2, precision: str = "auto") -> None:
         self.folder = models / name
         assert (self.folder / "manifest.json").is_file(), f"models/{name} is not shipped"
         self.manifest: ModelManifest = load_manifest(self.folder)  # schema + sha256, as the gate loads it
-        cfg = parse_config({"detectors": {"models_dir": str(models), "provider": "cpu", "intra_op_threads": threads}})
+        cfg = parse_config({"detectors": {"models_dir": str(models), "provider": "cpu", "intra_op_threads": threads,
+                                          "precision": precision}})  # fmt: skip
         self.judge = Judge(cfg, DetectorSet([load_detector(self.folder, self.manifest, cfg.detectors)]))
 
     def findings(self, images: Sequence[np.ndarray], batch: int = 64) -> list[Finding]:

@@ -12,6 +12,8 @@ python -m filmgate_training gate-report [--docs]           # the val split decid
 python -m filmgate_training loso --config view --unseen    # leave-one-source-out: the shipped model on sources it
                                                   # never trained on; --sources a,b retrains a fold without each
                                                   # (--set train.steps=300); --card writes the card section
+python -m filmgate_training quantize --config flip-hr     # int8 copy of models/<task>/ for CPU (+ parity check);
+                                                  # --compare --card: fp32 vs int8 on val and the LOSO sources
 --set train.steps=100 overrides any key (the value is read as YAML).
 """
 
@@ -95,6 +97,31 @@ def cmd_loso(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from filmgate_training import quantize
+    from filmgate_training.tasks import get_task
+
+    try:
+        config = load_config(args.config)
+        folder = config.models_path / get_task(config.task).name
+        if not (args.compare_only or (args.card and not args.compare)):
+            print(f"wrote {quantize.quantize_folder(folder)}")
+        report = None
+        if args.compare or args.compare_only:
+            report = quantize.compare(folder, loso_limit=args.loso_limit)
+            print(quantize.markdown(report))
+            print(f"report: {quantize.write_report(folder, report)}")
+        if args.card:  # the comparison just made, or the saved one (refused when of other model files)
+            if report is None:
+                report = quantize.load_report(folder)
+                quantize.write_report(folder, report)
+            quantize.write_card(folder, report)
+    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {
     "cache": cmd_cache,
     "fit": cmd_fit,
@@ -160,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     loso.add_argument("--min-films", type=int, default=20, help="sources with fewer films are not held out")
     loso.add_argument("--card", action="store_true", help="write the table into models/<task>/MODEL_CARD.md")
     loso.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP + "; folds only")
+    quant = add_command(
+        sub, "quantize", "int8 copy of a shipped detector for the CPU (calibrated on train films, checked against "
+        "the float model on held-out train films, recorded in its manifest); --compare: both on val and the "
+        "leave-one-source-out sources",
+        examples=["python -m filmgate_training quantize --config flip-hr",
+                  "python -m filmgate_training quantize --config view-ft --compare --card"],
+    )  # fmt: skip
+    quant.add_argument("--config", required=True, help=CONFIG_HELP + "; the model is models/<task>/")
+    quant.add_argument("--compare", action="store_true", help="then compare fp32 and int8 on val and LOSO films")
+    quant.add_argument("--compare-only", action="store_true", help="compare the int8 model already shipped")
+    quant.add_argument("--card", action="store_true", help="write the comparison into the card and manifest (alone: "
+                       "the saved models/<task>/int8.json)")  # fmt: skip
+    quant.add_argument("--loso-limit", type=int, help="at most this many films per held-out source (smoke runs)")
     for name in COMMANDS:
         summary, example = STEP_HELP[name]
         p = add_command(sub, name, summary, examples=[example])
@@ -185,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return finish_main(["--config", args.config, *(x for kv in args.set for x in ("--set", kv))])
     if args.command == "loso":
         return cmd_loso(args)
+    if args.command == "quantize":
+        return cmd_quantize(args)
     if args.command == "tasks":
         from filmgate_training.tasks import registered
 

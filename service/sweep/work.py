@@ -82,8 +82,9 @@ def judge_for(cfg: Config) -> Judge:
 
 
 def fingerprint(judge: Judge) -> str:
-    """What the judgement depends on beyond the film: the detectors' versions and the policy (a change re-judges)."""
-    models = ",".join(f"{d['name']}={d['version']}" for d in judge.detectors.describe())
+    """What the judgement depends on beyond the film: the detectors' versions and precisions (the int8 and float
+    models' scores differ a little) and the policy (a change re-judges)."""
+    models = ",".join(f"{d['name']}={d['version']}/{d['precision']}" for d in judge.detectors.describe())
     return f"{models}|{judge.cfg.policy!r}"
 
 
