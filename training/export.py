@@ -227,7 +227,8 @@ def install(config: Config, manifest: ModelManifest, card: Callable[[ModelManife
     """The one way a detector lands in ``models/<task>/`` (from :func:`ship`): the run's
     evaluated ``model.onnx`` (its sha256 must be the one ``evaluation.json`` and the manifest record), the run's
     ``evaluation.{json,md}``, the manifest (:func:`filmgate.manifest.write_manifest`) and the card made from it;
-    then the folder is loaded as the gate loads it (schema and sha256)."""
+    then the folder is loaded as the gate loads it (schema and sha256), and the quantise step
+    (:func:`filmgate_training.quantize.ship_int8`) adds the int8 model the gate runs on CPU."""
     run = config.run_path
     onnx_path, report_path = run / "model.onnx", run / "evaluation.json"
     if not onnx_path.is_file() or not report_path.is_file():
@@ -243,4 +244,7 @@ def install(config: Config, manifest: ModelManifest, card: Callable[[ModelManife
     write_manifest(folder, manifest)
     (folder / "MODEL_CARD.md").write_text(card(manifest))
     load_manifest(folder)  # what the gate will do: schema and sha256
+    from filmgate_training.quantize import ship_int8
+
+    ship_int8(folder)  # the int8 copy the gate runs on CPU, its parity check and comparison, into manifest and card
     return folder

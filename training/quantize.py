@@ -180,7 +180,7 @@ def twin_runner(fp32: Path, int8: Path, threads: int = 1) -> Any:
 def agreement(manifest: ModelManifest, task: Task, a: np.ndarray, b: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """How closely int8 outputs ``b`` follow fp32 outputs ``a`` at the manifest's threshold."""
     sa, sb = manifest.scores(a), manifest.scores(b)
-    fa, fb = sa >= manifest.threshold, sb >= manifest.threshold
+    fa, fb = manifest.flagged(sa), manifest.flagged(sb)  # at least the threshold (under it: an age detector)
     clean = np.array([not task.is_positive(int(y)) for y in labels], dtype=bool)
     diff = np.abs(sa - sb)
     # how far from the threshold the closest fp32 score lies, as a multiple of the largest score shift: above 1, no
@@ -266,9 +266,9 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     return {"flagged": k, "of": n, "rate": k / n if n else 0.0, "ci95": list(wilson_interval(k, n))}
 
 
-def _group(sa: np.ndarray, sb: np.ndarray, threshold: float, role: str) -> dict[str, Any]:
+def _group(manifest: ModelManifest, sa: np.ndarray, sb: np.ndarray, role: str) -> dict[str, Any]:
     """fp32 scores ``sa`` and int8 scores ``sb`` of one group of examples: both flagged rates with intervals."""
-    fa, fb = sa >= threshold, sb >= threshold
+    fa, fb = manifest.flagged(sa), manifest.flagged(sb)
     a, b = _rate(int(fa.sum()), len(fa)), _rate(int(fb.sum()), len(fb))
     lo, hi = a["ci95"]
     # one-sided: int8 may flag fewer clean films or catch more faults than the float model, not the other way
@@ -282,9 +282,9 @@ def _by_role(task: Task, res: dict[str, Any], k: int, manifest: ModelManifest, m
     pos = np.array([task.is_positive(int(y)) for y in res["label"][mask]], dtype=bool)
     out = {}
     if (~pos).any():
-        out["clean"] = _group(sa[~pos], sb[~pos], manifest.threshold, "false flags")
+        out["clean"] = _group(manifest, sa[~pos], sb[~pos], "false flags")
     if pos.any():
-        out["faults"] = _group(sa[pos], sb[pos], manifest.threshold, "caught")
+        out["faults"] = _group(manifest, sa[pos], sb[pos], "caught")
     return out
 
 
@@ -334,11 +334,11 @@ def compare(folder: Path, threads: int = 1, loso_limit: int | None = None) -> di
                 adults.append(px)
     for kind, xs in sorted(by_kind.items()):  # frontal films as they came are clean, other kinds "faults"
         sa, sb = _scores_of(run, np.stack(xs), k, manifest)
-        kinds[kind] = _group(sa, sb, manifest.threshold, "false flags" if kind == "frontal-chest" else "caught")
+        kinds[kind] = _group(manifest, sa, sb, "false flags" if kind == "frontal-chest" else "caught")
     synthetic = {}  # wrong films made from every third adult val frontal film (what ``atypical`` must catch)
     for name, fn in CORRUPTIONS.items() if adults else ():
         sa, sb = _scores_of(run, np.stack([preprocess(fn(px), spec) for px in adults]), k, manifest)
-        synthetic[name] = _group(sa, sb, manifest.threshold, "caught")
+        synthetic[name] = _group(manifest, sa, sb, "caught")
 
     held_out: dict[str, Any] = {}  # the sources of the card's leave-one-source-out table, the same films
     for key, row in sorted(manifest.metrics.get("loso", {}).items()):

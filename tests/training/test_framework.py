@@ -80,6 +80,13 @@ def test_tiny_fit_exports_loads_in_onnxruntime_and_ships(tmp_path, data_dir):
     assert {d["source"] for d in manifest.training_data} and all(d["licence"] for d in manifest.training_data)
     assert (folder / "MODEL_CARD.md").read_text().startswith("# Model card: `orientation`")
     assert (folder / "evaluation.md").is_file() and (folder / "evaluation.json").is_file()
+    # the quantise step of the one ship path: an int8 copy checked against this very model, or why there is none
+    if manifest.quantized is None:
+        assert manifest.extra["int8_refused"].startswith("int8 parity failed"), manifest.extra
+    else:
+        assert manifest.quantized.quantization["from_sha256"] == manifest.sha256
+        assert manifest.quantized.parity["held_out_train"]["examples"] > 0
+        assert "<!-- int8:begin" in (folder / "MODEL_CARD.md").read_text() and (folder / "int8.json").is_file()
 
 
 def test_export_parity_on_real_films_batch_and_single(tmp_path, data_dir):

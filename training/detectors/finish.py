@@ -47,6 +47,10 @@ def finish(name: str, overrides: dict | None = None, backbone_run: Path | None =
     extra_md = (folder / "extra.md").read_text()
     (folder / "MODEL_CARD.md").write_text(classifier_card(config, manifest, report, blob, parity, extra, extra_md))
     load_manifest(folder)
+    if manifest.quantized is not None and (folder / "int8.json").is_file():  # the card's int8 section, again
+        from filmgate_training import quantize
+
+        quantize.write_card(folder, quantize.load_report(folder))
     print((folder / "extra.md").read_text())
 
 
