@@ -115,6 +115,11 @@ def score_source(
     res = infer(films, task, config.preprocessing, runner)
     clean = np.array([not task.is_positive(int(y)) for y in res["label"]], dtype=bool)
     out = summarise(task, res, threshold) | {"source": source, "threshold": threshold}
+    if task.kind == "age":  # where the estimates lie, per class (years): a miss by 1 year is not a miss by 30
+        years = -task.scores(res["outputs"])
+        out["years_p10_p50_p90"] = {name: [round(float(v), 1) for v in np.percentile(years[res["label"] == i],
+                                                                                     [10, 50, 90])]
+                                    for i, name in enumerate(task.labels) if (res["label"] == i).any()}  # fmt: skip
     return out | {"_clean_scores": task.scores(res["outputs"])[clean].tolist()}  # for recalibration, not the report
 
 

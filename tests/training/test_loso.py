@@ -269,6 +269,11 @@ def test_the_pediatric_age_model_trains_on_intervals_ships_as_kind_age_and_is_cu
     card = (folder / "MODEL_CARD.md").read_text()
     assert "Kind `age`" in card and "**under** the policy's cut" in card and "A tiny test model." in card
 
+    # leave-one-source-out rows of an age model say where its estimates lie per class, in years
+    row = loso.score_source(config, task, onnx_runner(folder / "model.onnx"), -10.0, "nih-cxr14", limit=3)
+    p10, p50, p90 = row["years_p10_p50_p90"]["adult"]
+    assert 0.0 <= p10 <= p50 <= p90 and row["false_flags"]["examples"] == 3
+
     # the gate: the finding's score is the age in years; the policy's cut decides, for the header and image alike
     det = load_detector(folder, manifest, DetectorsConfig(models_dir=str(folder.parent), provider="cpu"))
     film = next(f for f in all_rows(()) if f.source == "nih-cxr14" and f.split == "val")
