@@ -57,6 +57,8 @@ def test_every_detector_ships_an_int8_model_made_from_its_float_model(name):
     assert set(q.quantization["calibration_sources"]) <= trained  # never a held-out source of the LOSO figures
     assert q.parity["held_out_train"]["verdicts_changed"] <= max(1, 0.005 * q.parity["held_out_train"]["examples"])
     assert q.parity["not_worse"], f"models/{name}: int8 worse than fp32 on val or LOSO ({q.parity['criterion']})"
+    # the comparison covers every held-out source the manifest reports (rerun it after `loso --card` adds one)
+    assert set(q.parity["loso"]) == {key.split(" (")[0] for key in manifest.metrics.get("loso", {})}
 
 
 @pytest.mark.parametrize("name", NAMES)
