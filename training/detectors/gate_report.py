@@ -159,7 +159,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "# Gate report: the val split decided as the gate decides",
         "",
         f"Created {meta['created']} by `python -m filmgate_training.detectors.gate_report`. Detectors: "
-        + ", ".join(f"`{d['name']}` {d['version']}" for d in meta["detectors"])
+        + ", ".join(f"`{d['name']}` {d['version']}" + (f" ({d['precision']})" if "precision" in d else "")
+                    for d in meta["detectors"])  # fmt: skip
         + ". Default policy; films are PNG/JPEG without a DICOM header, so only the image detectors decide (no "
         "modality or age rule).",
         "",
