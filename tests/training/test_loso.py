@@ -3,6 +3,7 @@ shipped model from its ONNX file, the atypical build through ``all`` and ``finis
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -220,11 +221,12 @@ def test_the_pediatric_age_model_trains_on_intervals_ships_as_kind_age_and_is_cu
 
     import yaml
 
-    from filmgate.config import DetectorsConfig, PolicyConfig
+    from filmgate.config import Config, DetectorsConfig, PolicyConfig
     from filmgate.decode import decode_file
     from filmgate.detectors import DetectorSet, load_detector
+    from filmgate.judge import Judge
     from filmgate.manifest import sha256_file
-    from filmgate.policy import Metadata, decide
+    from filmgate.policy import Metadata
     from filmgate_training.data import make_batch, training_pool
     from filmgate_training.detectors.finish import finish
     from filmgate_training.detectors.pediatric_age import U0, age_interval
@@ -277,9 +279,15 @@ def test_the_pediatric_age_model_trains_on_intervals_ships_as_kind_age_and_is_cu
     # the gate: the finding's score is the age in years; the policy's cut decides, for the header and image alike
     det = load_detector(folder, manifest, DetectorsConfig(models_dir=str(folder.parent), provider="cpu"))
     film = next(f for f in all_rows(()) if f.source == "nih-cxr14" and f.split == "val")
-    prepared = DetectorSet([det]).prepare(decode_file(film.path).pixels)
-    (finding,) = det.run(prepared[manifest.preprocessing][None])
+    pixels = decode_file(film.path).pixels
+
+    def judged_at(cut: float):  # the one judge, as the node, inspect and the sweep call it
+        judge = Judge(dataclasses.replace(Config(), policy=PolicyConfig(pediatric_age_years=cut)), DetectorSet([det]))
+        (judgement,) = judge.conclude([judge.examine_pixels(pixels, Metadata(modality="DX"))])
+        return judgement
+
+    (finding,) = judged_at(10.0).findings
     assert finding.below and finding.score >= 0.0
     for cut in (finding.score - 0.5, finding.score + 0.5):
-        judged = decide([finding], Metadata(modality="DX"), PolicyConfig(pediatric_age_years=max(cut, 0.1)))
+        judged = judged_at(max(cut, 0.1)).decision
         assert (judged.reasons == ("pediatric",)) is (finding.score < max(cut, 0.1)), (finding.score, cut)
