@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from pydicom.filereader import read_file_meta_info
 
 from filmgate import metrics
+from filmgate.config_checks import AE_TITLE, LAYOUT, NOT_EMPTY, PORT, POSITIVE, at_least, one_of
 from filmgate.manifest import sha256_file
 from filmgate.record import LAYOUT_FIELDS
 from filmgate.spool import (
@@ -49,20 +50,23 @@ from filmgate.spool import (
 )
 from filmgate.tls import TLSConfig, client_context
 
+DUPLICATE_RULES = ("keep", "replace")
+TRANSCODE_TARGETS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")  # Explicit, Implicit VR Little Endian
+
 
 @dataclass(frozen=True)
 class FolderDestinationConfig:
     """Write the received file and a JSON sidecar under ``path`` following ``layout``."""
 
     name: str
-    path: str
-    layout: str = "{StudyInstanceUID}/{SOPInstanceUID}.dcm"
+    path: str = field(metadata=NOT_EMPTY)
+    layout: str = field(default="{StudyInstanceUID}/{SOPInstanceUID}.dcm", metadata=LAYOUT)
     sidecar: bool = True
     fsync: bool = True
     # A second copy of an instance (same SOP Instance UID, other bytes): "keep" it beside the first as
     # <name>-copy2.dcm, -copy3, ..., or "replace" the first. A different instance is never overwritten; identical
     # bytes are delivered once.
-    duplicates: str = "keep"
+    duplicates: str = field(default="keep", metadata=one_of(list(DUPLICATE_RULES)))
 
 
 @dataclass(frozen=True)
@@ -70,22 +74,24 @@ class DicomDestinationConfig:
     """Forward the received bytes by C-STORE, with retries, exponential back-off and a dead-letter folder."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int
-    calling_ae: str = "FILMGATE"
-    retries: int = 8
-    backoff_initial: float = 1.0
-    backoff_factor: float = 2.0
-    backoff_max: float = 300.0
-    timeout: float = 30.0
+    ae_title: str = field(metadata=AE_TITLE)
+    host: str = field(metadata=NOT_EMPTY)
+    port: int = field(metadata=PORT)
+    calling_ae: str = field(default="FILMGATE", metadata=AE_TITLE)
+    retries: int = field(default=8, metadata=at_least(0))
+    backoff_initial: float = field(default=1.0, metadata=POSITIVE)
+    backoff_factor: float = field(default=2.0, metadata=at_least(1))
+    backoff_max: float = 300.0  # at least backoff_initial (filmgate.config.validate)
+    timeout: float = field(default=30.0, metadata=POSITIVE)
     dead_letter: str = ""  # default: <spool>/dead-letter/<name>
     # TLS to the peer, the listener's settings: ca_file verifies the peer (empty: the system's CAs), cert_file and
     # key_file are our client certificate for mutual TLS (optional).
     tls: TLSConfig = field(default_factory=TLSConfig)
     # Uncompressed transfer syntaxes (Explicit/Implicit VR Little Endian) to decompress to when the peer accepts no
     # context for an instance's own syntax; empty: never change the bytes (the instance is dead-lettered instead).
-    transcode_to: tuple[str, ...] = ()
+    transcode_to: tuple[str, ...] = field(
+        default=(), metadata=one_of(list(TRANSCODE_TARGETS), " (lossless, uncompressed)", each=True)
+    )
 
 
 log = logging.getLogger("filmgate.destinations")

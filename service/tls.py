@@ -5,7 +5,9 @@ mutual TLS when a CA and client certificates are required (server) or a client c
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from filmgate.config_checks import one_of
 
 # BCP 195 (RFC 9325) and DICOM's BCP 195 TLS profile (PS3.15 B.9): TLS 1.2 or later, forward-secret key exchange
 # with AEAD ciphers only. TLS 1.3 suites are OpenSSL's defaults (all of them AEAD) and not affected by this list.
@@ -26,7 +28,7 @@ class TLSConfig:
     key_file: str = ""
     ca_file: str = ""
     require_client_cert: bool = False
-    min_version: str = "TLSv1.2"
+    min_version: str = field(default="TLSv1.2", metadata=one_of(TLS_VERSIONS, " (BCP 195)"))
     ciphers: str = BCP195_CIPHERS
 
 

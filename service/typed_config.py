@@ -7,6 +7,11 @@ checked against its annotation (``bool``, ``int``, ``float``, ``str``, ``X | Non
 ``Sequence[X]`` (read as a tuple), ``Mapping[str, X]``, ``Any`` (kept as read), nested dataclasses such as
 :class:`filmgate.preprocess.PreprocessSpec`), and a message that starts with the dotted key
 (``train.steps: must be an integer, got 'many'``) so a typo fails before anything starts.
+
+A field's own constraint (a range, the allowed values, not empty) is declared beside it, as the field's metadata
+(``port: int = field(default=104, metadata=check(is_port, "must be a TCP port 0-65535, got {value}"))``), and
+:func:`field_errors` checks every one of them in one walk over the built configuration; what is left to a
+configuration's own ``validate`` is what no single field can know (one key against another, names that must exist).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +197,46 @@ def with_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
                 raise ConfigError(f"--set {dotted}: {part} is not a mapping")
         node[leaf] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------------- field constraints
+
+
+def check(ok: Callable[[Any], bool], message: str, *, each: bool = False) -> dict[str, Any]:
+    """Field metadata: the field's value must satisfy ``ok``, or the error is ``<dotted key>: <message>`` with
+    ``{value}`` in ``message`` filled in (``{value!r}`` quotes it). With ``each``, every item of a tuple
+    (``key[i]``) or value of a mapping (``key.name``) must satisfy it."""
+    return check_by(lambda value: () if ok(value) else (message.format(value=value),), each=each)
+
+
+def check_by(problems: Callable[[Any], Iterable[str]], *, each: bool = False) -> dict[str, Any]:
+    """Field metadata for a constraint that says itself what is wrong: ``problems(value)`` yields one message per
+    mistake (none when the value is fine), each reported after the dotted key. ``each`` as in :func:`check`."""
+    return {"check": problems, "each": each}
+
+
+def field_errors(obj: Any, prefix: str = "") -> list[str]:
+    """Every mistake against the constraints declared on the fields of the dataclass ``obj`` and of the dataclasses
+    it holds (nested sections, tuples of them), in field order, each starting with its dotted key. A field whose
+    metadata names ``item_key`` (``destinations``) labels its items by that attribute (``destinations.pacs``)
+    rather than by position (``[0]``)."""
+    errors: list[str] = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if "check" in f.metadata:
+            items = _items(value, key) if f.metadata["each"] else [(key, value)]
+            errors.extend(f"{k}: {problem}" for k, v in items for problem in f.metadata["check"](v))
+        if dataclasses.is_dataclass(value):
+            errors.extend(field_errors(value, key + "."))
+        elif isinstance(value, tuple):
+            label = f.metadata.get("item_key")
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    errors.extend(field_errors(item, f"{key}.{getattr(item, label)}." if label else f"{key}[{i}]."))
+    return errors
+
+
+def _items(value: Any, key: str) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        return [(f"{key}.{k}", v) for k, v in value.items()]
+    return [(f"{key}[{i}]", v) for i, v in enumerate(value)]

@@ -111,3 +111,31 @@ def test_check_config_and_serve_report_the_same_list(tmp_path, command):
     assert lines[0] == "filmgate: invalid configuration (6 errors):", proc.stderr
     assert len(lines) == 7 and all(line.startswith(f"  {path}: ") for line in lines[1:]), proc.stderr
     assert "did you mean 'rotated'?" in proc.stderr and "did you mean 'orientation'?" in proc.stderr
+
+
+def test_field_constraints_are_declared_beside_the_fields_and_checked_by_one_walk():
+    """Each field's own constraint is field metadata (filmgate.config_checks), checked by typed_config.field_errors
+    through nested sections, tuples of them ([i]) and destinations (by name); validate() runs it on any Config, not
+    only on one read from YAML."""
+    import dataclasses
+
+    from filmgate.config import Config, ListenerConfig, SenderRule, validate
+    from filmgate.typed_config import field_errors
+
+    assert field_errors(Config()) == []  # the defaults meet every constraint
+    port = next(f for f in dataclasses.fields(ListenerConfig) if f.name == "port")
+    assert "check" in port.metadata
+    built = Config(listener=ListenerConfig(port=-1, allow=(SenderRule("*"), SenderRule("A\\B", ("not a host!",)))))
+    with pytest.raises(ConfigError) as exc:
+        validate(built, check_models=False)
+    assert [e.split(":")[0] for e in exc.value.errors] == [
+        "listener.port", "listener.allow[1].ae_title", "listener.allow[1].hosts[0]",
+    ]  # fmt: skip
+    errors = _errors({"destinations": {"pacs": {"type": "dicom", "ae_title": "P", "host": "h", "port": 1,
+                                                "tls": {"min_version": "SSLv3"}},
+                                       "q": {"type": "folder", "path": ""}},
+                      "routes": {"accept": ["pacs"], "quarantine": ["q"]}})  # fmt: skip
+    assert errors == [
+        "destinations.pacs.tls.min_version: must be one of ('TLSv1.2', 'TLSv1.3') (BCP 195), got 'SSLv3'",
+        "destinations.q.path: must not be empty",
+    ]
