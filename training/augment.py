@@ -3,7 +3,8 @@
 Synthetic labels are only honest if the model cannot tell a transformed film from an untouched one by anything but
 the property being learned. So the *film* augmentations (crop, zoom, aspect, tilt, borders, collimation, burned-in
 markers) run before the label transform and turn with it, and the *display* augmentations (window, gamma, contrast,
-noise, blur, overlay text, padding) run after it, on every class alike. Nothing here knows about labels.
+noise, blur, overlay text, padding; then the copy a film went through: screenshot, photograph, low-resolution copy,
+JPEG) run after it, on every class alike. Nothing here knows about labels.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ if TYPE_CHECKING:  # annotations only: the config imports the task registry, whi
 _WORDS = (
     "R", "L", "AP", "PA", "AP PORTABLE", "SUPINE", "ERECT", "PORTABLE", "UPRIGHT", "SEMI-ERECT", "LEFT", "RIGHT",
     "1", "2", "12:04", "CHEST", "INSP", "EXP", "ROOM 4", "L", "R",
+    "D", "I", "DCHA", "IZDA", "PORTATIL", "Bipe", "Decubito", "G", "DX", "SX",  # Spanish, German, Italian markers
 )  # fmt: skip
+_SCREEN_TEXT = ("Series 1  Img 1/1", "W:400 L:40", "Zoom 100%", "1/1", "ST 2.0mm", "WL 2048/4096")
 _FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_PLAIN, cv2.FONT_HERSHEY_COMPLEX)
 
 
@@ -60,7 +63,87 @@ def display_augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfi
         img = burn_text(img, rng)
     if rng.random() < cfg.p_pad:
         img = pad(img, rng)
-    return img.astype(np.float32, copy=False)
+    return copy_augment(img, rng, cfg).astype(np.float32, copy=False)
+
+
+def copy_augment(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """What another hospital's copy of a film went through on its way here: screenshot or photograph of a viewer,
+    a low-resolution copy (the gate enlarges it again), JPEG recompression. Last, as in life: the copy is made of the
+    film as displayed. All probabilities 0 by default (the detectors trained before these existed)."""
+    if rng.random() < cfg.p_screenshot:
+        img = screenshot(img, rng)
+    elif rng.random() < cfg.p_photo:
+        img = photograph(img, rng)
+    if rng.random() < cfg.p_low_res:
+        img = low_resolution(img, rng, cfg.low_res_min, cfg.low_res_max)
+    if rng.random() < cfg.p_jpeg:
+        img = jpeg(img, int(rng.integers(cfg.jpeg_quality_min, cfg.jpeg_quality_max + 1)))
+    return img
+
+
+def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
+    """Re-encoded as 8-bit grey JPEG at ``quality`` (blocking, ringing and 8-bit steps of a public copy)."""
+    ok, buf = cv2.imencode(
+        ".jpg", np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    )
+    decoded = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else None
+    return img if decoded is None else decoded.astype(np.float32) / 255.0
+
+
+def low_resolution(img: np.ndarray, rng: np.random.Generator, low: int, high: int) -> np.ndarray:
+    """A small copy (long side ``low``-``high`` px; stretched to a square a third of the time, as bimcv-covid19's
+    224 px copies are), left small: the gate's preprocessing enlarges it, as it does a small film that arrives."""
+    h, w = img.shape
+    side = int(rng.integers(low, high + 1))
+    if side >= max(h, w):
+        return img
+    if rng.random() < 1 / 3:
+        size = (side, side)
+    else:
+        scale = side / max(h, w)
+        size = (max(8, round(w * scale)), max(8, round(h * scale)))
+    return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+
+
+def screenshot(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The film inside a viewer's window: a dark canvas a little wider than the film, a tool bar and side panel
+    in grey, a line or two of overlay text; the film keeps 65-90% of the canvas height."""
+    h, w = img.shape
+    fill = float(rng.uniform(0.65, 0.9))
+    H = max(h, int(h / fill))  # noqa: N806
+    W = max(w + 8, int(H * rng.uniform(1.0, 1.78)))  # noqa: N806
+    canvas = np.full((H, W), float(rng.uniform(0.0, 0.2)), np.float32)
+    bar = int(H * rng.uniform(0.03, 0.08))
+    canvas[:bar] = float(rng.uniform(0.25, 0.45))
+    top = int(rng.integers(bar, max(bar + 1, H - h + 1)))
+    left = int(rng.integers(0, max(1, W - w + 1)))
+    canvas[top : top + h, left : left + w] = img[: H - top, : W - left]
+    mask = np.zeros((H, W), np.uint8)  # OpenCV draws text on 8-bit images only
+    for i in range(int(rng.integers(1, 4))):
+        y = bar + (i + 1) * max(8, H // 24)
+        cv2.putText(mask, str(rng.choice(_SCREEN_TEXT)), (4, y), cv2.FONT_HERSHEY_PLAIN, max(0.4, H / 600), 255, 1)
+    return np.maximum(canvas, mask.astype(np.float32) / 255.0 * 0.85)
+
+
+def photograph(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A photograph of the film on a light box or screen: a mild perspective, a dark surround, uneven light
+    (vignette), soft focus and sensor noise."""
+    h, w = img.shape
+    d = 0.08 * min(h, w)
+    src = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float32)
+    dst = (src + rng.uniform(-d, d, src.shape)).astype(np.float32)
+    dst -= dst.min(axis=0)
+    size = (int(dst[:, 0].max()) + 1, int(dst[:, 1].max()) + 1)
+    warped = cv2.warpPerspective(img, cv2.getPerspectiveTransform(src, dst), size, flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_CONSTANT, borderValue=float(rng.uniform(0.0, 0.15)))  # fmt: skip
+    hh, ww = warped.shape
+    yy, xx = np.mgrid[0:hh, 0:ww].astype(np.float32)
+    cy, cx = hh * rng.uniform(0.3, 0.7), ww * rng.uniform(0.3, 0.7)
+    r2 = ((yy - cy) / hh) ** 2 + ((xx - cx) / ww) ** 2
+    out = warped * (1.0 - float(rng.uniform(0.1, 0.5)) * r2 / r2.max())
+    out = cv2.GaussianBlur(out, (3, 3), float(rng.uniform(0.3, 1.2)))
+    out = out + rng.normal(0.0, float(rng.uniform(0.005, 0.03)), out.shape).astype(np.float32)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def random_crop(img: np.ndarray, rng: np.random.Generator, min_side: float) -> np.ndarray:

@@ -98,6 +98,17 @@ class AugmentConfig:
     noise_max: float = 0.04
     p_blur: float = 0.2
     p_pad: float = 0.2  # letterbox-like padding added by other software (black or white)
+    # What other hospitals' copies went through (display side, so every class gets them alike; 0 = off, as every
+    # detector trained before 2026-12-01 was): a low-resolution copy enlarged again by the gate (bimcv-covid19's
+    # films are 224 px squares), JPEG recompression, and a film photographed or screenshotted from a viewer.
+    p_low_res: float = 0.0
+    low_res_min: int = 96  # the copy's long side (px), uniform in [low_res_min, low_res_max]
+    low_res_max: int = 192
+    p_jpeg: float = 0.0
+    jpeg_quality_min: int = 40
+    jpeg_quality_max: int = 95
+    p_photo: float = 0.0  # perspective, vignette, soft focus, on a dark surround
+    p_screenshot: float = 0.0  # the film inside a viewer window (dark canvas, tool bars, overlay text)
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,35 @@ def test_augmentations_keep_films_valid():
         assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
 
 
+def test_copy_augmentations_treat_a_film_and_its_mirror_alike():
+    """The hospital-copy augmentations (low resolution, JPEG, screenshot, photograph) run after the label transform:
+    drawn the same way, a film and its mirror image come out the same size and, for the copies that keep the film's
+    geometry (a small copy, JPEG), as mirror images of each other up to JPEG's 8x8 blocks; so a flip detector cannot
+    read its label from them. Off by default, so the detectors trained before them train as they did."""
+    from filmgate_training.augment import copy_augment, display_augment
+
+    img = decode_file(select(split="train", kind="frontal-chest", source="hannover")[0].path).pixels
+    img = np.ascontiguousarray(img[:192, :160])
+    off = AugmentConfig(**{f: 0.0 for f in AugmentConfig.__dataclass_fields__ if f.startswith("p_")})
+    assert np.array_equal(display_augment(img, np.random.default_rng(0), AugmentConfig(p_window=0, p_gamma=0,
+                          p_contrast=0, p_blur=0, p_noise=0, p_text_overlay=0, p_pad=0)), img)  # fmt: skip
+    small = dataclasses.replace(off, p_low_res=1.0, low_res_min=96, low_res_max=120, p_jpeg=1.0, jpeg_quality_min=50,
+                                jpeg_quality_max=50)  # fmt: skip
+    for seed in range(6):
+        a = copy_augment(img, np.random.default_rng(seed), small)
+        b = copy_augment(np.ascontiguousarray(img[:, ::-1]), np.random.default_rng(seed), small)
+        assert a.shape == b.shape and 96 <= max(a.shape) <= 120
+        assert not np.array_equal(a, img[: a.shape[0], : a.shape[1]])  # it did change the film
+        assert float(np.abs(a - b[:, ::-1]).mean()) < 0.02
+    for p in ("p_screenshot", "p_photo"):
+        cfg = dataclasses.replace(off, **{p: 1.0})
+        for seed in range(4):
+            a = copy_augment(img, np.random.default_rng(seed), cfg)
+            b = copy_augment(np.ascontiguousarray(img[:, ::-1]), np.random.default_rng(seed), cfg)
+            assert a.shape == b.shape and a.shape != img.shape
+            assert a.dtype == np.float32 and a.min() >= 0.0 and a.max() <= 1.0
+
+
 def test_cli_lists_tasks_and_reports_config_errors(capsys):
     from filmgate_training.cli import main
 
