@@ -390,8 +390,9 @@ class DicomDestination:
     def _dead_letter(self, path: Path, error: str, attempts: int, *, permanent: bool = False) -> None:
         note = {"destination": self.name, "error": error, "attempts": attempts, "permanent": permanent,
                 "at": _iso(time.time())}  # fmt: skip
-        place(path, self.dead / path.name, fsync=self.fsync)
+        # The note first: whoever sees a dead letter (an operator, `filmgate resend`) finds why beside it.
         write_durably(self.dead / (path.stem + ".json"), (json.dumps(note) + "\n").encode(), fsync=self.fsync)
+        place(path, self.dead / path.name, fsync=self.fsync)
         if self.recorder is not None:
             self.recorder.delivery(path.name, self.name, "dead-letter", error=error, attempts=attempts)
         path.unlink()
