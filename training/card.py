@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from filmgate.manifest import ModelManifest
@@ -172,3 +173,18 @@ def model_card(
         "Reproduce: `python -m filmgate_training all --config training/configs/" + f"{manifest.name}.yaml`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def put_section(card: Path, begin: str, end: str, section: str) -> None:
+    """Write ``section`` into the model card between the markers ``begin`` and ``end``: replaced on each run, or
+    added before "## Limitations" (at the end when there is none) the first time. The LOSO table and the int8
+    comparison are kept in their cards this way."""
+    text = card.read_text()
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        marker = "\n## Limitations"
+        text = text.replace(marker, f"\n{block}\n{marker}", 1) if marker in text else text + "\n" + block + "\n"
+    card.write_text(text)

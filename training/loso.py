@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from filmgate.manifest import load_manifest, write_manifest
+from filmgate_training.card import put_section
 from filmgate_training.config import REPO_ROOT, Config, config_from_dict
 from filmgate_training.data import _without_exclusions
 from filmgate_training.datasets import LabelledFilm
@@ -278,15 +279,7 @@ def write_card_section(task_name: str, models: Path | None = None) -> None:
     report = json.loads(report_path(task_name).read_text())
     section = markdown(report, pooled_val(task_name, models)).replace("## Leave", "## Leave", 1)
     card = folder / "MODEL_CARD.md"
-    text = card.read_text()
-    block = f"{CARD_BEGIN}\n{section}\n{CARD_END}"
-    if CARD_BEGIN in text:
-        head, rest = text.split(CARD_BEGIN, 1)
-        text = head + block + rest.split(CARD_END, 1)[1]
-    else:
-        marker = "\n## Limitations"
-        text = text.replace(marker, f"\n{block}\n{marker}", 1) if marker in text else text + "\n" + block + "\n"
-    card.write_text(text)
+    put_section(card, CARD_BEGIN, CARD_END, section)
     manifest = load_manifest(folder)
     # the manifest holds this version's rows only (the card also shows earlier versions' rows, for comparison)
     rows = {f"{r['source']} ({r['mode']})": {"model": r["model"], "films": r["films"]} | {

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from filmgate.manifest import ModelManifest, QuantizedModel, load_manifest, sha256_file, write_manifest
+from filmgate_training.card import put_section
 from filmgate_training.config import Config, config_from_dict
 from filmgate_training.data import cap, eval_items, split_train, val_films
 from filmgate_training.datasets import LabelledFilm, select
@@ -480,15 +481,7 @@ def write_card(folder: Path, r: dict[str, Any]) -> None:
     if q is None or q.sha256 != r["int8"]["sha256"] or manifest.sha256 != r["fp32"]["sha256"]:
         raise RuntimeError(f"{folder}: the comparison was made with other model files; run --compare again")
     card = folder / manifest.card
-    text = card.read_text()
-    block = f"{CARD_BEGIN}\n{markdown(r, full=False)}\n{CARD_END}"
-    if CARD_BEGIN in text:
-        head, rest = text.split(CARD_BEGIN, 1)
-        text = head + block + rest.split(CARD_END, 1)[1]
-    else:
-        marker = "\n## Limitations"
-        text = text.replace(marker, f"\n{block}\n{marker}", 1) if marker in text else text + "\n" + block + "\n"
-    card.write_text(text)
+    put_section(card, CARD_BEGIN, CARD_END, markdown(r, full=False))
     parity = {"held_out_train": q.parity.get("held_out_train", {})} | headline(r)
     write_manifest(folder, dataclasses.replace(manifest, quantized=dataclasses.replace(q, parity=parity)))
     load_manifest(folder)
