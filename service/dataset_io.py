@@ -54,6 +54,14 @@ def read_dataset(
             raise DecodeError(f"cannot read the file: {exc.strerror}") from exc
         _check_size(size, max_bytes, "the dataset")
         with open(source, "rb") as fh:
+            head = fh.read(1 << 16)
+            offset, syntax = file_meta_end(head)
+            if syntax != DeflatedExplicitVRLittleEndian and (len(head) == size or offset < len(head) - 8):
+                # pydicom reads each value straight from the file: one copy of the pixel data, not two (reading
+                # the file into bytes and then each value out of them costs ~5 ms more for a 10 MB film)
+                fh.seek(0)
+                return _dataset(fh, stop_before_pixels=stop_before_pixels)
+            fh.seek(0)
             source = fh.read()
     elif not isinstance(source, bytes | bytearray | memoryview):
         source = source.read()
@@ -62,11 +70,20 @@ def read_dataset(
     offset, syntax = file_meta_end(data)
     if syntax == DeflatedExplicitVRLittleEndian:
         ds = _read_deflated(data, offset, max_bytes, stop_before_pixels=stop_before_pixels)
-    else:
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=stop_before_pixels)
-        except Exception as exc:  # pydicom raises many types for garbage input
-            raise DecodeError(f"not a readable DICOM dataset: {exc}") from exc
+        return _with_syntax(ds)
+    return _dataset(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+
+
+def _dataset(fh: BinaryIO, *, stop_before_pixels: bool) -> Dataset:
+    try:
+        ds = pydicom.dcmread(fh, force=True, stop_before_pixels=stop_before_pixels)
+    except Exception as exc:  # pydicom raises many types for garbage input
+        raise DecodeError(f"not a readable DICOM dataset: {exc}") from exc
+    return _with_syntax(ds)
+
+
+def _with_syntax(ds: Dataset) -> Dataset:
+    """``ds``, refused when empty; without a Transfer Syntax UID it gets the one it was actually read with."""
     if len(ds) == 0:
         raise DecodeError("not a DICOM dataset: no elements could be read")
     meta = ds.file_meta

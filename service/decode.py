@@ -292,7 +292,10 @@ def reduce_step(
     src = arr if arr.dtype in (np.uint8, np.uint16, np.int16, np.float32) else arr.astype(np.float32)
     if arr.shape[:2] == full:
         h, w = th * factor, tw * factor
-        small = cv2.resize(np.ascontiguousarray(src[:h, :w]), (tw, th), interpolation=cv2.INTER_AREA)
+        crop = src[:h, :w]
+        if crop.strides[-1] != crop.itemsize or crop.strides[0] < 0:
+            crop = np.ascontiguousarray(crop)  # OpenCV takes rows with any stride, but pixels must be adjacent
+        small = cv2.resize(crop, (tw, th), interpolation=cv2.INTER_AREA)
         return small, f"reduce:{factor}"
     if arr.shape[:2] != (th, tw):
         src = cv2.resize(np.ascontiguousarray(src), (tw, th), interpolation=cv2.INTER_AREA)
@@ -546,11 +549,16 @@ def is_dicom_bytes(head: bytes) -> bool:
 def decode_file(path: str | os.PathLike[str], max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:
     """Decode a film from disk, DICOM or an ordinary image; the format is told by content, not by name."""
     path = Path(path)
+    suffix = path.suffix.lower()
     try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+        if is_dicom_bytes(head) or suffix in (".dcm", ".dicom"):
+            return decode_dataset(read_dataset(path), max_side)  # read from the file: one copy of the pixels
         data = path.read_bytes()
     except OSError as exc:
         raise DecodeError(f"cannot read {path.name}: {exc.strerror}") from exc
-    return decode_bytes(data, suffix=path.suffix.lower(), max_side=max_side)
+    return decode_bytes(data, suffix=suffix, max_side=max_side)
 
 
 def decode_bytes(data: bytes, suffix: str = "", max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:

@@ -86,6 +86,7 @@ class Judgement:
 
 
 HEADER_KEYS = ("Modality", "ViewPosition", "BodyPartExamined", "PatientAge")
+DICOM_NAMES = (".dcm", ".dicom", ".dic")  # a suffix that makes a file DICOM without its DICM magic
 FIELD_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
 
 
@@ -102,20 +103,26 @@ def decode_film(source: Path | bytes, *, suffix: str | None = None, limits: Limi
     runs it in a supervised child process."""
     limits = limits or LimitsConfig()
     t0 = time.perf_counter()
+    data: Path | bytes = source
     if isinstance(source, Path):
-        suffix = source.suffix.lower() if suffix is None else suffix
+        suffix = (source.suffix if suffix is None else suffix).lower()
         try:
             size = source.stat().st_size
             if size > limits.max_dataset_bytes:
                 return failed(f"the file is larger than limits.max_dataset_bytes ({size} > {limits.max_dataset_bytes} "
                               "bytes)")  # fmt: skip
-            data = source.read_bytes()
+            with source.open("rb") as fh:
+                head = fh.read(132)
+            # A DICOM file is read by read_dataset from the file itself (one copy of its pixel data); anything
+            # else is read whole for the image decoders.
+            if not (is_dicom_bytes(head) or suffix in DICOM_NAMES):
+                data = source.read_bytes()
         except OSError as exc:
             return failed(f"cannot read the file: {exc.strerror}")
     else:
-        data = source
+        head = source[:132]
     suffix = (suffix or "").lower()
-    dicom = is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom", ".dic")
+    dicom = is_dicom_bytes(head) or suffix in DICOM_NAMES
     # Until a header is read the film has none: no header rules apply, and the fields stay empty.
     ex = Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""))
     try:
@@ -138,7 +145,8 @@ def decode_film(source: Path | bytes, *, suffix: str | None = None, limits: Limi
             finally:
                 del ds
         else:
-            ex.pixels = decode_bytes(data, suffix=suffix).pixels
+            raw = data if isinstance(data, bytes) else data.read_bytes()  # always bytes here: read above
+            ex.pixels = decode_bytes(raw, suffix=suffix).pixels
     except DecodeError as exc:
         ex.error = str(exc)
     except BaseException as exc:  # MemoryError, a decoder's panic (pyo3 PanicException is a BaseException): a bad film

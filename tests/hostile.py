@@ -110,10 +110,14 @@ def huge_header(path: Path, rows: int = 60000, cols: int = 60000, frames: int | 
     return save(ds, path)
 
 
-def deflate_bomb(path: Path, inflated_bytes: int, *, seed: int = 0) -> Path:
+def deflate_bomb(path: Path, inflated_bytes: int, *, seed: int = 0, meta_padding: int = 0) -> Path:
     """A valid Deflated Explicit VR Little Endian film with a private OB element of ``inflated_bytes`` zero bytes
-    before its pixel data: a few hundred kB on disk, ``inflated_bytes`` once inflated (streamed, never in memory)."""
+    before its pixel data: a few hundred kB on disk, ``inflated_bytes`` once inflated (streamed, never in memory).
+    ``meta_padding`` bytes lengthen the File Meta Information Version (OB, the one element before the Transfer
+    Syntax UID that may be long), pushing the syntax past what a reader looks at first."""
     ds = small_dataset(seed=seed, ts=DeflatedExplicitVRLittleEndian)
+    if meta_padding:
+        ds.file_meta.FileMetaInformationVersion = b"\x00\x01" + bytes(meta_padding)
     pixels = ds.PixelData
     del ds.PixelData
     body = DicomBytesIO()

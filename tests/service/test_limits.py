@@ -44,6 +44,20 @@ def test_a_deflate_bomb_is_inflated_only_up_to_the_limit(bomb):
     assert decode_film(bomb).error is None
 
 
+def test_a_deflate_bomb_whose_syntax_hides_behind_a_long_file_meta_is_still_bounded(tmp_path):
+    """Files are read by pydicom from disk once the first 64 KiB show they are not Deflated; a File Meta group
+    longer than that must not pass for "not Deflated" (pydicom would inflate the whole dataset)."""
+    hidden = hostile.deflate_bomb(tmp_path / "hidden.dcm", 200 << 20, meta_padding=100_000)
+    tracemalloc.start()
+    try:
+        ex = decode_film(hidden, limits=LimitsConfig(max_dataset_bytes=50 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ex.error and "limits.max_dataset_bytes" in ex.error, ex.error
+    assert peak < 150 << 20, f"peak {peak >> 20} MiB"
+
+
 def test_the_header_check_does_not_inflate_the_dataset_whole(bomb):
     tracemalloc.start()
     try:
