@@ -32,6 +32,14 @@ it offers one. What it does not offer, and the node needs:
   fault harness under load, and it hits the node's forwarding to DICOM destinations too (pynetdicom#875 shows the same
   symptom for C-FIND). The replacement hands such a response back to the head of the queue, where the waiting
   ``send_*`` reads it, when a ``send_*`` is waiting (the checkpoint is cleared); otherwise it behaves as before.
+- **P-DATA-TF PDUs read without copies** (``DULServiceProvider._read_pdu_data``): pynetdicom copies every received
+  byte four times on its way to the file (appending the PDU to its header, ``bytes()`` of that for ``EVT_DATA_RECV``,
+  the PDU's items field, each item's value) and once more when the DIMSE layer drops the control byte. The replacement
+  reads a P-DATA-TF's body into one buffer and hands each presentation data value on as a ``memoryview`` of it, which
+  the DIMSE layer slices and writes to the file without copying; ``EVT_DATA_RECV`` still gets its ``bytes`` when a
+  handler is bound to it, and ``EVT_PDU_RECV`` is still triggered when a handler other than pynetdicom's standard
+  logger (which logs nothing for P-DATA-TF) is bound. Every other PDU goes through pynetdicom's own decoding, and the
+  FSM events (Evt10, Evt17, Evt19) and log lines are pynetdicom's.
 - **The DUL reactor's idle sleep** (``DULServiceProvider._run_loop_delay``, an attribute set per association, so it is
   set from the ``EVT_CONN_OPEN`` handler with :func:`tune_reactor`): 1 ms per idle loop cost ~30% of the receive rate.
 
@@ -47,6 +55,7 @@ import logging
 import queue
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import time
@@ -80,6 +89,11 @@ PATCHED = (
     ("pynetdicom.dimse", "DIMSEServiceProvider().msg_queue._put"),  # its class becomes a waking queue
     ("pynetdicom.association", "Association._serve_request"),  # responses taken by the pause race go back
     ("pynetdicom.dul", "DULServiceProvider().to_user_queue._put"),
+    ("pynetdicom.dul", "DULServiceProvider._read_pdu_data"),  # P-DATA-TF bodies handed on as views, not copies
+    ("pynetdicom.dul", "DULServiceProvider._decode_pdu"),
+    ("pynetdicom.dul", "DULServiceProvider()._recv_pdu"),
+    ("pynetdicom.pdu", "PresentationDataValueItem"),
+    ("pynetdicom._handlers", "standard_pdu_recv_handler"),
 )
 
 
@@ -165,6 +179,7 @@ def install() -> None:
         dimse_messages.NamedTemporaryFile = _receive_file  # type: ignore[assignment]
         AssociationSocket.recv = _bounded_recv  # type: ignore[method-assign]
         _hand_back_responses()
+        _read_data_pdus_without_copies()
         _installed = True
 
 
@@ -340,6 +355,93 @@ def make_reactors_event_driven() -> None:
 
 # The steps of Association._run_reactor's pause handshake that the race in _hand_back_responses lives between.
 _PAUSE_HANDSHAKE = ("self._is_paused = True", "self._reactor_checkpoint.wait()", "self.dimse.get_msg(block=False)")
+
+
+_PDU_TYPES = range(0x01, 0x08)
+
+
+def _read_data_pdus_without_copies() -> None:
+    """See the module docstring: a P-DATA-TF's presentation data values become views of the one buffer its body was
+    read into."""
+    import pynetdicom.dul as dul
+    from pynetdicom import evt
+    from pynetdicom._handlers import standard_pdu_recv_handler
+    from pynetdicom.pdu import P_DATA_TF, PresentationDataValueItem
+
+    logger = dul.LOGGER
+
+    def quiet_for_data(assoc: Any) -> bool:
+        """No handler would see a P-DATA-TF PDU: only pynetdicom's standard logger, which logs nothing for one."""
+        return all(func is standard_pdu_recv_handler for func, _ in assoc.get_handlers(evt.EVT_PDU_RECV))
+
+    def read_pdu_data(self: Any) -> None:
+        sock = self.socket
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            logger.error("Connection closed before the entire PDU was received")
+            logger.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        if pdu_type not in _PDU_TYPES:
+            logger.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            logger.error("Connection closed before the entire PDU was received")
+            logger.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            logger.error(
+                f"The received PDU is shorter than expected ({6 + len(body)} of {6 + pdu_length} bytes received)"
+            )
+            self.event_queue.put("Evt17")
+            return
+        try:
+            if pdu_type == 0x04 and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                pdu = P_DATA_TF()
+                pdu.presentation_data_value_items = _data_values(body, PresentationDataValueItem)
+                if not quiet_for_data(self.assoc):
+                    evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+                event = "Evt10"
+            else:
+                pdu, event = self._decode_pdu(bytearray(header) + body)
+            self.event_queue.put(event)
+        except Exception as exc:
+            logger.error("Unable to decode the received PDU data")
+            logger.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
+
+    dul.DULServiceProvider._read_pdu_data = read_pdu_data  # type: ignore[method-assign]
+
+
+def _data_values(body: bytearray, item_class: Any) -> list[Any]:
+    """The presentation data value items of a P-DATA-TF body (PS3.8 9.3.5.1: item length, context ID, value), each
+    value a view of ``body``; a malformed item raises ValueError (the PDU is invalid: Evt19)."""
+    view = memoryview(body)
+    items = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if offset + 5 > end:
+            raise ValueError("a presentation data value item is cut short")
+        (length,) = struct.unpack_from(">L", body, offset)
+        if length < 2 or offset + 4 + length > end:  # a context ID and at least the message control header
+            raise ValueError(f"a presentation data value item declares {length} bytes")
+        item = item_class()
+        item.presentation_context_id = body[offset + 4]
+        item.presentation_data_value = view[offset + 5 : offset + 4 + length]
+        items.append(item)
+        offset += 4 + length
+    return items
 
 
 def _hand_back_responses() -> None:

@@ -34,9 +34,10 @@ def test_install_is_idempotent_and_patches_every_named_attribute():
     dul = DULServiceProvider(None)  # type: ignore[arg-type]
     assert hasattr(dul, "_run_loop_delay"), "tune_reactor sets this per association"
     # Every patched attribute named in PATCHED exists (problems() looks each one up).
+    assert DULServiceProvider._read_pdu_data.__module__ == "filmgate.patches"
     assert {m for m, _ in patches.PATCHED} == {
         "pynetdicom._config", "pynetdicom.dimse_messages", "pynetdicom.transport", "pynetdicom.dul",
-        "pynetdicom.association", "pynetdicom.dimse",
+        "pynetdicom.association", "pynetdicom.dimse", "pynetdicom.pdu", "pynetdicom._handlers",
     }  # fmt: skip
 
 
@@ -191,3 +192,80 @@ def test_a_response_the_reactor_takes_by_the_pause_race_reaches_the_waiting_send
         assert results["patched"] == ["took", "0"], results
     finally:
         peer.stop()
+
+
+def _scp(port: int, handlers: list) -> object:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
+
+    ae = AE(ae_title="PATCHSCP")
+    ae.maximum_pdu_size = 16384  # a 512 x 512 film arrives in about 32 P-DATA-TF PDUs
+    ae.add_supported_context(DigitalXRayImageStorageForPresentation)
+    ae.add_supported_context(Verification)
+    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+
+
+@pytest.mark.parametrize("data_handler", [False, True], ids=["views", "with-EVT_DATA_RECV"])
+def test_data_pdus_read_without_copies_reach_the_handler_byte_for_byte(tmp_path, data_handler):
+    """The P-DATA-TF read path (filmgate.patches._read_data_pdus_without_copies), against DCMTK storescu: every pixel
+    arrives as sent, and a handler bound to EVT_DATA_RECV still gets each PDU as bytes (pynetdicom's path)."""
+    from pynetdicom import evt
+
+    from tests import hostile
+    from tests.helpers import DCMTK_ENV, free_port
+
+    patches.install()
+    film = hostile.small_dataset(512, 512, seed=3)
+    path = hostile.save(film, tmp_path / "film.dcm")
+    got: dict = {"pixels": None, "data": []}
+
+    def on_store(event):
+        got["pixels"] = event.dataset.PixelData
+        return 0x0000
+
+    handlers = [(evt.EVT_C_STORE, on_store)]
+    if data_handler:
+        handlers.append((evt.EVT_DATA_RECV, lambda event: got["data"].append(event.data)))
+    port = free_port()
+    server = _scp(port, handlers)
+    try:
+        proc = subprocess.run(["/usr/bin/storescu", "-aec", "PATCHSCP", "127.0.0.1", str(port), str(path)],
+                              capture_output=True, text=True, env=DCMTK_ENV, timeout=60)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
+    assert got["pixels"] == film.PixelData
+    if data_handler:
+        assert len(got["data"]) > 30 and all(type(d) is bytes for d in got["data"])
+        assert sum(len(d) for d in got["data"]) > len(film.PixelData)
+    else:
+        assert got["data"] == []
+
+
+@pytest.mark.parametrize("item", [b"\x00\x00\x00\x00", b"\x00\x00\x10\x00\x01\x02", b"\x00\x00"],
+                         ids=["empty-item", "item-longer-than-pdu", "cut-short"])  # fmt: skip
+def test_a_malformed_data_pdu_ends_its_association_and_the_node_goes_on(item):
+    """A P-DATA-TF whose presentation data value item is empty, longer than its PDU, or cut short is an invalid PDU
+    (the association is aborted, as pynetdicom does); the next association is served."""
+    import struct
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from tests.helpers import free_port, wait_for
+
+    patches.install()
+    port = free_port()
+    server = _scp(port, [(evt.EVT_C_STORE, lambda event: 0x0000)])
+    try:
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="PATCHSCP")
+        assert assoc.is_established
+        assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, len(item)) + item)
+        wait_for(lambda: assoc.is_aborted or not assoc.is_alive(), 10, "the node ending the association")
+        again = ae.associate("127.0.0.1", port, ae_title="PATCHSCP")
+        assert again.is_established and again.send_c_echo().Status == 0x0000
+        again.release()
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
