@@ -1,18 +1,22 @@
-"""CPU latency of the shipped detectors, float32 (old) against int8 (new, ``manifest.quantized``), in the same run.
+"""CPU latency of the six detectors: the previous per-detector files (old) against what the gate runs now (new).
 
-    .venv/bin/python bench/detector_latency.py [--models orientation inversion] [--threads 1] [--seconds 2]
+    .venv/bin/python bench/detector_latency.py [--models-dir models] [--threads 1] [--seconds 2] [--precision auto]
 
-One onnxruntime thread per model (``intra_op_num_threads``, as the gate runs them), batch 1 and batch 16, sessions
-from the gate's one factory. Inputs are real val films through filmgate.decode + filmgate.preprocess. The two
-models of a detector are timed alternately, call by call, so both see the same load on a shared machine; the ratio
-int8/fp32 of each detector and of all together is the figure to compare across machines, with the time to decode one
-real film (the gate's unavoidable per-film cost) as a second baseline. The goal (issue 15): all detectors together
-<= 3 ms per film on one core at batch 1.
+old: every detector's own model file in its own session, as the gate ran them before shared graphs (on CPU the int8
+copy a manifest names, ``--precision fp32`` the float models). new: the gate's own ``DetectorSet`` as it loads
+``models/`` now: one ``session.run`` per distinct session, a graph shared by several detectors (``manifest.graph``:
+view and atypical) run once for all of them. One onnxruntime thread per session (``intra_op_num_threads``, as the
+gate runs them), batch 1 and batch 16, sessions from the gate's one factory; inputs are real val films through the
+gate's decode and preprocessing. old and new are timed alternately, call by call, so both see the same load on a
+shared machine: new/old is the figure to compare across machines, with the time to decode one real film (the gate's
+unavoidable per-film cost) as a second baseline. The goal (issue 15): all detectors together <= 3 ms per film on one
+core at batch 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,7 +34,6 @@ from filmgate.preprocess import preprocess  # noqa: E402
 from filmgate_training.datasets import select  # noqa: E402
 
 GOAL_MS = 3.0
-ALL = ["orientation", "inversion", "flip", "view", "pediatric", "atypical"]
 
 
 def timeit(fn: Callable[[], object], seconds: float, min_runs: int = 20) -> list[float]:
@@ -66,59 +69,103 @@ def paired(
     return times, [c / len(times[0]) for c in cpu]
 
 
-def main() -> int:
+def old_runs(models_dir: Path, names: list[str], decoded: list[np.ndarray], threads: int, precision: str
+             ) -> dict[str, tuple[Callable[[], object], Callable[[], object], str]]:  # fmt: skip
+    """Per detector: (batch-1 call, batch-16 call, file) of its own model file in its own session."""
     from filmgate.detectors import onnx_session
 
+    out = {}
+    for name in names:
+        folder = models_dir / name
+        manifest = load_manifest(folder)
+        file, _ = manifest.file_for("CPUExecutionProvider", precision)
+        s = onnx_session(folder / file, provider="cpu", intra_op_threads=threads)
+        batch = np.stack([preprocess(p, manifest.preprocessing) for p in decoded]).astype(np.float32)
+        feed = manifest.input_name
+        out[name] = (lambda s=s, x=batch[:1], f=feed: s.run(None, {f: x}),
+                     lambda s=s, x=batch, f=feed: s.run(None, {f: x}), file)  # fmt: skip
+    return out
+
+
+def new_runs(models_dir: Path, names: list[str], decoded: list[np.ndarray], threads: int, precision: str
+             ) -> list[tuple[list[str], Callable[[], object], Callable[[], object], str]]:  # fmt: skip
+    """Per session of the gate's DetectorSet: (its detectors, batch-1 call, batch-16 call, file), fed as
+    ``DetectorSet.run`` feeds it."""
+    from filmgate.config import parse_config
+    from filmgate.detectors import DetectorSet
+
+    disabled = [m.name for m in (load_manifest(p.parent) for p in sorted(models_dir.glob("*/manifest.json")))
+                if m.name not in names]  # fmt: skip
+    cfg = parse_config({"detectors": {"models_dir": str(models_dir), "provider": "cpu", "intra_op_threads": threads,
+                                      "precision": precision, "disabled": disabled}})  # fmt: skip
+    dets = DetectorSet.load(cfg.detectors)
+    prepared = [dets.prepare(p) for p in decoded]
+    out = []
+    for group in dets.sessions:
+        first = group[0]
+        feeds = {n: np.stack([item[s] for item in prepared]).astype(np.float32) for n, s in first.inputs.items()}
+        one = {n: x[:1] for n, x in feeds.items()}
+        outputs = [d.output_name for d in group]
+        g = first.manifest.graph
+        what = (g.file_for("CPUExecutionProvider", precision)[0] if first.graph and g is not None
+                else f"{first.name}/{first.manifest.file_for('CPUExecutionProvider', precision)[0]}")  # fmt: skip
+        out.append(([d.name for d in group], lambda s=first.session, f=one, o=outputs: s.run(o, f),
+                     lambda s=first.session, f=feeds, o=outputs: s.run(o, f), what))  # fmt: skip
+    return out
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=ALL)
+    parser.add_argument("--models", nargs="+", help="detectors to time (default: every one shipped)")
     parser.add_argument("--models-dir", default=str(ROOT / "models"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=2.0, help="timing per measurement and model")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per measurement and session")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32"),
+                        help="auto: the int8 models on CPU, as the gate runs them; fp32: the float models")
     args = parser.parse_args()
+    models_dir = Path(args.models_dir)
+    names = args.models or [load_manifest(p.parent).name for p in sorted(models_dir.glob("*/manifest.json"))]
 
     films = select(split="val", kind="frontal-chest", source="nih-cxr14")[:16]
     decode_ms = 1000 * statistics.median(timeit(lambda: decode_file(films[0].path), args.seconds))
     decoded = [decode_file(f.path).pixels for f in films]
     print(f"baseline: decode one real film (nih-cxr14, {decoded[0].shape[1]}x{decoded[0].shape[0]}): "
-          f"{decode_ms:.2f} ms")  # fmt: skip
-    total = {"fp32": 0.0, "int8": 0.0}
-    best = {"fp32": 0.0, "int8": 0.0}
-    cpu_total = {"fp32": 0.0, "int8": 0.0}
-    for name in args.models:
-        folder = Path(args.models_dir) / name
-        manifest = load_manifest(folder)
-        files = {"fp32": manifest.file} | ({"int8": manifest.quantized.file} if manifest.quantized else {})
-        sessions = {p: onnx_session(folder / f, provider="cpu", intra_op_threads=args.threads)
-                    for p, f in files.items()}  # fmt: skip
-        batch = np.stack([preprocess(p, manifest.preprocessing) for p in decoded]).astype(np.float32)
-        one = batch[:1]
-        t1, c1 = paired([lambda s=s, x=one: s.run(None, {"image": x}) for s in sessions.values()], args.seconds)
-        t16, _ = paired([lambda s=s, x=batch: s.run(None, {"image": x}) for s in sessions.values()], args.seconds)
-        b1, b16 = dict(zip(sessions, t1, strict=True)), dict(zip(sessions, t16, strict=True))
-        cpu_ms = {p: 1000 * c for p, c in zip(sessions, c1, strict=True)}
-        med = {p: 1000 * statistics.median(t) for p, t in b1.items()}
-        low = {p: 1000 * min(t) for p, t in b1.items()}
-        m16 = {p: 1000 * statistics.median(t) / len(batch) for p, t in b16.items()}
-        for p in total:
-            total[p] += med.get(p, med["fp32"])  # a detector without an int8 model runs its float one
-            best[p] += low.get(p, low["fp32"])
-            cpu_total[p] += cpu_ms.get(p, cpu_ms["fp32"])
-        new = "int8" if "int8" in med else "fp32"
-        print(
-            f"{name:12s} {manifest.preprocessing.size}px batch 1: fp32 {med['fp32']:5.2f} ms/film (min "
-            f"{low['fp32']:.2f}), {new} {med[new]:5.2f} (min {low[new]:.2f}), {new}/fp32 {med[new] / med['fp32']:.2f}"
-            f"  CPU fp32 {cpu_ms['fp32']:.2f}, {new} {cpu_ms[new]:.2f} ms/film  batch 16: fp32 {m16['fp32']:5.2f}, "
-            f"{new} {m16[new]:5.2f} ms/film  [{args.threads} thread]"
-        )
-    ratio = total["int8"] / total["fp32"]
-    print(f"all {len(args.models)} at batch 1, median ms/film: old (fp32) {total['fp32']:.2f}, new (int8) "
-          f"{total['int8']:.2f}, new/old {ratio:.2f}; new = {total['int8'] / GOAL_MS:.2f} of the {GOAL_MS:g} ms goal, "
-          f"{total['int8'] / decode_ms:.2f}x the decode of one film")  # fmt: skip
-    print(f"best runs (min, close to an idle core on a shared machine): old {best['fp32']:.2f}, new "
-          f"{best['int8']:.2f} ms/film, new/old {best['int8'] / best['fp32']:.2f}")  # fmt: skip
-    old, new = cpu_total["fp32"], cpu_total["int8"]
-    print(f"CPU time (mean, this thread): old {old:.2f}, new {new:.2f} ms/film, new/old {new / old:.2f}; new = "
-          f"{new / GOAL_MS:.2f} of the goal")  # fmt: skip
+          f"{decode_ms:.2f} ms; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+    old = old_runs(models_dir, names, decoded, args.threads, args.precision)
+    new = new_runs(models_dir, names, decoded, args.threads, args.precision)
+
+    # all of old against all of new, call by call: the headline
+    old_all = [f[0] for f in old.values()]
+    new_all = [g[1] for g in new]
+    (t_old, t_new), (c_old, c_new) = paired([lambda: [f() for f in old_all], lambda: [f() for f in new_all]],
+                                            args.seconds * 3)  # fmt: skip
+    old16 = [f[1] for f in old.values()]
+    new16 = [g[2] for g in new]
+    (s_old, s_new), _ = paired([lambda: [f() for f in old16], lambda: [f() for f in new16]], args.seconds * 3)
+    # each session alone, all in turn: where the time goes
+    fns = [f[0] for f in old.values()] + [g[1] for g in new]
+    each, each_cpu = paired(fns, args.seconds)
+    ms = [1000 * statistics.median(t) for t in each]
+    for i, (name, (_, _, file)) in enumerate(old.items()):
+        print(f"old {name:12s} {file:40s} batch 1: {ms[i]:5.2f} ms (min {1000 * min(each[i]):.2f}, CPU "
+              f"{1000 * each_cpu[i]:.2f})")  # fmt: skip
+    for j, (members, _, _, what) in enumerate(new):
+        i = len(old) + j
+        print(f"new {'+'.join(members):24s} {what:35s} batch 1: {ms[i]:5.2f} ms (min {1000 * min(each[i]):.2f}, "
+              f"CPU {1000 * each_cpu[i]:.2f})")  # fmt: skip
+    med_old, med_new = 1000 * statistics.median(t_old), 1000 * statistics.median(t_new)
+    low_old, low_new = 1000 * min(t_old), 1000 * min(t_new)
+    b16_old, b16_new = (1000 * statistics.median(s_old) / len(decoded), 1000 * statistics.median(s_new) / len(decoded))
+    print(f"all {len(names)} detectors ({args.precision}, {args.threads} thread), batch 1, median ms/film: old "
+          f"({len(old)} sessions) {med_old:.2f}, new ({len(new)} sessions) {med_new:.2f}, new/old "
+          f"{med_new / med_old:.2f}; new = {med_new / GOAL_MS:.2f} of the {GOAL_MS:g} ms goal, "
+          f"{med_new / decode_ms:.2f}x the decode of one film")  # fmt: skip
+    print(f"best runs (min, close to an idle core on a shared machine): old {low_old:.2f}, new {low_new:.2f} ms/film, "
+          f"new/old {low_new / low_old:.2f}")  # fmt: skip
+    print(f"CPU time (mean, this thread): old {1000 * c_old:.2f}, new {1000 * c_new:.2f} ms/film, new/old "
+          f"{c_new / c_old:.2f}; new = {1000 * c_new / GOAL_MS:.2f} of the goal")  # fmt: skip
+    print(f"batch 16, median ms/film: old {b16_old:.2f}, new {b16_new:.2f}, new/old {b16_new / b16_old:.2f}")
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

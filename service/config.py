@@ -165,6 +165,9 @@ class DetectorsConfig:
     disabled: tuple[str, ...] = ()
     # auto: a manifest's int8 model on CPU where it names one; fp32: always the float model
     precision: str = field(default="auto", metadata=one_of(PRECISIONS))
+    # true: detectors whose manifests name one shared graph (manifest.graph) are computed in it, once per batch;
+    # false: every detector runs its own model file
+    shared_graphs: bool = True
 
 
 @dataclass(frozen=True)

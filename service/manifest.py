@@ -21,6 +21,14 @@ A film is flagged with ``reason`` when its score is at least ``threshold`` (unde
 of the same detector for the CPU provider: the int8 model made from ``file`` by ``python -m filmgate_training
 quantize`` (calibrated on train films, checked against ``file`` on real films; both figures are in the record). The
 gate runs it on CPU, where it is about 2.5 times faster; on CUDA it runs ``file`` (see :meth:`ModelManifest.file_for`).
+
+``graph``, when present, says that the gate computes this detector's output in a graph shared with other detectors
+(:class:`SharedGraph`): one ONNX file under the models folder with one output per member detector and one input per
+preprocessing it needs, run once per batch for all of them (``atypical`` contains the ``view`` network: in one graph
+the view network runs once per film, not twice). ``file`` stays the detector's own model, the one it was evaluated
+as; the graph is checked to compute the same function (its ``parity``) and is what the gate runs. Each member's
+manifest carries the same record but for ``output_name``, the output it reads; ``members`` names every member with
+the sha256 of the model file the graph was built from, so a graph built from another model file is refused.
 """
 
 from __future__ import annotations
@@ -99,6 +107,48 @@ class QuantizedModel:
 
 
 @dataclass(frozen=True)
+class SharedGraph:
+    """``manifest.graph``: the graph the gate computes this detector in, shared with the other ``members``.
+
+    ``file`` (and ``quantized.file``) are paths relative to the models folder (``graphs-<name>/model.onnx``), never
+    absolute nor going up; ``inputs`` maps each graph input to the preprocessing the gate feeds it; ``output_name`` is
+    the output this detector reads (raw, as its own model's output); ``members`` maps every member detector to the
+    sha256 of its own model file (``file``) the graph was built from; ``parity`` how closely the graph follows the
+    members' own models on real films."""
+
+    file: str
+    sha256: str
+    output_name: str
+    inputs: Mapping[str, PreprocessSpec]
+    members: Mapping[str, str]
+    quantized: QuantizedModel | None = None
+    parity: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for f in (self.file, *(() if self.quantized is None else (self.quantized.file,))):
+            parts = Path(f).parts
+            if not parts or Path(f).is_absolute() or ".." in parts:
+                raise ManifestError(f"graph file {f!r} must be a path inside the models folder (no '..', relative)")
+        if not self.inputs:
+            raise ManifestError("graph.inputs: a graph needs at least one input")
+        if not self.members:
+            raise ManifestError("graph.members: a graph names the detectors that share it")
+
+    def file_for(self, provider: str, precision: str = "auto") -> tuple[str, str]:
+        """(graph file, precision) to run on ``provider``: as :meth:`ModelManifest.file_for`."""
+        q = self.quantized
+        if precision == "auto" and q is not None and provider in q.providers:
+            return q.file, q.precision
+        return self.file, "fp32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "output_name": self.output_name,
+                "inputs": {k: v.to_dict() for k, v in self.inputs.items()}, "members": dict(self.members),
+                "quantized": None if self.quantized is None else self.quantized.to_dict(),
+                "parity": dict(self.parity)}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class ModelManifest:
     name: str
     version: str
@@ -119,8 +169,11 @@ class ModelManifest:
     training_data: Sequence[Mapping[str, Any]] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
     quantized: QuantizedModel | None = None
+    graph: SharedGraph | None = None
 
     def __post_init__(self) -> None:
+        if self.graph is not None and self.name not in self.graph.members:
+            raise ManifestError(f"{self.name}: graph.members does not name this detector")
         if self.kind not in DETECTOR_KINDS:
             raise ManifestError(f"{self.name}: kind must be one of {DETECTOR_KINDS}, got {self.kind!r}")
         if self.kind == "classifier":
@@ -145,14 +198,15 @@ class ModelManifest:
             m: ModelManifest = build(cls, data, "manifest.")
         except ConfigError as exc:
             raise ManifestError(str(exc)) from exc
-        q = m.quantized
-        if q is not None:
-            q = dataclasses.replace(q, quantization=dict(q.quantization), parity=dict(q.parity))
+        q, g = _plain_quantized(m.quantized), m.graph
+        if g is not None:
+            g = dataclasses.replace(g, inputs=dict(g.inputs), members=dict(g.members),
+                                    quantized=_plain_quantized(g.quantized), parity=dict(g.parity))  # fmt: skip
         return dataclasses.replace(m, metrics=dict(m.metrics), training_data=[dict(d) for d in m.training_data],
-                                   extra=dict(m.extra), quantized=q)  # fmt: skip
+                                   extra=dict(m.extra), quantized=q, graph=g)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "version": self.version,
             "description": self.description,
@@ -173,6 +227,9 @@ class ModelManifest:
             "extra": dict(self.extra),
             "quantized": None if self.quantized is None else self.quantized.to_dict(),
         }
+        if self.graph is not None:  # absent rather than null: most detectors have their own graph only
+            out["graph"] = self.graph.to_dict()
+        return out
 
     def file_for(self, provider: str, precision: str = "auto") -> tuple[str, str]:
         """(model file, precision) to run on ``provider`` (an onnxruntime provider name): the quantized file where
@@ -230,6 +287,11 @@ class ModelManifest:
         return values < limit if self.kind == "age" else values >= limit
 
 
+def _plain_quantized(q: QuantizedModel | None) -> QuantizedModel | None:
+    """The free-form parts of a quantized record as plain JSON values (not the loader's read-only mappings)."""
+    return None if q is None else dataclasses.replace(q, quantization=dict(q.quantization), parity=dict(q.parity))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -268,7 +330,28 @@ def load_manifest(folder: Path, verify: bool = True) -> ModelManifest:
             raise ManifestError(f"{path}: quantized model file {q.file} is missing")
         if verify and sha256_file(folder / q.file) != q.sha256:
             raise ManifestError(f"{path}: sha256 of {q.file} does not match the manifest (file changed?)")
+    if manifest.graph is not None:
+        check_graph(folder.parent, manifest, verify, where=str(path))
     return manifest
+
+
+def check_graph(models_dir: Path, manifest: ModelManifest, verify: bool = True, where: str = "") -> None:
+    """``manifest.graph`` against the files: both graph files exist under ``models_dir`` (sha256 checked with
+    ``verify``) and the graph was built from this very model file (``members``)."""
+    g = manifest.graph
+    if g is None:
+        return
+    where = where or manifest.name
+    if g.members.get(manifest.name) != manifest.sha256:
+        raise ManifestError(f"{where}: graph {g.file} was built from another {manifest.file} than this one (sha256 "
+                            "in graph.members); rebuild it: python -m filmgate_training graph")  # fmt: skip
+    files = [(g.file, g.sha256)] + ([] if g.quantized is None else [(g.quantized.file, g.quantized.sha256)])
+    for file, digest in files:
+        target = models_dir / file
+        if not target.is_file():
+            raise ManifestError(f"{where}: graph file {file} is missing under {models_dir}")
+        if verify and sha256_file(target) != digest:
+            raise ManifestError(f"{where}: sha256 of graph file {file} does not match the manifest (file changed?)")
 
 
 def shipped_models_dir() -> Path:

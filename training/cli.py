@@ -14,6 +14,8 @@ python -m filmgate_training loso --config view --unseen    # leave-one-source-ou
                                                   # (--set train.steps=300); --card writes the card section
 python -m filmgate_training quantize --config flip-hr     # int8 copy of models/<task>/ for CPU (+ parity check);
                                                   # --compare --card: fp32 vs int8 on val and the LOSO sources
+python -m filmgate_training graph                        # the graphs several detectors share (view and atypical
+                                                  # in one): built from models/, checked, int8, compared
 --set train.steps=100 overrides any key (the value is read as YAML).
 """
 
@@ -122,6 +124,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_graph(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from filmgate_training import graph
+
+    try:
+        graphs = graph.registered()
+        names = args.name or list(graphs)
+        unknown = sorted(set(names) - set(graphs))
+        if unknown:
+            raise ConfigError(f"--name: unknown graph(s) {unknown}; registered: {sorted(graphs)}")
+        models = Path(args.models)
+        for name in names:
+            if args.compare_only:
+                graph.compare_members(models, graphs[name], loso_limit=args.loso_limit)
+            else:
+                built = graph.build_graph(models, graphs[name], val_limit=args.val_limit, loso_limit=args.loso_limit)
+                print(f"built {built}")
+    except (ConfigError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {
     "cache": cmd_cache,
     "fit": cmd_fit,
@@ -200,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--card", action="store_true", help="write the comparison into the card and manifest (alone: "
                        "the saved models/<task>/int8.json)")  # fmt: skip
     quant.add_argument("--loso-limit", type=int, help="at most this many films per held-out source (smoke runs)")
+    gr = add_command(
+        sub, "graph", "the graphs several shipped detectors share (view and atypical): built from their models, "
+        "checked against them on val, int8 copy calibrated on train films, compared on val and the "
+        "leave-one-source-out sources, recorded in every member's manifest (the ship step of a member runs it)",
+        examples=["python -m filmgate_training graph", "python -m filmgate_training graph --name view-atypical "
+                  "--compare-only"],
+    )  # fmt: skip
+    gr.add_argument("--name", action="append", help="a registered graph (default: every one)")
+    gr.add_argument("--models", default="models", help="the models folder (default: models)")
+    gr.add_argument("--compare-only", action="store_true", help="only the comparison of the graph already built")
+    gr.add_argument("--val-limit", type=int, help="at most this many val films per kind in the parity check (smoke)")
+    gr.add_argument("--loso-limit", type=int, help="at most this many films per held-out source (smoke runs)")
     for name in COMMANDS:
         summary, example = STEP_HELP[name]
         p = add_command(sub, name, summary, examples=[example])
@@ -227,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_loso(args)
     if args.command == "quantize":
         return cmd_quantize(args)
+    if args.command == "graph":
+        return cmd_graph(args)
     if args.command == "tasks":
         from filmgate_training.tasks import registered
 

@@ -124,13 +124,24 @@ class EvalItem:
     film: LabelledFilm
     variant: str
     label: int
-    input: np.ndarray  # (1, S, S)
+    input: np.ndarray  # (1, S, S); (C, S, S) for several specs (:func:`prepare`)
+
+
+Specs = PreprocessSpec | tuple[PreprocessSpec, ...]  # several: a graph with several inputs (filmgate.manifest.graph)
+
+
+def prepare(pixels: np.ndarray, spec: Specs) -> np.ndarray:
+    """A film's model input (1, S, S) as the gate prepares it; for several specs of one size their inputs stacked as
+    channels (C, S, S), in order: what a shared graph's inputs and its members' own models are fed from."""
+    if isinstance(spec, PreprocessSpec):
+        return preprocess(pixels, spec)
+    return np.concatenate([preprocess(pixels, s) for s in spec])
 
 
 def eval_items(
     films: Sequence[LabelledFilm],
     task: Task,
-    spec: PreprocessSpec,
+    spec: Specs,
     augment: AugmentConfig | None = None,
     seed: int = 0,
 ) -> Iterator[EvalItem | tuple[LabelledFilm, str]]:
@@ -156,4 +167,4 @@ def eval_items(
             img = ex.pixels if rng is None or augment is None else display_augment(
                 np.ascontiguousarray(ex.pixels), rng, augment
             )
-            yield EvalItem(film, ex.variant, ex.label, preprocess(img, spec))
+            yield EvalItem(film, ex.variant, ex.label, prepare(img, spec))

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from filmgate.decode import DecodeError, decode_file
-from filmgate.preprocess import PreprocessSpec, preprocess
+from filmgate.preprocess import preprocess
 from filmgate_training.config import AugmentConfig, Config
-from filmgate_training.data import EvalItem, eval_items, split_train, val_films
+from filmgate_training.data import EvalItem, Specs, eval_items, split_train, val_films
 from filmgate_training.datasets import LabelledFilm, data_root, select
 from filmgate_training.films import film_id
 from filmgate_training.metrics import choose_threshold, margin_threshold, summarise
@@ -67,7 +67,7 @@ def onnx_runner(path: Path, threads: int = 2) -> Runner:
 def infer(
     films: Sequence[LabelledFilm],
     task: Task,
-    spec: PreprocessSpec,
+    spec: Specs,
     runner: Runner,
     chunk: int = 256,
     augment: AugmentConfig | None = None,

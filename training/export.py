@@ -227,8 +227,9 @@ def install(config: Config, manifest: ModelManifest, card: Callable[[ModelManife
     """The one way a detector lands in ``models/<task>/`` (from :func:`ship`): the run's
     evaluated ``model.onnx`` (its sha256 must be the one ``evaluation.json`` and the manifest record), the run's
     ``evaluation.{json,md}``, the manifest (:func:`filmgate.manifest.write_manifest`) and the card made from it;
-    then the folder is loaded as the gate loads it (schema and sha256), and the quantise step
-    (:func:`filmgate_training.quantize.ship_int8`) adds the int8 model the gate runs on CPU."""
+    then the folder is loaded as the gate loads it (schema and sha256), the quantise step
+    (:func:`filmgate_training.quantize.ship_int8`) adds the int8 model the gate runs on CPU, and every graph it shares
+    with other detectors is rebuilt from the members now shipped (:func:`filmgate_training.graph.ship_graphs`)."""
     run = config.run_path
     onnx_path, report_path = run / "model.onnx", run / "evaluation.json"
     if not onnx_path.is_file() or not report_path.is_file():
@@ -247,4 +248,8 @@ def install(config: Config, manifest: ModelManifest, card: Callable[[ModelManife
     from filmgate_training.quantize import ship_int8
 
     ship_int8(folder)  # the int8 copy the gate runs on CPU, its parity check and comparison, into manifest and card
+    from filmgate_training.graph import ship_graphs
+
+    # graphs shared with other detectors, rebuilt or dropped (checked on as many val films as this run's evaluation)
+    ship_graphs(config.models_path, manifest.name, config.data.max_val_films)
     return folder

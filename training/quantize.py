@@ -34,7 +34,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +66,12 @@ def shipped_config(folder: Path) -> tuple[ModelManifest, Config, Task]:
     return manifest, config, get_task(config.task)
 
 
-def examples(films: Sequence[LabelledFilm], task: Task, config: Config) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Every variant of every film through the serving path: inputs (N, 1, S, S), labels, sources."""
+def examples(films: Sequence[LabelledFilm], task: Task, config: Config, spec: Any = None
+             ) -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+    """Every variant of every film through the serving path: inputs (N, 1, S, S), labels, sources (``spec``:
+    several specs, stacked as channels, :func:`filmgate_training.data.prepare`; default the config's)."""
     xs, ys, src = [], [], []
-    for item in eval_items(films, task, config.preprocessing):
+    for item in eval_items(films, task, config.preprocessing if spec is None else spec):
         if isinstance(item, tuple):
             continue
         xs.append(item.input)
@@ -103,8 +105,12 @@ def parity_films(manifest: ModelManifest, config: Config, task: Task, n: int = P
     return cap([f for f in held_out if f.source in sources], n)
 
 
-def quantize(fp32: Path, out: Path, calibration: np.ndarray, input_name: str = "image") -> dict[str, Any]:
-    """Static QDQ quantisation of ``fp32`` into ``out``, ranges from ``calibration`` (N, 1, S, S); returns how."""
+def quantize(fp32: Path, out: Path, calibration: np.ndarray | Mapping[str, np.ndarray], input_name: str = "image",
+             one_batch: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Static QDQ quantisation of ``fp32`` into ``out``, ranges from ``calibration`` (N, 1, S, S), or one such
+    array per input of a graph with several (a shared graph's); returns how. ``one_batch``: every example in one
+    calibration batch, for a graph whose inner tensors' batch size depends on the films (the shared view-atypical
+    graph runs some films twice), which the percentile calibrater cannot stack across batches."""
     import onnxruntime
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -117,11 +123,13 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, input_name: str = "
 
     # Batches of one size: onnxruntime's percentile calibrater stacks each batch's outputs and fails on a short last
     # batch. 16 when the examples divide by it (the shipped runs: 96 films), else the largest size below that does.
-    size = next(n for n in range(16, 0, -1) if len(calibration) % n == 0)
+    feeds = {input_name: calibration} if isinstance(calibration, np.ndarray) else dict(calibration)
+    count = len(next(iter(feeds.values())))
+    size = count if one_batch else next(n for n in range(16, 0, -1) if count % n == 0)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{input_name: calibration[i : i + size]} for i in range(0, len(calibration), size)])
+            self.batches = iter([{k: v[i : i + size] for k, v in feeds.items()} for i in range(0, count, size)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
@@ -138,8 +146,7 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, input_name: str = "
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        layers = [n.name for n in onnx.load(str(prepared)).graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
-        edges = [layers[0], layers[-1]] if layers else []
+        edges = edge_layers(onnx.load(str(prepared)))
         quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.Percentile, op_types_to_quantize=ops,
@@ -153,9 +160,38 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, input_name: str = "
         "calibration": "Percentile 99.999",
         "float_ops": list(FLOAT_OPS),
         "float_layers": edges,
-        "calibration_examples": int(len(calibration)),
+        "calibration_examples": int(count),
+        **({"calibration_batch": int(count)} if one_batch else {}),
         "from_sha256": sha256_file(fp32),
     }
+
+
+LAYERS = ("Conv", "Gemm", "MatMul")
+
+
+def edge_layers(model: Any) -> list[str]:
+    """The first layer of the graph and the last before each output (a graph with several outputs, a shared
+    graph's, has a last layer per output): the ones left in float (see :func:`quantize`)."""
+    nodes = list(model.graph.node)
+    layers = [n.name for n in nodes if n.op_type in LAYERS]
+    if not layers:
+        return []
+    if len(model.graph.output) == 1:
+        return [layers[0], layers[-1]]
+    producer = {o: n for n in nodes for o in n.output}
+    last: list[str] = []
+    for out in model.graph.output:
+        todo, seen = [out.name], set()
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op_type in LAYERS:
+                last += [node.name] if node.name not in last else []
+                continue
+            todo += list(node.input)
+    return [layers[0], *(n for n in last if n != layers[0])]
 
 
 def pair_outputs(fp32: Path, int8: Path, x: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -298,21 +334,63 @@ def _scores_of(run: Any, x: np.ndarray, k: int, manifest: ModelManifest) -> tupl
     return manifest.scores(out[:, :k]), manifest.scores(out[:, k:])
 
 
-def compare(folder: Path, threads: int = 1, loso_limit: int | None = None) -> dict[str, Any]:
-    """fp32 against int8 of the shipped detector in ``folder`` on the same films (see the module's docstring)."""
+def graph_twin_runner(own: Path, graph: Path, own_channel: int, inputs: Mapping[str, int], output: str,
+                      threads: int = 1) -> Any:  # fmt: skip
+    """:func:`twin_runner` for a detector computed in a shared graph: its own model (fed channel ``own_channel`` of
+    :func:`filmgate_training.data.prepare`'s stacked inputs) and the graph (each input fed its channel), the graph's
+    ``output`` for this detector; outputs side by side (N, 2K)."""
+    from filmgate.detectors import onnx_session
+
+    a, b = (onnx_session(p, provider="cpu", intra_op_threads=threads) for p in (own, graph))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        outs = []
+        for i in range(0, len(x), 64):
+            c = x[i : i + 64]
+            mine = a.run(["output"], {"image": np.ascontiguousarray(c[:, own_channel : own_channel + 1])})[0]
+            feeds = {n: np.ascontiguousarray(c[:, j : j + 1]) for n, j in inputs.items()}
+            outs.append(np.concatenate([mine, b.run([output], feeds)[0]], axis=1))
+        return np.concatenate(outs)
+
+    return run
+
+
+def compare(folder: Path, threads: int = 1, loso_limit: int | None = None, graph: str | None = None,
+            val_limit: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """fp32 against int8 of the shipped detector in ``folder`` on the same films (see the module's docstring).
+    ``graph`` "int8" or "fp32": the detector's own float model against that file of the shared graph it is computed
+    in (``manifest.graph``), on the same films, the graph fed as the gate feeds it. ``val_limit``: at most this many
+    val films (per kind), for smoke runs (else the detector's own ``data.max_val_films``)."""
     from filmgate.decode import DecodeError, decode_file
-    from filmgate.preprocess import preprocess
     from filmgate_training import loso
+    from filmgate_training.data import Specs, prepare
     from filmgate_training.detectors.corrupt import CORRUPTIONS
     from filmgate_training.evaluate import infer
 
     manifest, config, task = shipped_config(folder)
-    if manifest.quantized is None:
-        raise RuntimeError(f"{folder}: no int8 model yet; run `python -m filmgate_training quantize` first")
+    if val_limit is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, max_val_films=val_limit))
     t0 = time.perf_counter()
-    run = twin_runner(folder / manifest.file, folder / manifest.quantized.file, threads)
     k = task.num_outputs
-    spec = config.preprocessing
+    spec: Specs = config.preprocessing
+    g = manifest.graph
+    if graph is not None:
+        if g is None or (graph == "int8" and g.quantized is None):
+            raise RuntimeError(f"{folder}: no shared graph ({graph}) in the manifest; run `python -m "
+                               "filmgate_training graph` first")  # fmt: skip
+        specs = tuple(dict.fromkeys([*g.inputs.values(), manifest.preprocessing]))
+        other = g.file if graph == "fp32" or g.quantized is None else g.quantized.file
+        other_sha = g.sha256 if graph == "fp32" or g.quantized is None else g.quantized.sha256
+        run = graph_twin_runner(folder / manifest.file, folder.parent / other, specs.index(manifest.preprocessing),
+                                {n: specs.index(s) for n, s in g.inputs.items()}, g.output_name, threads)  # fmt: skip
+        spec = specs
+        against = {"file": other, "sha256": other_sha, "graph": g.file, "precision": graph}
+    else:
+        if manifest.quantized is None:
+            raise RuntimeError(f"{folder}: no int8 model yet; run `python -m filmgate_training quantize` first")
+        run = twin_runner(folder / manifest.file, folder / manifest.quantized.file, threads)
+        against = {"file": manifest.quantized.file, "sha256": manifest.quantized.sha256}
 
     res = infer(val_films(config, task), task, spec, run)  # the val split in every variant, as evaluate runs it
     every = np.ones(len(res["label"]), bool)
@@ -332,7 +410,7 @@ def compare(folder: Path, threads: int = 1, loso_limit: int | None = None) -> di
             px = decode_file(film.path).pixels
         except DecodeError:
             continue
-        by_kind[film.kind].append(preprocess(px, spec))
+        by_kind[film.kind].append(prepare(px, spec))
         if film.kind == "frontal-chest" and film.pediatric != "yes":
             n_adult += 1
             if n_adult % 3 == 1:
@@ -342,7 +420,7 @@ def compare(folder: Path, threads: int = 1, loso_limit: int | None = None) -> di
         kinds[kind] = _group(manifest, sa, sb, "false flags" if kind == "frontal-chest" else "caught")
     synthetic = {}  # wrong films made from every third adult val frontal film (what ``atypical`` must catch)
     for name, fn in CORRUPTIONS.items() if adults else ():
-        sa, sb = _scores_of(run, np.stack([preprocess(fn(px), spec) for px in adults]), k, manifest)
+        sa, sb = _scores_of(run, np.stack([prepare(fn(px), spec) for px in adults]), k, manifest)
         synthetic[name] = _group(manifest, sa, sb, "caught")
 
     held_out: dict[str, Any] = {}  # the sources of the card's leave-one-source-out table, the same films
@@ -373,7 +451,7 @@ def compare(folder: Path, threads: int = 1, loso_limit: int | None = None) -> di
         "version": manifest.version,
         "threshold": manifest.threshold,
         "fp32": {"file": manifest.file, "sha256": manifest.sha256},
-        "int8": {"file": manifest.quantized.file, "sha256": manifest.quantized.sha256},
+        "int8": against,
         "created": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "criterion": CRITERION,
         "not_worse": bool(not_worse),
@@ -394,14 +472,26 @@ def markdown(r: dict[str, Any], full: bool = True) -> str:
     """The comparison (``int8.md``); ``full=False``: as the card shows it, without the per-source val rows and the
     rows outside the criterion (those are in int8.md)."""
     ag = r["val"]["agreement"]
+    g = r["int8"].get("graph")
+    if g:  # a shared graph's output against the detector's own float model
+        title = f"## Shared graph: `{r['detector']}` {r['version']} in `{g}`"
+        intro = (f"The gate computes this detector in the graph `{g}` it shares with other detectors (`manifest.graph`"
+                 f"; one session.run for all of them): `{r['int8']['file']}` ({r['int8']['precision']}"
+                 f"{', what the gate runs on CPU' if r['int8']['precision'] == 'int8' else ', what CUDA runs'}). "
+                 "Made by `python -m filmgate_training graph` from the members' own models (int8 calibrated on their "
+                 f"train films, never val, nor held-out sources). Here against this detector's own float model "
+                 f"`{r['fp32']['file']}` (the model evaluated above), both on the same films")  # fmt: skip
+    else:
+        title = f"## int8 on CPU: `{r['detector']}` {r['version']}"
+        intro = (f"On CPU the gate runs `{r['int8']['file']}` (int8, QDQ; `manifest.quantized`), on CUDA "
+                 f"`{r['fp32']['file']}` (float32, the model evaluated above). Made by `python -m filmgate_training "
+                 "quantize` from the float model, calibrated on train films of the sources it trained on (never val, "
+                 "nor held-out sources). Both models on the same films")  # fmt: skip
     lines = [
-        f"## int8 on CPU: `{r['detector']}` {r['version']}",
+        title,
         "",
-        f"On CPU the gate runs `{r['int8']['file']}` (int8, QDQ; `manifest.quantized`), on CUDA `{r['fp32']['file']}` "
-        "(float32, the model evaluated above). Made by `python -m filmgate_training quantize` from the float model, "
-        "calibrated on train films of the sources it trained on (never val, nor held-out sources). Both models on "
-        "the same films at threshold "
-        f"{r['threshold']:.6g}; flagged counts with 95% Wilson intervals. "
+        f"{intro} at threshold {r['threshold']:.6g}; flagged counts with 95% Wilson intervals"
+        f"{' (the int8 column is `' + r['int8']['file'] + '`)' if g else ''}. "
         f"**{'Not worse' if r['not_worse'] else 'WORSE'}** ({r['criterion']}).",
         "",
         f"Val split, every variant: {ag['examples']} examples, {ag['verdicts_changed']} verdicts changed, largest "

@@ -127,6 +127,7 @@ def test_atypical_builds_through_all_and_has_no_fit_of_its_own(tmp_path, data_di
 
     models = tmp_path / "models"
     shutil.copytree(REPO_MODELS / "view", models / "view")
+    shutil.copytree(REPO_MODELS / "graph-view-atypical", models / "graph-view-atypical")  # view's manifest.graph
     sets = ["data.max_train_films=60", "data.max_val_films=12", f"run_dir={tmp_path / 'run'}",
             f"models_dir={models}", "train.threads=1", "evaluate.loso_target_fpr=null"]  # fmt: skip
     assert main(["all", "--config", "atypical", *(x for s in sets for x in ("--set", s))]) == 0
@@ -163,6 +164,7 @@ def test_finish_builds_atypical_as_all_does_and_the_same_config_gives_the_same_m
 
     models = tmp_path / "models"
     shutil.copytree(REPO_MODELS / "view", models / "view")
+    shutil.copytree(REPO_MODELS / "graph-view-atypical", models / "graph-view-atypical")  # view's manifest.graph
     sets = {"data.max_train_films": 40, "data.max_val_films": 6, "run_dir": str(tmp_path / "run"),
             "models_dir": str(models), "train.threads": 1, "evaluate.loso_target_fpr": None}  # fmt: skip
     cli = [x for k, v in sets.items() for x in ("--set", f"{k}={'null' if v is None else v}")]

@@ -17,6 +17,7 @@ import numpy as np
 from filmgate_training.datasets import LabelledFilm
 from filmgate_training.detectors import atypical_build
 from filmgate_training.detectors.atypical_net import N_STATS
+from filmgate_training.graph import GraphDef, register_graph
 from filmgate_training.tasks import CardText, Example, Task, register
 
 
@@ -147,6 +148,20 @@ CARD = CardText(
         "Depends on models/view: retraining view requires rebuilding this model "
         "(`python -m filmgate_training all --config atypical`).",
     ),
+)
+
+
+GRAPH = register_graph(
+    GraphDef(
+        name="view-atypical",
+        members=("view", "atypical"),
+        build=atypical_build.shared_graph,
+        why=(
+            "atypical's score is a distance on the view network's features: in one graph the gate computes the view "
+            "network once per film for both (a second pass only for films whose rebuilt z-score input differs "
+            "from the gate's), not twice"
+        ),
+    )
 )
 
 

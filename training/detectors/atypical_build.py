@@ -36,7 +36,7 @@ from filmgate.preprocess import PreprocessSpec, preprocess
 from filmgate_training.config import Config, config_from_dict, load_config
 from filmgate_training.data import cap, split_train
 from filmgate_training.datasets import REPO_ROOT, LabelledFilm, labels
-from filmgate_training.detectors.atypical_net import Atypicality, fit_gaussian
+from filmgate_training.detectors.atypical_net import Atypicality, ViewAndAtypical, fit_gaussian
 from filmgate_training.detectors.corrupt import CORRUPTIONS
 from filmgate_training.evaluate import Runner
 from filmgate_training.model import filmnet_from_onnx
@@ -268,6 +268,28 @@ def fit(config: Config, backbone_run: Path | None = None) -> Path:
     torch.save(blob, run / "model.pt")
     (run / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     return run / "model.pt"
+
+
+def shared_graph(models_path: Path) -> tuple[torch.nn.Module, dict[str, PreprocessSpec]]:
+    """``view`` and ``atypical`` in one graph (:class:`ViewAndAtypical`), from the shipped models alone: the view
+    network rebuilt from models/view/model.onnx, atypical's Gaussian from the initializers of models/atypical/
+    model.onnx and its units from the build record in its evaluation.json. Refused when atypical was built on
+    another view model than the one shipped (rebuild atypical first)."""
+    import onnx
+    from onnx import numpy_helper
+
+    view_m, atyp_m = load_manifest(models_path / "view"), load_manifest(models_path / "atypical")
+    build = json.loads((models_path / "atypical" / "evaluation.json").read_text())["build"]
+    if build["backbone"].get("sha256") != view_m.sha256:
+        raise RuntimeError("atypical was built on another view model than models/view: rebuild atypical first "
+                           "(python -m filmgate_training all --config atypical)")  # fmt: skip
+    widths = tuple(view_m.extra.get("config", {}).get("model", {}).get("widths", (16, 32, 64, 128, 192)))
+    view = filmnet_from_onnx(str(models_path / "view" / view_m.file), widths)
+    init = {i.name: numpy_helper.to_array(i).copy() for i in onnx.load(str(models_path / "atypical" / atyp_m.file)
+                                                                        ).graph.initializer}  # fmt: skip
+    net = Atypicality(view, init["mean"], init["scale"], init["whiten_content"], init["whiten_display"],
+                      build["unit_content"], build["unit_display"])  # fmt: skip
+    return ViewAndAtypical(net, view.head).eval(), {"image": view_m.preprocessing, "unit": atyp_m.preprocessing}
 
 
 def load_run(config: Config) -> tuple[Atypicality, dict[str, Any]]:

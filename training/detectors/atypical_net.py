@@ -68,16 +68,28 @@ class Atypicality(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Content features (view network, two depths) followed by the N_STATS display statistics."""
+        z, parts = self.zscore(x)
+        h = self.features[: self.mid](z)
+        mid = h.mean(dim=(2, 3))
+        last = self.features[self.mid :](h).mean(dim=(2, 3))
+        return torch.cat([mid, last, self.display_stats(x, *parts)], dim=1)
+
+    def zscore(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The view network's zscore input rebuilt from ``unit`` films (padding 0), and (mask, n, mean, std) for
+        :meth:`display_stats`."""
         mask = self.real_mask(x)
         n = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
         mean = (x * mask).sum(dim=(2, 3), keepdim=True) / n
         var = (((x - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / n
         std = var.sqrt()
-        z = (x - mean) / std.clamp_min(1e-3) * mask  # the view network's zscore input, padding 0
-        h = self.features[: self.mid](z)
-        mid = h.mean(dim=(2, 3))
-        last = self.features[self.mid :](h).mean(dim=(2, 3))
-        stats = torch.cat(
+        return (x - mean) / std.clamp_min(1e-3) * mask, (mask, n, mean, std)
+
+    @staticmethod
+    def display_stats(
+        x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    ) -> torch.Tensor:
+        """The N_STATS display statistics of ``unit`` films."""
+        return torch.cat(
             [
                 mean.flatten(1),
                 # contrast is multiplicative: on a log scale a nearly blank film (spread ~0.01) is as far from
@@ -89,7 +101,6 @@ class Atypicality(nn.Module):
             ],
             dim=1,
         )
-        return torch.cat([mid, last, stats], dim=1)
 
     def distances(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension Mahalanobis distances (content, display), not yet in calibration units."""
@@ -106,7 +117,48 @@ class Atypicality(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dc, dd = self.distances(x)
+        return self.score_of(dc, dd)
+
+    def score_of(self, dc: torch.Tensor, dd: torch.Tensor) -> torch.Tensor:
         return torch.maximum(dc / self.unit_content, dd / self.unit_display)
+
+
+REBUILD_TOLERANCE = 1e-4  # a film whose rebuilt zscore input differs more than this from the gate's is run again
+
+
+class ViewAndAtypical(nn.Module):
+    """``view`` and ``atypical`` in one graph, computing the view network once per film where the two agree.
+
+    Inputs: the gate's ``zscore`` film (view's own input) and its ``unit`` film (atypical's). Outputs: view's logits
+    and atypical's score, each the detector's own function: view's network runs on the gate's z-score (view exact);
+    atypical's features are those of the z-score it rebuilds from ``unit`` (padding = all-zero edge rows/columns),
+    which is the gate's z-score except on films with all-black edge rows or columns inside the film (about 6% of
+    val films): those films, and only those, get a second pass of the network on the rebuilt input, in the same
+    batch (atypical exact). So the common film costs one network, not two.
+    """
+
+    def __init__(self, atypical: Atypicality, head: nn.Linear, tolerance: float = REBUILD_TOLERANCE) -> None:
+        super().__init__()
+        self.atypical = atypical
+        self.head = head
+        self.tolerance = float(tolerance)
+
+    def forward(self, image: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.atypical
+        rebuilt, parts = a.zscore(unit)
+        differs = (rebuilt - image).abs().flatten(1).amax(dim=1) > self.tolerance  # (N,)
+        again = torch.nonzero(differs).flatten()
+        both = torch.cat([image, rebuilt.index_select(0, again)])  # N films, then the k that differ
+        h = a.features[: a.mid](both)
+        mid = h.mean(dim=(2, 3))
+        last = a.features[a.mid :](h).mean(dim=(2, 3))
+        n = image.shape[0]
+        view = self.head(last[:n])
+        # film i's atypical features: its own row, or row n + (its rank among the films run again)
+        rows = torch.where(differs, torch.cumsum(differs.to(torch.int64), 0) - 1 + n, torch.arange(n))
+        content = torch.cat([mid, last], dim=1).index_select(0, rows)
+        dc, dd = a.distances_of(torch.cat([content, a.display_stats(unit, *parts)], dim=1))
+        return view, a.score_of(dc, dd)
 
 
 def fit_gaussian(emb: np.ndarray, shrink: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
