@@ -83,8 +83,10 @@ def judge_for(cfg: Config) -> Judge:
 
 def fingerprint(judge: Judge) -> str:
     """What the judgement depends on beyond the film: the detectors' versions and precisions (the int8 and float
-    models' scores differ a little) and the policy (a change re-judges)."""
-    models = ",".join(f"{d['name']}={d['version']}/{d['precision']}" for d in judge.detectors.describe())
+    models' scores differ a little), the shared graph a detector is computed in (its int8 scores differ a little
+    from the detector's own int8 model's) and the policy (a change re-judges)."""
+    models = ",".join(f"{d['name']}={d['version']}/{d['precision']}" + (f"@{d['graph']}" if d.get("graph") else "")
+                      for d in judge.detectors.describe())  # fmt: skip
     return f"{models}|{judge.cfg.policy!r}"
 
 
