@@ -66,19 +66,27 @@ def model_card(
         "",
         f"**Input size {config.preprocessing.size} px, letterboxed, z-scored.** Rotation and inversion are global "
         "properties of a film (where the shoulders, diaphragm, mediastinum are; whether bone is white): they need "
-        "no fine detail, and 128 px keeps the whole film in view at a quarter of the cost of 256 px, which is what "
-        "lets every detector run on every film on one CPU core. Letterboxing keeps the aspect ratio (real "
+        f"no fine detail: {config.preprocessing.size} px keeps the whole film in view at a fraction of the cost of "
+        "256 px, which is what lets every detector run on every film on one CPU core. Letterboxing keeps the aspect "
+        "ratio (real "
         "information) but aspect is augmented so it is never the only cue; z-scoring per film removes exposure and "
         "window differences between hospitals.",
         "",
-        "**One model per problem** (following Oakden-Rayner, 2018): each detector is ~1.5 ms per film on an idle "
-        "core (bench/detector_latency.py), so a shared backbone would save little time, while separate models can be "
-        "retrained, thresholded and replaced independently, and a mistake in one task cannot leak into another.",
+        "**One model per problem** (following Oakden-Rayner, 2018): each detector is a fraction of a millisecond to "
+        "about 1.5 ms per film on one core (bench/detector_latency.py), so a shared backbone would save little time, "
+        "while separate models can be retrained, thresholded and replaced independently, and a mistake in one task "
+        "cannot leak into another.",
         "",
         "## Training",
         "",
         f"- Films: `frontal-chest` films of the `train` split of ../shared/data (never `val`); "
         f"{config.data.calibration_fraction:.0%} of train patients held out to choose the threshold.",
+        *(
+            [f"- Sources left out (`data.exclude_sources`): {', '.join(config.data.exclude_sources)}."]
+            if config.data.exclude_sources
+            else []
+        ),
+        *([f"- Which choices looked at val: {' '.join(config.val_notes)}"] if config.val_notes else []),
         "- Labels made synthetically from each film by the label transform applied to the decoded [0, 1] film, "
         "between the film augmentations (which turn with it) and the display augmentations (which every class "
         "gets alike).",

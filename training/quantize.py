@@ -392,7 +392,10 @@ def compare(folder: Path, threads: int = 1, loso_limit: int | None = None, graph
         run = twin_runner(folder / manifest.file, folder / manifest.quantized.file, threads)
         against = {"file": manifest.quantized.file, "sha256": manifest.quantized.sha256}
 
-    res = infer(val_films(config, task), task, spec, run)  # the val split in every variant, as evaluate runs it
+    # the val split as it is now, in every variant, as evaluate runs it: sources a model was trained without
+    # (data.exclude_sources, e.g. to keep later hospitals held out) are part of today's val all the same
+    today = dataclasses.replace(config, data=dataclasses.replace(config.data, exclude_sources=()))
+    res = infer(val_films(today, task), task, spec, run)
     every = np.ones(len(res["label"]), bool)
     val: dict[str, Any] = {"pooled": _by_role(task, res, k, manifest, every), "per_source": {}}
     for s in sorted(set(res["source"].tolist())):
