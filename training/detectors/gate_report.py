@@ -28,11 +28,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from filmgate.config import parse_config
 from filmgate.decode import decode_file
 from filmgate.judge import Judge
 from filmgate_training.config import REPO_ROOT
 from filmgate_training.datasets import LabelledFilm, data_root, labels
+from filmgate_training.gate_judge import gate_judge
 
 
 def expected(film: LabelledFilm) -> tuple[str, str]:
@@ -42,12 +42,6 @@ def expected(film: LabelledFilm) -> tuple[str, str]:
     if film.pediatric == "yes":
         return "quarantine", "frontal-chest, child"
     return "accept", "frontal-chest, adult or age unknown"
-
-
-def gate_judge(models: Path) -> Judge:
-    """The gate's judge over the detectors under ``models``, default policy, CPU, one thread per model."""
-    detectors = {"models_dir": str(models), "provider": "cpu", "intra_op_threads": 1}
-    return Judge.load(parse_config({"detectors": detectors}))
 
 
 def decide_all(films: Sequence[LabelledFilm], judge: Judge, batch: int = 32) -> list[dict[str, Any]]:

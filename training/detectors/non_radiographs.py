@@ -36,7 +36,7 @@ from filmgate.manifest import load_manifest
 from filmgate_training.card import put_section
 from filmgate_training.config import REPO_ROOT
 from filmgate_training.datasets import LabelledFilm, labels
-from filmgate_training.detectors.gate_report import gate_judge
+from filmgate_training.gate_judge import gate_judge
 from filmgate_training.metrics import wilson_interval
 
 REPORT = REPO_ROOT / "training" / "reports" / "non-radiographs"
