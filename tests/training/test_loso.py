@@ -89,6 +89,8 @@ def test_report_merges_rows_and_writes_the_card_section(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     for name in ("model.onnx", "model.int8.onnx", "manifest.json", "MODEL_CARD.md", "evaluation.json"):
         (folder / name).write_bytes((REPO_MODELS / "atypical" / name).read_bytes())
+    import shutil
+
     shutil.copytree(REPO_MODELS / "graph-view-atypical", tmp_path / "models" / "graph-view-atypical")  # manifest.graph
     ff = {"examples": 10, "flagged": 1, "rate": 0.1, "ci95": list(wilson_interval(1, 10))}
     row = {"source": "tbx11k", "mode": "fold", "model": "fold: refit", "films": 10, "classes": {}, "false_flags": ff}
