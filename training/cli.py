@@ -85,9 +85,13 @@ def cmd_loso(args: argparse.Namespace) -> int:
         sources = args.sources.split(",") if args.sources not in ("", "all") else []
         if args.sources == "all":
             sources = loso.eligible_sources(config, task, args.min_films)
+        overrides = parse_overrides(args.set)
+        lengths = [overrides] if args.short_steps is None else [  # the full-length fold, then the short one beside it
+            {k: v for k, v in overrides.items() if k != "train.steps"}, overrides | {"train.steps": args.short_steps}]
         for source in sources:
-            rows.append(loso.fold(config, source, parse_overrides(args.set), args.limit))
-            loso.merge(task.name, rows[-1:])
+            for length in lengths:
+                rows.append(loso.fold(config, source, length, args.limit))
+                loso.merge(task.name, rows[-1:])
         if rows:
             report = loso.merge(task.name, rows)
             print(loso.markdown(report, loso.pooled_val(task.name)))
@@ -193,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="run folder for the report and contact sheets (default: runs/gate-report)")
     report.add_argument("--models", help="models folder to decide with (default: the repository's models/)")
     report.add_argument("--docs", action="store_true", help="also copy the Markdown/JSON summary to docs/")
+    report.add_argument("--sections-only", action="store_true",
+                        help="judge nothing: rewrite docs/gate-report.md from docs/gate-report.json with the current "
+                             "leave-one-source-out and non-radiograph reports (after loso or non_radiographs)")
     finish = add_command(
         sub, "finish", "extra evaluation and model card for view, flip or pediatric (atypical: as `all`)",
         examples=["python -m filmgate_training finish --config view"],
@@ -204,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
         "trained on, and folds retrained without a source",
         examples=["python -m filmgate_training loso --config view-ft --unseen --card",
                   "python -m filmgate_training loso --config atypical --sources all --card",
-                  "python -m filmgate_training loso --config view --sources tbx11k --set train.steps=300"],
+                  "python -m filmgate_training loso --config view --sources tbx11k --set train.steps=300",
+                  "python -m filmgate_training loso --config view --sources nih-cxr14,vqa-rad --short-steps 400 "
+                  "--set evaluate.threshold_rule=margin"],
     )  # fmt: skip
     loso.add_argument("--config", required=True, help=CONFIG_HELP)
     loso.add_argument("--sources", default="", help="retrain a fold without each of these (comma-separated; 'all')")
@@ -212,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     loso.add_argument("--limit", type=int, help="at most this many films per held-out source (evenly spaced)")
     loso.add_argument("--min-films", type=int, default=20, help="sources with fewer films are not held out")
     loso.add_argument("--card", action="store_true", help="write the table into models/<task>/MODEL_CARD.md")
+    loso.add_argument("--short-steps", type=int, metavar="N",
+                      help="also a fold of N steps beside each full-length fold (the config's train.steps): the "
+                           "report says whether the short fold agrees (the evidence that short folds may stand in)")
     loso.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP + "; folds only")
     quant = add_command(
         sub, "quantize", "int8 copy of a shipped detector for the CPU (calibrated on train films, checked against "
@@ -256,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         from filmgate_training.detectors.gate_report import main as gate_report
 
         extra = [*(["--out", args.out] if args.out else []), *(["--models", args.models] if args.models else [])]
-        return gate_report(extra + (["--docs"] if args.docs else []))
+        return gate_report(extra + (["--docs"] if args.docs else []) + (["--sections-only"] if args.sections_only
+                                                                         else []))  # fmt: skip
     if args.command == "finish":
         from filmgate_training.detectors.finish import main as finish_main
 

@@ -64,8 +64,10 @@ def test_fold_leaves_the_source_out_of_training_and_calibration_and_scores_all_o
     ff = row["false_flags"]
     assert ff["examples"] == 6 and ff["ci95"][0] <= ff["rate"] <= ff["ci95"][1]
     assert row["caught"]["examples"] == 18
-    assert json.loads((fc.run_path / "loso.json").read_text())["source"] == "chexpert"
-    _, blob = load_trained(fc.run_path)
+    short = loso.fold_config(config, "chexpert", {"train.steps": 2})  # a fold of another length: its own folder
+    assert short.run_path == config.run_path / "loso" / "chexpert-2steps" and not fc.run_path.exists()
+    assert json.loads((short.run_path / "loso.json").read_text())["source"] == "chexpert"
+    _, blob = load_trained(short.run_path)
     assert "chexpert" not in blob["train_films"]
 
 
@@ -296,3 +298,26 @@ def test_the_pediatric_age_model_trains_on_intervals_ships_as_kind_age_and_is_cu
     for cut in (finding.score - 0.5, finding.score + 0.5):
         judged = judged_at(max(cut, 0.1)).decision
         assert (judged.reasons == ("pediatric",)) is (finding.score < max(cut, 0.1)), (finding.score, cut)
+
+
+def test_short_folds_are_compared_with_full_length_folds_of_the_same_recipe_and_source():
+    """The report puts a short fold beside the full-length fold of the same source and recipe, and says whether each
+    figure lies inside the other's 95% interval (the issue allows short folds only where they agree)."""
+
+    def row(steps, flagged, caught, rule=", margin threshold"):
+        ff = {"role": "false flags", "examples": 400, "flagged": flagged, "rate": flagged / 400,
+              "ci95": list(wilson_interval(flagged, 400))}  # fmt: skip
+        ct = {"role": "caught", "examples": 200, "flagged": caught, "rate": caught / 200,
+              "ci95": list(wilson_interval(caught, 200))}  # fmt: skip
+        return {"source": "nih-cxr14", "mode": "fold", "model": f"1.0.0 fold: {steps} steps{rule}", "films": 600,
+                "steps": steps, "classes": {"frontal-chest": ff, "not-radiograph": ct}, "false_flags": ff,
+                "caught": ct}  # fmt: skip
+
+    report = {"detector": "view", "rows": [row(400, 3, 199), row(1000, 2, 200), row(200, 30, 150, rule="")]}
+    (pair,) = loso.short_vs_full(report)  # the fpr-rule fold is another recipe: nothing to compare it with
+    assert (pair["short_steps"], pair["full_steps"], pair["agree"]) == (400, 1000, True)
+    assert set(pair["figures"]) == {"frontal-chest (false flags)", "not-radiograph (caught)"}  # no pooled duplicates
+    report["rows"].append(row(300, 40, 120))
+    worse = [p for p in loso.short_vs_full(report) if p["short_steps"] == 300]
+    assert worse and not worse[0]["agree"]
+    assert "do not agree" in loso.markdown(report, None) and "| **no** |" in loso.markdown(report, None)
