@@ -551,9 +551,7 @@ def decode_file(path: str | os.PathLike[str], max_side: int | None = DETECTOR_MA
     path = Path(path)
     suffix = path.suffix.lower()
     try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
-        if is_dicom_bytes(head) or suffix in (".dcm", ".dicom"):
+        if is_dicom_file(path, suffix, DICOM_SUFFIXES):
             return decode_dataset(read_dataset(path), max_side)  # read from the file: one copy of the pixels
         data = path.read_bytes()
     except OSError as exc:
@@ -561,8 +559,19 @@ def decode_file(path: str | os.PathLike[str], max_side: int | None = DETECTOR_MA
     return decode_bytes(data, suffix=suffix, max_side=max_side)
 
 
+def is_dicom_file(path: Path, suffix: str, dicom_suffixes: tuple[str, ...]) -> bool:
+    """Whether a file is read as DICOM (by read_dataset, straight from the file) rather than as an image: its first
+    132 bytes (:func:`is_dicom_bytes`), or ``suffix`` among ``dicom_suffixes``."""
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    return is_dicom_bytes(head) or suffix in dicom_suffixes
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom")  # names that make decode_file/decode_bytes read a file as DICOM without its magic
+
+
 def decode_bytes(data: bytes, suffix: str = "", max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:
-    if is_dicom_bytes(data[:132]) or suffix in (".dcm", ".dicom"):
+    if is_dicom_bytes(data[:132]) or suffix in DICOM_SUFFIXES:
         return decode_dataset(read_dataset(data), max_side)
     if suffix in IMAGE_SUFFIXES or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
         return decode_image_bytes(data, max_side)

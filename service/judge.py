@@ -30,12 +30,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from filmgate.config import Config, LimitsConfig
-from filmgate.decode import DecodeError, decode_bytes, decode_dataset, is_dicom_bytes, read_dataset
+from filmgate.decode import DecodeError, decode_bytes, decode_dataset, is_dicom_bytes, is_dicom_file, read_dataset
 from filmgate.detectors import DetectorSet
 from filmgate.manifest import Finding
 from filmgate.policy import Decision, Metadata, decide
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", "")
 log = logging.getLogger("filmgate.judge")
 
 
@@ -111,18 +110,16 @@ def decode_film(source: Path | bytes, *, suffix: str | None = None, limits: Limi
             if size > limits.max_dataset_bytes:
                 return failed(f"the file is larger than limits.max_dataset_bytes ({size} > {limits.max_dataset_bytes} "
                               "bytes)")  # fmt: skip
-            with source.open("rb") as fh:
-                head = fh.read(132)
             # A DICOM file is read by read_dataset from the file itself (one copy of its pixel data); anything
             # else is read whole for the image decoders.
-            if not (is_dicom_bytes(head) or suffix in DICOM_NAMES):
+            dicom = is_dicom_file(source, suffix, DICOM_NAMES)
+            if not dicom:
                 data = source.read_bytes()
         except OSError as exc:
             return failed(f"cannot read the file: {exc.strerror}")
     else:
-        head = source[:132]
-    suffix = (suffix or "").lower()
-    dicom = is_dicom_bytes(head) or suffix in DICOM_NAMES
+        suffix = (suffix or "").lower()
+        dicom = is_dicom_bytes(source[:132]) or suffix in DICOM_NAMES
     # Until a header is read the film has none: no header rules apply, and the fields stay empty.
     ex = Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""))
     try:
