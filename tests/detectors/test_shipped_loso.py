@@ -20,7 +20,7 @@ from filmgate_training.tasks import get_task
 from tests.helpers import MODELS, ShippedDetector, pixels
 
 SUBSET = 30  # films per held-out source
-CONFIGS = {"orientation": "orientation", "inversion": "inversion", "flip": "flip-hr", "view": "view-ft",
+CONFIGS = {"orientation": "orientation", "inversion": "inversion", "flip": "flip-small-hr", "view": "view-ft",
            "pediatric": "pediatric-adults"}  # fmt: skip
 
 
