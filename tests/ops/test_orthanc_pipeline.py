@@ -273,7 +273,18 @@ def test_hospital_pacs_to_research_pacs_through_filmgate(stack, tmp_path):
         want = {k: v for k, v in (("accept", n_acc), ("quarantine", n_q)) if v}
         return got if got == want else None
 
-    wait_until(decisions, 30, "Prometheus to report the decisions", interval=0.5)
+    def value(query: str) -> float:
+        rows = prom.query(query)
+        return float(rows[0]["value"][1]) if rows else 0.0
+
+    def scraped():
+        # One scrape can fall between a film's decision and its delivery: wait for a scrape that holds the deliveries
+        # (and end-to-end times) of the films the research PACS already holds, not only the decisions.
+        attempts = value('sum(filmgate_delivery_attempts_total{job="filmgate", destination="research-pacs"})')
+        e2e = value('sum(filmgate_end_to_end_seconds_count{job="filmgate"})')
+        return decisions() if attempts >= n_acc and e2e == len(FILMS) else None
+
+    wait_until(scraped, 30, "Prometheus to report the decisions and deliveries", interval=0.5)
     received = prom.query('sum(filmgate_instances_received_total{job="filmgate", calling_ae="HOSPITAL"})')
     assert float(received[0]["value"][1]) == len(FILMS)
     reasons = prom.query('sum by (reason) (filmgate_quarantine_reasons_total{job="filmgate"})')
