@@ -47,6 +47,7 @@ from filmgate import codecs
 # a 512 px long side by their curators, so serving reduces the same way. None keeps the full resolution.
 DETECTOR_MAX_SIDE = 512
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DICOM_SUFFIXES = (".dcm", ".dicom")  # names that make decode_file/decode_bytes read a file as DICOM without its magic
 # Percentiles used as the window of a film that carries no VOI at all (raw CR/DX data or a plain image).
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 # Above this many pixels the auto window reads every n-th pixel: the percentiles barely move and decode stays fast.
@@ -551,7 +552,7 @@ def decode_file(path: str | os.PathLike[str], max_side: int | None = DETECTOR_MA
     path = Path(path)
     suffix = path.suffix.lower()
     try:
-        if is_dicom_file(path, suffix, DICOM_SUFFIXES):
+        if is_dicom_file(path, suffix):
             return decode_dataset(read_dataset(path), max_side)  # read from the file: one copy of the pixels
         data = path.read_bytes()
     except OSError as exc:
@@ -559,19 +560,21 @@ def decode_file(path: str | os.PathLike[str], max_side: int | None = DETECTOR_MA
     return decode_bytes(data, suffix=suffix, max_side=max_side)
 
 
-def is_dicom_file(path: Path, suffix: str, dicom_suffixes: tuple[str, ...]) -> bool:
-    """Whether a file is read as DICOM (by read_dataset, straight from the file) rather than as an image: its first
-    132 bytes (:func:`is_dicom_bytes`), or ``suffix`` among ``dicom_suffixes``."""
+def is_dicom(head: bytes, suffix: str, dicom_suffixes: tuple[str, ...] = DICOM_SUFFIXES) -> bool:
+    """Whether a film is read as DICOM rather than as an image: its first 132 bytes (:func:`is_dicom_bytes`), or
+    ``suffix`` among ``dicom_suffixes``."""
+    return is_dicom_bytes(head[:132]) or suffix in dicom_suffixes
+
+
+def is_dicom_file(path: Path, suffix: str, dicom_suffixes: tuple[str, ...] = DICOM_SUFFIXES) -> bool:
+    """:func:`is_dicom` for a file on disk, from its first 132 bytes (read_dataset then reads it from the file)."""
     with path.open("rb") as fh:
         head = fh.read(132)
-    return is_dicom_bytes(head) or suffix in dicom_suffixes
-
-
-DICOM_SUFFIXES = (".dcm", ".dicom")  # names that make decode_file/decode_bytes read a file as DICOM without its magic
+    return is_dicom(head, suffix, dicom_suffixes)
 
 
 def decode_bytes(data: bytes, suffix: str = "", max_side: int | None = DETECTOR_MAX_SIDE) -> DecodedImage:
-    if is_dicom_bytes(data[:132]) or suffix in DICOM_SUFFIXES:
+    if is_dicom(data, suffix):
         return decode_dataset(read_dataset(data), max_side)
     if suffix in IMAGE_SUFFIXES or data[:8] == b"\x89PNG\r\n\x1a\n" or data[:2] == b"\xff\xd8":
         return decode_image_bytes(data, max_side)

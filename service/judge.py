@@ -30,7 +30,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from filmgate.config import Config, LimitsConfig
-from filmgate.decode import DecodeError, decode_bytes, decode_dataset, is_dicom_bytes, is_dicom_file, read_dataset
+from filmgate.decode import (
+    DICOM_SUFFIXES,
+    DecodeError,
+    decode_bytes,
+    decode_dataset,
+    is_dicom,
+    is_dicom_file,
+    read_dataset,
+)
 from filmgate.detectors import DetectorSet
 from filmgate.manifest import Finding
 from filmgate.policy import Decision, Metadata, decide
@@ -85,7 +93,7 @@ class Judgement:
 
 
 HEADER_KEYS = ("Modality", "ViewPosition", "BodyPartExamined", "PatientAge")
-DICOM_NAMES = (".dcm", ".dicom", ".dic")  # a suffix that makes a file DICOM without its DICM magic
+DICOM_NAMES = (*DICOM_SUFFIXES, ".dic")  # a suffix that makes a file DICOM without its DICM magic
 FIELD_KEYS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
 
 
@@ -119,7 +127,7 @@ def decode_film(source: Path | bytes, *, suffix: str | None = None, limits: Limi
             return failed(f"cannot read the file: {exc.strerror}")
     else:
         suffix = (suffix or "").lower()
-        dicom = is_dicom_bytes(source[:132]) or suffix in DICOM_NAMES
+        dicom = is_dicom(source, suffix, DICOM_NAMES)
     # Until a header is read the film has none: no header rules apply, and the fields stay empty.
     ex = Examined(metadata=Metadata(is_dicom=False), fields=dict.fromkeys(FIELD_KEYS, ""))
     try:
