@@ -12,6 +12,8 @@ network and dropped (bounded memory: nothing is kept), and the C-STORE handler, 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import tempfile
@@ -21,6 +23,26 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("filmgate.receive")
+
+# Written bytes are handed to the disk in steps of this size while a dataset arrives, so the fdatasync before the
+# acknowledgement waits for the last step only instead of the whole film (about 8 ms for a 10 MB film here).
+WRITEBACK_STEP = 1 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages, do not wait
+
+
+def _writeback_starter() -> Callable[[int, int, int], object] | None:
+    """libc's ``sync_file_range`` (Linux; Python's os module lacks it), or None where it does not exist."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return lambda fd, offset, length: fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+_start_writeback = _writeback_starter()
 
 
 class ReceiveFile:
@@ -32,6 +54,8 @@ class ReceiveFile:
         self.owner = threading.current_thread()  # the connection's reactor thread, to clean up after an abort
         self.file = self
         self._fh: Any = None
+        self._written = 0  # bytes handed to the file
+        self._kicked = 0  # bytes whose writeback has been started
         if refused is None:
             try:
                 fd, name = tempfile.mkstemp(dir=folder, suffix=suffix)
@@ -51,6 +75,11 @@ class ReceiveFile:
         if self._fh is not None:
             try:
                 self._fh.write(data)
+                self._written += len(data)
+                if _start_writeback is not None and self._written - self._kicked >= WRITEBACK_STEP:
+                    self._fh.flush()
+                    _start_writeback(self._fh.fileno(), self._kicked, self._written - self._kicked)
+                    self._kicked = self._written
             except OSError as exc:
                 self._fail(exc)
         return len(data)
