@@ -52,6 +52,7 @@ class Node:
             fsync=cfg.spool.fsync,
             min_free_bytes=cfg.spool.min_free_bytes,
             min_free_percent=cfg.spool.min_free_percent,
+            early_writeback=cfg.spool.early_writeback,
         )
         recovered = spool.recover()
         if recovered:

@@ -86,6 +86,10 @@ class ListenerConfig:
 class SpoolConfig:
     path: str = field(default="var/spool", metadata=NOT_EMPTY)
     fsync: bool = True
+    # Start the disk's writeback of a dataset every MiB while it arrives (sync_file_range), so the fdatasync before the
+    # acknowledgement waits for the last MiB only. Which is faster depends on the disk and the CPU (README,
+    # Benchmarks: bench/throughput measured it both ways); durability is the same either way.
+    early_writeback: bool = True
     # A file under tmp/ untouched this long is the remains of an aborted transfer (a live one is written to at least
     # every listener.network_timeout): removed while the node runs, not only at the next start.
     stale_tmp_seconds: float = 3600.0

@@ -49,8 +49,10 @@ class ReceiveFile:
     """One dataset's file under ``spool/tmp``; the file-like object pynetdicom writes to (``write``, ``file.flush``,
     ``close``, ``name``). Write errors are recorded in :attr:`error`, never raised."""
 
-    def __init__(self, folder: Path, suffix: str, refused: str | None) -> None:
+    def __init__(self, folder: Path, suffix: str, refused: str | None, writeback_step: int = 0) -> None:
         self.error: str | None = refused
+        # Start the disk's writeback every ``writeback_step`` bytes (0: never; the fdatasync at the end does it all).
+        self._step = writeback_step if _start_writeback is not None else 0
         self.owner = threading.current_thread()  # the connection's reactor thread, to clean up after an abort
         self.file = self
         self._fh: Any = None
@@ -76,9 +78,9 @@ class ReceiveFile:
             try:
                 self._fh.write(data)
                 self._written += len(data)
-                if _start_writeback is not None and self._written - self._kicked >= WRITEBACK_STEP:
+                if self._step and self._written - self._kicked >= self._step:
                     self._fh.flush()
-                    _start_writeback(self._fh.fileno(), self._kicked, self._written - self._kicked)
+                    _start_writeback(self._fh.fileno(), self._kicked, self._written - self._kicked)  # type: ignore[misc]
                     self._kicked = self._written
             except OSError as exc:
                 self._fail(exc)
@@ -121,14 +123,17 @@ class ReceiveFiles:
     ``on_full(sentence)`` is told when a dataset is refused for lack of space (the listener logs and counts).
     """
 
-    def __init__(self, folder: Path, space_problem: Callable[[], str | None]) -> None:
+    def __init__(
+        self, folder: Path, space_problem: Callable[[], str | None], *, early_writeback: bool = False
+    ) -> None:
         self.folder = folder
+        self.writeback_step = WRITEBACK_STEP if early_writeback else 0
         self.space_problem = space_problem
         self._lock = threading.Lock()
         self._open: dict[str, ReceiveFile] = {}
 
     def __call__(self, suffix: str = ".dcm") -> ReceiveFile:
-        f = ReceiveFile(self.folder, suffix, self.space_problem())
+        f = ReceiveFile(self.folder, suffix, self.space_problem(), self.writeback_step)
         with self._lock:
             self._open[f.name] = f
         return f

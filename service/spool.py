@@ -141,8 +141,10 @@ class Spool:
         worker: str = "w0",
         min_free_bytes: int = 0,
         min_free_percent: float = 0.0,
+        early_writeback: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.early_writeback = early_writeback  # read by the listener (filmgate.receive): spool.early_writeback
         self.min_free_bytes = min_free_bytes
         self.min_free_percent = min_free_percent
         self.claimed_root = self.root / "claimed"
