@@ -159,9 +159,7 @@ class Listener:
         self.ae = ae
         self.server: Any = None
         self._thread: threading.Thread | None = None
-        self.receive_files = ReceiveFiles(
-            spool.tmp, spool.space_problem, early_writeback=spool.fsync and spool.early_writeback
-        )
+        self.receive_files = ReceiveFiles.for_spool(spool)
         self._full = False
         patches.receive_datasets_into(self.receive_files)
         patches.make_reactors_event_driven()

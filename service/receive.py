@@ -132,6 +132,12 @@ class ReceiveFiles:
         self._lock = threading.Lock()
         self._open: dict[str, ReceiveFile] = {}
 
+    @classmethod
+    def for_spool(cls, spool: Any) -> ReceiveFiles:
+        """The files of a :class:`filmgate.spool.Spool`'s ``tmp/``: its free-space check, and the early writeback
+        when the spool syncs at all (``spool.fsync`` and ``spool.early_writeback``)."""
+        return cls(spool.tmp, spool.space_problem, early_writeback=spool.fsync and spool.early_writeback)
+
     def __call__(self, suffix: str = ".dcm") -> ReceiveFile:
         f = ReceiveFile(self.folder, suffix, self.space_problem(), self.writeback_step)
         with self._lock:

@@ -36,21 +36,26 @@ def test_without_early_writeback_nothing_is_started_and_every_byte_is_kept(tmp_p
 
 
 def test_the_listener_follows_spool_early_writeback(tmp_path):
-    """The key reaches the files the listener writes: on in the shipped default.yaml, off when set so or when
-    spool.fsync is off (nothing to hurry then)."""
+    """The key reaches the files the listener writes (``ReceiveFiles.for_spool``, what the listener builds; a
+    Listener is not made here: it installs its receive files for every SCP in this process, the tests' receivers
+    too): on in the shipped default.yaml, off when set so or when spool.fsync is off (nothing to hurry then)."""
+    import inspect
     from pathlib import Path
 
-    from filmgate.config import ListenerConfig, load_config
-    from filmgate.listener import Listener
+    from filmgate import listener
+    from filmgate.config import load_config
     from filmgate.spool import Spool
 
+    assert "ReceiveFiles.for_spool(spool)" in inspect.getsource(listener.Listener.__init__)
     shipped = load_config(Path(receive.__file__).with_name("default.yaml"), metadata_only=True).spool
     assert shipped.early_writeback is True and shipped.fsync is True
     steps = {}
     for name, fsync, early in (("shipped", shipped.fsync, shipped.early_writeback), ("off", True, False),
                                ("no-fsync", False, True)):  # fmt: skip
         spool = Spool(tmp_path / name, fsync=fsync, early_writeback=early)
-        steps[name] = Listener(ListenerConfig(), spool).receive_files.writeback_step
+        files = receive.ReceiveFiles.for_spool(spool)
+        assert files.folder == spool.tmp
+        steps[name] = files.writeback_step
     assert steps == {"shipped": receive.WRITEBACK_STEP, "off": 0, "no-fsync": 0}
 
 
