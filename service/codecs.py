@@ -11,8 +11,10 @@ reduce step brings the film to (the reduce step then finishes the job, see :func
 
 Syntaxes that cannot decode reduced get the fastest well-kept decoder measured here (``bench/decode``): libjpeg-turbo
 3 (``imagecodecs.jpeg8_decode``) for JPEG lossless and 12-bit JPEG extended, CharLS (``imagecodecs.jpegls_decode``)
-for JPEG-LS. Everything else (and any film whose parameters a fast decoder does not cover exactly: colour JPEG
-without YCbCr, signedness or precision the codestream disagrees on) returns None and goes through pydicom.
+for JPEG-LS, imagecodecs' DICOM RLE decoder for RLE (byte planes straight into stored values, where pydicom's
+``pixel_array`` with pylibjpeg-rle took 2-3x as long). Everything else (and any film whose parameters a fast decoder
+does not cover exactly: colour JPEG without YCbCr, signedness or precision the codestream disagrees on) returns None
+and goes through pydicom.
 
 Decoders are registered by transfer syntax UID in :data:`DECODERS`. They return stored values (or luminance for
 colour films), never modality or VOI values: those remain the decode module's pure steps.
@@ -40,6 +42,7 @@ J2K = "1.2.840.10008.1.2.4.91"
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 HTJ2K_RPCL = "1.2.840.10008.1.2.4.202"
 HTJ2K = "1.2.840.10008.1.2.4.203"
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,14 @@ def _levels(frame: Frame, limit: int = 8) -> int:
     return r
 
 
+def mask_unused_bits(arr: np.ndarray, bits_stored: int) -> np.ndarray:
+    """Unsigned stored values with the bits above Bits Stored cleared (an overlay or junk may live there, PS3.5
+    8.1.1), as pydicom does; the array comes back as it is (no copy) when no value has such a bit, the common case."""
+    if arr.dtype.kind != "u" or bits_stored >= arr.dtype.itemsize * 8 or not int(arr.max()) >> bits_stored:
+        return arr
+    return arr & np.array((1 << bits_stored) - 1, dtype=arr.dtype)
+
+
 def _grey(arr: np.ndarray, frame: Frame) -> np.ndarray | None:
     """Checks a decoded array against the header; colour becomes luminance (the same weights as decode.py)."""
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -235,6 +246,26 @@ def _jpeg_turbo(frame: Frame) -> np.ndarray | None:
     if frame.samples != 1:
         return None
     return _grey(imagecodecs.jpeg8_decode(frame.data), frame)
+
+
+@register("imagecodecs-rle", RLE_LOSSLESS)
+def _rle(frame: Frame) -> np.ndarray | None:
+    """DICOM RLE: one PackBits segment per byte plane, most significant first (PS3.5 G.2), decoded by imagecodecs.
+
+    Grey 8- and 16-bit films only; signed values narrower than their allocation (which pydicom sign-extends), colour
+    and other allocations go to pydicom. bench/decode: 2-3x pydicom's ``pixel_array`` with pylibjpeg-rle."""
+    import imagecodecs
+
+    if frame.samples != 1 or frame.bits_allocated not in (8, 16) or not 1 <= frame.bits_stored <= frame.bits_allocated:
+        return None
+    if frame.signed and frame.bits_stored != frame.bits_allocated:
+        return None
+    dtype = np.dtype(("<i" if frame.signed else "<u") + str(frame.bits_allocated // 8))
+    raw = imagecodecs.dicomrle_decode(frame.data, dtype)
+    if len(raw) != frame.rows * frame.columns * dtype.itemsize:
+        return None  # segments shorter or longer than the header's frame: pydicom's decoder says what is wrong
+    arr = np.frombuffer(raw, dtype=dtype).reshape(frame.rows, frame.columns)
+    return mask_unused_bits(arr, frame.bits_stored)
 
 
 @register("charls", JPEG_LS_LOSSLESS, JPEG_LS_NEAR)

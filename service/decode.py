@@ -233,10 +233,7 @@ def _native_grey_frame(ds: Dataset) -> np.ndarray | None:
     if len(data) < count * allocated // 8:
         return None
     dtype = np.dtype(("<i" if signed else "<u") + str(allocated // 8))
-    arr = np.frombuffer(data, dtype=dtype, count=count).reshape(rows, cols)
-    if stored < allocated and int(arr.max()) >> stored:
-        arr = arr & np.array((1 << stored) - 1, dtype=dtype)
-    return arr
+    return codecs.mask_unused_bits(np.frombuffer(data, dtype=dtype, count=count).reshape(rows, cols), stored)
 
 
 def _header_shape(ds: Dataset) -> tuple[int, int] | None:
