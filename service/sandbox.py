@@ -135,10 +135,11 @@ def _child_main(conn: Any, limits: LimitsConfig, parent: int, log_level: str) ->
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import resource
 
-    from filmgate.runtime import setup_logging, single_threaded_native
+    from filmgate.runtime import keep_heap, setup_logging, single_threaded_native
 
     setup_logging(log_level)
     single_threaded_native()
+    keep_heap()
     from filmgate.judge import decode_film, failed
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)

@@ -131,3 +131,55 @@ def test_a_decode_that_does_not_finish_in_time_is_killed(tmp_path, bomb):
         assert sandbox.decode(good).error is None, "the restarted child decodes the next film"
     finally:
         sandbox.close()
+
+
+# A film decoded 5 times after a first one; prints the page faults per film (ru_minflt) of the decoding process.
+_FAULTS_PER_FILM = """
+import resource, sys
+from pathlib import Path
+from filmgate.judge import decode_film
+film = Path(sys.argv[1])
+assert decode_film(film).error is None
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    decode_film(film)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def _minor_faults(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])  # field 10, minflt
+
+
+def test_decode_child_keeps_film_sized_blocks_between_films(tmp_path, data_dir):
+    """The decode child does not page-fault each film's megabytes in again (runtime.keep_heap): a real CR chest
+    film as a DX-sized RLE film, decoded in the node's child, against the same decodes in a plain interpreter."""
+    import subprocess
+    import sys
+
+    import cv2
+    import numpy as np
+    import pydicom
+
+    from tests.helpers import compress, make_dicom
+
+    cr = pydicom.dcmread(data_dir / "dicom" / "pydicom__RG3_J2KR.dcm").pixel_array.astype(np.float32)
+    # as a 2048x2500 14-bit DX film, with a detector's noise (what keeps RLE from packing it small)
+    px = cv2.resize(cr, (2048, 2500), interpolation=cv2.INTER_CUBIC) * 16 + np.random.default_rng(0).normal(
+        0, 8, size=(2500, 2048))  # fmt: skip
+    make_dicom(np.clip(px, 0, 16383).astype(np.uint16), tmp_path / "plain.dcm", photometric="MONOCHROME1", bits=14)
+    film = compress(tmp_path / "plain.dcm", tmp_path / "rle.dcm", "rle")
+    plain = float(subprocess.run([sys.executable, "-c", _FAULTS_PER_FILM, str(film)], check=True, text=True,
+                                 capture_output=True).stdout)  # fmt: skip
+    sandbox = DecodeSandbox(LimitsConfig(), size=1)
+    try:
+        pid = sandbox._children[0].proc.pid
+        assert sandbox.decode(film).error is None
+        before = _minor_faults(pid)
+        for _ in range(5):
+            assert sandbox.decode(film).pixels is not None
+        child = (_minor_faults(pid) - before) / 5
+    finally:
+        sandbox.close()
+    assert plain > 100, f"the plain interpreter faulted only {plain} pages per film: nothing to compare"
+    assert child < plain / 4, f"decode child {child} page faults per film, a plain interpreter {plain}"
