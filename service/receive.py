@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import tempfile
@@ -21,6 +20,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from filmgate.runtime import libc
 
 log = logging.getLogger("filmgate.receive")
 
@@ -32,10 +33,8 @@ _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty p
 
 def _writeback_starter() -> Callable[[int, int, int], object] | None:
     """libc's ``sync_file_range`` (Linux; Python's os module lacks it), or None where it does not exist."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
-    except (OSError, AttributeError):
+    fn = getattr(libc(), "sync_file_range", None)
+    if fn is None:
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     fn.restype = ctypes.c_int

@@ -5,6 +5,9 @@ its parent and nothing imports the CLI to get it (that made the import cycle cli
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import re
 import sys
@@ -80,6 +83,16 @@ def single_threaded_native() -> None:
     cv2.setNumThreads(1)
 
 
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library, for the few calls Python's os module lacks (sync_file_range, prctl, mallopt); None where it
+    cannot be loaded. Loaded once, shared by every caller."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 # mallopt(3) parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -96,13 +109,8 @@ def keep_heap() -> bool:
     and 16.4 ms per uncompressed film without, none and 10.5 ms with; 10% less decode CPU over the four). With the
     thresholds fixed the child keeps at most ``KEEP_HEAP_TRIM_THRESHOLD`` of free heap; blocks over 32 MiB are
     mapped and unmapped as before. Returns False where the C library has no ``mallopt`` (not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_HEAP_MMAP_THRESHOLD)) and bool(

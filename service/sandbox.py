@@ -15,7 +15,6 @@ detectors' 512 px) comes back, so the pipe costs little next to the decode.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import multiprocessing as mp
 import os
@@ -27,6 +26,7 @@ from typing import Any
 
 from filmgate import metrics
 from filmgate.config import LimitsConfig
+from filmgate.runtime import libc
 
 log = logging.getLogger("filmgate.sandbox")
 STARTUP_TIMEOUT = 120.0  # seconds for a fresh child to import its libraries (a loaded 2-core machine)
@@ -34,9 +34,9 @@ STARTUP_TIMEOUT = 120.0  # seconds for a fresh child to import its libraries (a 
 
 def die_with_parent(parent: int) -> None:
     """Have the kernel kill this process when its parent dies (no orphan keeps working behind a restarted node)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    prctl = getattr(libc(), "prctl", None)
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
 
