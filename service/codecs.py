@@ -161,6 +161,25 @@ def mask_unused_bits(arr: np.ndarray, bits_stored: int) -> np.ndarray:
     return arr & np.array((1 << bits_stored) - 1, dtype=arr.dtype)
 
 
+def grey_dtype(allocated: int, stored: int, signed: bool) -> np.dtype | None:
+    """The little-endian dtype of grey stored values filmgate reads itself, or None for what pydicom must do:
+    allocations other than 8 and 16 bits, Bits Stored outside them, signed values narrower than their allocation
+    (pydicom sign-extends them)."""
+    if allocated not in (8, 16) or not 1 <= stored <= allocated or (signed and stored != allocated):
+        return None
+    return np.dtype(("<i" if signed else "<u") + str(allocated // 8))
+
+
+def grey_values(data: bytes | bytearray, rows: int, columns: int, dtype: np.dtype, stored: int) -> np.ndarray | None:
+    """One grey frame of ``dtype`` (:func:`grey_dtype`) as a view on ``data``, bits above Bits Stored masked; None
+    when ``data`` is shorter than the frame. Shared by the uncompressed path (:mod:`filmgate.decode`) and the RLE
+    decoder, whose output has the same layout."""
+    count = rows * columns
+    if len(data) < count * dtype.itemsize:
+        return None
+    return mask_unused_bits(np.frombuffer(data, dtype=dtype, count=count).reshape(rows, columns), stored)
+
+
 def _grey(arr: np.ndarray, frame: Frame) -> np.ndarray | None:
     """Checks a decoded array against the header; colour becomes luminance (the same weights as decode.py)."""
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -256,16 +275,13 @@ def _rle(frame: Frame) -> np.ndarray | None:
     and other allocations go to pydicom. bench/decode: 2-3x pydicom's ``pixel_array`` with pylibjpeg-rle."""
     import imagecodecs
 
-    if frame.samples != 1 or frame.bits_allocated not in (8, 16) or not 1 <= frame.bits_stored <= frame.bits_allocated:
+    dtype = grey_dtype(frame.bits_allocated, frame.bits_stored, frame.signed)
+    if frame.samples != 1 or dtype is None:
         return None
-    if frame.signed and frame.bits_stored != frame.bits_allocated:
-        return None
-    dtype = np.dtype(("<i" if frame.signed else "<u") + str(frame.bits_allocated // 8))
     raw = imagecodecs.dicomrle_decode(frame.data, dtype)
     if len(raw) != frame.rows * frame.columns * dtype.itemsize:
         return None  # segments shorter or longer than the header's frame: pydicom's decoder says what is wrong
-    arr = np.frombuffer(raw, dtype=dtype).reshape(frame.rows, frame.columns)
-    return mask_unused_bits(arr, frame.bits_stored)
+    return grey_values(raw, frame.rows, frame.columns, dtype, frame.bits_stored)
 
 
 @register("charls", JPEG_LS_LOSSLESS, JPEG_LS_NEAR)

@@ -218,22 +218,17 @@ def _native_grey_frame(ds: Dataset) -> np.ndarray | None:
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    dtype = codecs.grey_dtype(allocated, stored, signed)
     if (
         samples != 1
+        or dtype is None
         or photometric not in ("MONOCHROME1", "MONOCHROME2")
-        or allocated not in (8, 16)
-        or not 1 <= stored <= allocated
-        or (signed and stored != allocated)
         or not isinstance(data, bytes | bytearray)
         or rows < 8
         or cols < 8
     ):
         return None
-    count = rows * cols
-    if len(data) < count * allocated // 8:
-        return None
-    dtype = np.dtype(("<i" if signed else "<u") + str(allocated // 8))
-    return codecs.mask_unused_bits(np.frombuffer(data, dtype=dtype, count=count).reshape(rows, cols), stored)
+    return codecs.grey_values(data, rows, cols, dtype, stored)
 
 
 def _header_shape(ds: Dataset) -> tuple[int, int] | None:
