@@ -384,10 +384,41 @@ def auto_window(arr: np.ndarray) -> tuple[float, float]:
     """A robust window (0.5th to 99.5th percentile) for images that carry none."""
     flat = arr.reshape(-1)
     step = max(1, flat.size // _AUTO_WINDOW_SAMPLES)
-    lo, hi = np.percentile(flat[::step], AUTO_WINDOW_PERCENTILES)
+    sample = flat[::step]
+    found = integer_percentiles(sample, AUTO_WINDOW_PERCENTILES)
+    lo, hi = found if found is not None else np.percentile(sample, AUTO_WINDOW_PERCENTILES)
     if hi <= lo:
         lo, hi = float(flat.min()), float(flat.max())
     return float(lo), float(hi)
+
+
+# Integer values spanning more than this many steps go to np.percentile (the counts would outgrow the sample).
+_COUNTED_RANGE = 1 << 20
+
+
+def integer_percentiles(values: np.ndarray, percentiles: tuple[float, ...]) -> tuple[float, ...] | None:
+    """``np.percentile(values, percentiles)`` (its default, linear method) for a 1-D integer array, from counts of
+    each value instead of a partition: the same numbers, in about a tenth of the time on a reduced film's stored
+    values (np.percentile was 40% of the decode of an uncompressed DX film without a window). None when ``values``
+    is not integer, is empty, or spans more than :data:`_COUNTED_RANGE` values."""
+    if values.dtype.kind not in "iu" or values.size == 0:
+        return None
+    low, high = int(values.min()), int(values.max())
+    if high - low > _COUNTED_RANGE:
+        return None
+    base = 0 if low >= 0 and high <= _COUNTED_RANGE else low  # stored values count as they are, without a shift
+    counts = np.bincount(values.astype(np.int64) - base if base else values)
+    below = np.cumsum(counts)  # below[v]: how many values are <= base + v
+    out = []
+    for q in percentiles:
+        index = q / 100.0 * (values.size - 1)
+        first = int(np.floor(index))
+        a = base + int(np.searchsorted(below, first, side="right"))  # the first-th smallest (0-based)
+        b = base + int(np.searchsorted(below, min(first + 1, values.size - 1), side="right"))
+        t = index - first
+        # numpy's _lerp: the same arithmetic, so the same float
+        out.append(float(b - (b - a) * (1 - t)) if t >= 0.5 else float(a + (b - a) * t))
+    return tuple(out)
 
 
 def _linear(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -295,3 +295,49 @@ def test_the_decode_fix_changes_only_the_unit_input_of_a_childrens_hospital_film
     u = PreprocessSpec(128, "letterbox", "unit")
     assert np.abs(preprocess(old, z) - preprocess(new, z)).max() < 1e-3
     assert np.abs(preprocess(old, u) - preprocess(new, u)).max() > 0.05
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.uint32])
+def test_counted_percentiles_are_numpys_to_the_last_bit(dtype):
+    """filmgate.decode.integer_percentiles (the auto window's) gives np.percentile's very floats: ranges starting
+    at 0, far from it and below it, single values, and percentiles between order statistics on either side of 0.5."""
+    from filmgate.decode import integer_percentiles
+
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    for trial in range(300):
+        low = int(rng.integers(max(info.min, -40000), min(info.max, 70000)))
+        high = min(int(info.max), low + int(rng.integers(0, 5000 if trial % 4 else 900_000)))
+        values = rng.integers(low, high + 1, size=int(rng.integers(1, 4000))).astype(dtype)
+        qs = (0.5, 99.5) if trial % 2 else tuple(float(q) for q in rng.uniform(0, 100, size=3))
+        assert integer_percentiles(values, qs) == tuple(float(v) for v in np.percentile(values, qs)), (trial, qs)
+    assert integer_percentiles(np.array([], dtype=dtype), (0.5,)) is None
+
+
+def test_counted_percentiles_leave_floats_and_wide_ranges_to_numpy():
+    from filmgate.decode import integer_percentiles
+
+    assert integer_percentiles(np.linspace(0, 1, 100, dtype=np.float32), (0.5, 99.5)) is None
+    assert integer_percentiles(np.array([0, 1 << 30], dtype=np.int64), (0.5, 99.5)) is None
+
+
+def test_the_auto_window_of_every_real_film_is_numpys_percentile(data_dir):
+    """On the stored values of the real DICOM films, reduced as the pipeline reduces them, and on the mammogram's
+    3062x2394 frame in full (sampled every n-th pixel), the auto window equals np.percentile's."""
+    from filmgate.decode import _AUTO_WINDOW_SAMPLES, AUTO_WINDOW_PERCENTILES, auto_window, reduce_step, stored_pixels
+
+    files = sorted((data_dir / "dicom").glob("*.dcm"))
+    checked = 0
+    for path in files:
+        ds = read_dataset(path)
+        for arr in (stored_pixels(ds), reduce_step(stored_pixels(ds, 512), 512)[0]):
+            if arr.dtype.kind not in "iu":
+                continue
+            flat = arr.reshape(-1)
+            sample = flat[:: max(1, flat.size // _AUTO_WINDOW_SAMPLES)]
+            lo, hi = (float(v) for v in np.percentile(sample, AUTO_WINDOW_PERCENTILES))
+            if hi <= lo:
+                lo, hi = float(flat.min()), float(flat.max())
+            assert auto_window(arr) == (lo, hi), path.name
+            checked += 1
+    assert checked >= 20
