@@ -39,7 +39,10 @@ it offers one. What it does not offer, and the node needs:
   the DIMSE layer slices and writes to the file without copying; ``EVT_DATA_RECV`` still gets its ``bytes`` when a
   handler is bound to it, and ``EVT_PDU_RECV`` is still triggered when a handler other than pynetdicom's standard
   logger (which logs nothing for P-DATA-TF) is bound. Every other PDU goes through pynetdicom's own decoding, and the
-  FSM events (Evt10, Evt17, Evt19) and log lines are pynetdicom's.
+  FSM events (Evt10, Evt17, Evt19) and log lines are pynetdicom's. A P-DATA-TF that carries only middle fragments of
+  a dataset being written to its file (most of a film's PDUs), in Sta6 with nothing queued and no handler watching
+  PDUs or state transitions, is written to that file at once, as DT-2 and ``DIMSEMessage.decode_msg`` would
+  (``problems`` checks that they still do), instead of going through the event queue and the state machine.
 - **The DUL reactor's idle sleep** (``DULServiceProvider._run_loop_delay``, an attribute set per association, so it is
   set from the ``EVT_CONN_OPEN`` handler with :func:`tune_reactor`): 1 ms per idle loop cost ~30% of the receive rate.
 
@@ -94,6 +97,9 @@ PATCHED = (
     ("pynetdicom.dul", "DULServiceProvider()._recv_pdu"),
     ("pynetdicom.pdu", "PresentationDataValueItem"),
     ("pynetdicom._handlers", "standard_pdu_recv_handler"),
+    ("pynetdicom.dul", "DULServiceProvider().state_machine.current_state"),  # read by the dataset fragment fast path
+    ("pynetdicom.dul", "DULServiceProvider().event_queue"),
+    ("pynetdicom.dimse", "DIMSEServiceProvider().message"),
 )
 
 
@@ -156,6 +162,19 @@ def problems() -> list[str]:
                          f"expects (each of {_PAUSE_HANDSHAKE})")  # fmt: skip
     except (OSError, TypeError) as exc:
         found.append(f"pynetdicom {version}: cannot read Association._run_reactor ({exc})")
+    try:
+        import inspect
+
+        from pynetdicom import fsm
+        from pynetdicom.dimse_messages import DIMSEMessage
+
+        decoder, dt_2 = inspect.getsource(DIMSEMessage.decode_msg), inspect.getsource(fsm.DT_2)
+        if not all(step in decoder for step in _DATASET_WRITE) or _DT_2_STEP not in dt_2:
+            found.append(f"pynetdicom {version} no longer writes a received dataset fragment as the fast path of "
+                         f"_read_data_pdus_without_copies does (DT-2: {_DT_2_STEP}; decode_msg: each of "
+                         f"{_DATASET_WRITE})")  # fmt: skip
+    except (OSError, TypeError) as exc:
+        found.append(f"pynetdicom {version}: cannot read DIMSEMessage.decode_msg or fsm.DT_2 ({exc})")
     return found
 
 
@@ -358,6 +377,11 @@ _PAUSE_HANDSHAKE = ("self._is_paused = True", "self._reactor_checkpoint.wait()",
 
 
 _PDU_TYPES = range(0x01, 0x08)
+# What pynetdicom 3.0 does with a P-DATA-TF in Sta6 (Evt10 -> DT-2) and with a dataset fragment of a C-STORE-RQ
+# received into a file; _write_dataset_fragments does the same for the fragments that change nothing else.
+_DT_2_STEP = "dul.assoc.dimse.receive_primitive("
+_DATASET_WRITE = ("if self._data_set_file:", "self._data_set_file.write(data[1:])", "self._data_set_file.file.flush()",
+                  "if control_header_byte & 2 != 0:")  # fmt: skip
 
 
 def _read_data_pdus_without_copies() -> None:
@@ -406,6 +430,8 @@ def _read_data_pdus_without_copies() -> None:
             return
         try:
             if pdu_type == 0x04 and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
+                if _write_dataset_fragments(self, body, quiet_for_data):
+                    return  # written as DT-2 would have; Sta6 + Evt10 -> DT-2 -> Sta6 leaves nothing else to do
                 pdu = P_DATA_TF()
                 pdu.presentation_data_value_items = _data_values(body, PresentationDataValueItem)
                 if not quiet_for_data(self.assoc):
@@ -422,6 +448,45 @@ def _read_data_pdus_without_copies() -> None:
         self._recv_pdu.put(pdu)
 
     dul.DULServiceProvider._read_pdu_data = read_pdu_data  # type: ignore[method-assign]
+
+
+def _write_dataset_fragments(dul: Any, body: bytearray, quiet_for_data: Callable[[Any], bool]) -> bool:
+    """Write a P-DATA-TF that carries only middle fragments of the dataset being received straight to its file, as
+    DT-2 and ``DIMSEMessage.decode_msg`` would, and say whether it did (False: the PDU goes the usual way).
+
+    A 10 MB film arrives in about 80 PDUs (DCMTK sends 128 KiB ones whatever the receiver announces), and each took
+    a turn through the event queue, the state machine, a P-DATA primitive and the DIMSE decoder to reach the same
+    ``write``: about 14 us per PDU, 1.1 of the listener's 20 CPU ms per uncompressed DX film (storescu sending 20
+    films to a bare SCP, six alternating rounds, 2026-12-02). Only a PDU that changes nothing but the file is taken
+    here: the association is in Sta6 with no event or PDU queued ahead of this one, the DIMSE message under way is a
+    C-STORE-RQ whose command set is complete and whose dataset goes to a file, no handler watches PDUs or state
+    transitions, and every presentation data value is a dataset fragment that is not the last. Anything else (a
+    command, the last fragment, a malformed item, another state) is left to pynetdicom."""
+    if dul.state_machine.current_state != "Sta6" or dul.event_queue.qsize() or dul._recv_pdu.qsize():
+        return False
+    message = dul.assoc.dimse.message
+    out = getattr(message, "_data_set_file", None)
+    if out is None:
+        return False
+    from pynetdicom import evt
+
+    if dul.assoc.get_handlers(evt.EVT_FSM_TRANSITION) or not quiet_for_data(dul.assoc):
+        return False
+    values = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if offset + 5 > end:
+            return False
+        (length,) = struct.unpack_from(">L", body, offset)
+        if length < 2 or offset + 4 + length > end or body[offset + 5] & 3:  # short, too long, command or last
+            return False
+        values.append((offset + 6, offset + 4 + length))
+        offset += 4 + length
+    view = memoryview(body)
+    for start, stop in values:
+        out.write(view[start:stop])
+        out.file.flush()
+    return True
 
 
 def _data_values(body: bytearray, item_class: Any) -> list[Any]:

@@ -269,3 +269,81 @@ def test_a_malformed_data_pdu_ends_its_association_and_the_node_goes_on(item):
         again.release()
     finally:
         server.shutdown()  # type: ignore[attr-defined]
+
+
+def _send_chunked(tmp_path, films: list, handlers: list, monkeypatch) -> dict:
+    """Send ``films`` with DCMTK storescu in one association to an SCP that writes datasets to files as they arrive
+    (the listener's chunked receive); count the P-DATA-TF PDUs the fast path was offered and the ones it wrote."""
+    import tempfile
+
+    import pydicom
+    from pynetdicom import evt
+
+    from tests import hostile
+    from tests.helpers import DCMTK_ENV, free_port
+
+    seen = {"offered": 0, "written": 0, "pixels": []}
+    offer = patches._write_dataset_fragments
+
+    def counted(*args):
+        wrote = offer(*args)
+        seen["offered"] += 1
+        seen["written"] += wrote
+        return wrote
+
+    def on_store(event):
+        seen["pixels"].append(pydicom.dcmread(event.dataset_path).PixelData)
+        return 0x0000
+
+    patches.install()
+    monkeypatch.setattr(patches, "_write_dataset_fragments", counted)
+    paths = [str(hostile.save(film, tmp_path / f"film{i}.dcm")) for i, film in enumerate(films)]
+    port = free_port()
+
+    def spool_file(suffix: str = ".dcm"):
+        return tempfile.NamedTemporaryFile(dir=tmp_path, suffix=suffix, delete=False)  # noqa: SIM115 - the SCP closes it
+
+    patches.receive_datasets_into(spool_file)
+    server = _scp(port, [(evt.EVT_C_STORE, on_store), *handlers])
+    try:
+        proc = subprocess.run(["/usr/bin/storescu", "-aec", "PATCHSCP", "127.0.0.1", str(port), *paths],
+                              capture_output=True, text=True, env=DCMTK_ENV, timeout=60)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
+        patches.receive_datasets_into(None)
+    return seen
+
+
+def test_dataset_fragments_written_straight_to_the_file_arrive_byte_for_byte(tmp_path, monkeypatch):
+    """The fast path of the P-DATA-TF read (``_write_dataset_fragments``) takes the middle fragments of each film, not
+    its command set or last fragment, and two films in one association arrive exactly as sent."""
+    from tests import hostile
+
+    films = [hostile.small_dataset(512, 512, seed=3), hostile.small_dataset(640, 480, seed=4)]
+    seen = _send_chunked(tmp_path, films, [], monkeypatch)
+    assert seen["pixels"] == [film.PixelData for film in films]
+    # 16 KiB PDUs: a 512 x 512 film is about 32 of them, all but the command and the last carry middle fragments.
+    assert seen["written"] > 50, seen
+    assert seen["offered"] - seen["written"] >= 4, "the command sets and the last fragments go pynetdicom's way"
+
+
+@pytest.mark.parametrize("watcher", ["EVT_FSM_TRANSITION", "EVT_PDU_RECV"])
+def test_a_handler_watching_pdus_or_transitions_still_sees_every_data_pdu(tmp_path, monkeypatch, watcher):
+    """A handler bound to EVT_FSM_TRANSITION gets a DT-2 for every P-DATA-TF, and one bound to EVT_PDU_RECV every
+    P-DATA-TF: with one bound, the fast path writes nothing itself."""
+    from pynetdicom import evt
+    from pynetdicom.pdu import P_DATA_TF
+
+    from tests import hostile
+
+    events: list = []
+    if watcher == "EVT_FSM_TRANSITION":
+        handler = (evt.EVT_FSM_TRANSITION, lambda event: events.append(event.action == "DT-2" or None))
+    else:
+        handler = (evt.EVT_PDU_RECV, lambda event: events.append(isinstance(event.pdu, P_DATA_TF) or None))
+    film = hostile.small_dataset(512, 512, seed=5)
+    seen = _send_chunked(tmp_path, [film], [handler], monkeypatch)
+    assert seen["pixels"] == [film.PixelData]
+    assert seen["written"] == 0 and seen["offered"] > 25, seen
+    assert events.count(True) == seen["offered"], "one DT-2 or P-DATA-TF event per data PDU"
