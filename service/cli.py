@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -30,7 +33,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _config(args.config, metadata_only=args.metadata_only)
     setup_logging(cfg.logging.level)
     import faulthandler
-    import signal
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints every thread's stack
     from filmgate.app import serve
@@ -431,7 +433,27 @@ def main(argv: list[str] | None = None) -> int:
     except patches.PatchError as exc:
         print(f"filmgate: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # a socket or pipe of the command's own, not our output
+        # `filmgate inspect *.dcm | head`: the reader has what it wanted. Stop as Unix tools do on SIGPIPE, without a
+        # traceback, and point stdout at /dev/null so the interpreter's last flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _stdout_reader_gone(fd: int | None = None) -> bool:
+    """Whether stdout (or ``fd``) is a pipe or socket whose reading end is closed: poll reports an error on its
+    writing end."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno() if fd is None else fd, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout at all
+        return False
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ count what was sent. One server for the whole module (the slow part is starting 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from filmgate import cli
 from filmgate_training.datasets import select
 from tests.helpers import (
     CR_STORAGE,
     DCMTK_ENV,
+    FILMGATE,
     HTJ2K,
     HTJ2K_LOSSLESS,
     REPO,
@@ -277,6 +280,25 @@ def test_healthcheck_command(gate):
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_inspect_into_a_pipe_its_reader_closes_stops_quietly(made_films):
+    """`filmgate inspect *.dcm | head -1`, through a real pipe: once the reader has gone, inspect stops with the status
+    a Unix tool killed by SIGPIPE has (141), no traceback and no "Exception ignored" at exit. Only a closed stdout
+    counts as that: a broken pipe of the command's own (a peer's socket) still reports itself."""
+    files = [str(f.path) for f in made_films] * 20
+    proc = subprocess.run(["bash", "-c", 'set -o pipefail; "$0" inspect "$@" | head -1', FILMGATE, *files],
+                          capture_output=True, text=True, timeout=300, cwd="/")  # fmt: skip
+    assert proc.returncode == 141, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["file"] == files[0]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
+    read, write = os.pipe()
+    try:
+        assert cli._stdout_reader_gone(write) is False
+        os.close(read)
+        assert cli._stdout_reader_gone(write) is True
+    finally:
+        os.close(write)
 
 
 def test_inspect_command(made_films, data_dir, models_dir):
