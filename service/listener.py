@@ -212,8 +212,11 @@ class Listener:
         deadline = time.monotonic() + timeout
         while self.active() and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self.active():
-            for assoc in self.ae.active_associations:
+        still = [a for a in self.ae.active_associations if a.is_acceptor]
+        if still:
+            log.warning("stopping: aborted %d association(s) still open after %.0f s; what they had not been answered "
+                        "for stays with their senders", len(still), timeout)  # fmt: skip
+            for assoc in still:
                 assoc.abort()  # unacknowledged instances stay with the sender
             return False
         return True
@@ -245,6 +248,7 @@ class Listener:
         patches.set_read_deadline(event.assoc, time.monotonic() + self.cfg.acse_timeout)
 
     def _on_close(self, event: Any) -> None:
+        patches.end_unassociated(event.assoc)  # a probe or a refused PDU: its thread must not wait for a request
         removed = self.receive_files.drop_owned_by(event.assoc.dul)
         if removed:
             log.info("removed %d partial dataset file(s) of a connection that closed mid-transfer", removed)

@@ -43,6 +43,9 @@ it offers one. What it does not offer, and the node needs:
   a dataset being written to its file (most of a film's PDUs), in Sta6 with nothing queued and no handler watching
   PDUs or state transitions, is written to that file at once, as DT-2 and ``DIMSEMessage.decode_msg`` would
   (``problems`` checks that they still do), instead of going through the event queue and the state machine.
+- **Connections that close before they associate end at once** (:func:`end_unassociated`, from the listener's
+  ``EVT_CONN_CLOSE`` handler): pynetdicom's acceptor thread waits out its ACSE timeout for an A-ASSOCIATE that can no
+  longer come; it is handed what that wait returns on a timeout (``problems`` checks the wait is still written so).
 - **The DUL reactor's idle sleep** (``DULServiceProvider._run_loop_delay``, an attribute set per association, so it is
   set from the ``EVT_CONN_OPEN`` handler with :func:`tune_reactor`): 1 ms per idle loop cost ~30% of the receive rate.
 
@@ -160,6 +163,9 @@ def problems() -> list[str]:
         if not all(step in reactor for step in _PAUSE_HANDSHAKE):
             found.append(f"pynetdicom {version}'s Association._run_reactor no longer pauses as hand_back_responses "
                          f"expects (each of {_PAUSE_HANDSHAKE})")  # fmt: skip
+        if not all(step in inspect.getsource(Association.run_reactor) for step in _ACCEPTOR_WAIT):
+            found.append(f"pynetdicom {version}'s Association.run_reactor no longer waits for its A-ASSOCIATE as "
+                         f"end_unassociated expects (each of {_ACCEPTOR_WAIT})")  # fmt: skip
     except (OSError, TypeError) as exc:
         found.append(f"pynetdicom {version}: cannot read Association._run_reactor ({exc})")
     try:
@@ -241,6 +247,30 @@ def set_read_deadline(assoc: Any, deadline: float | None) -> None:
         _deadlines.pop(assoc, None)
     else:
         _deadlines[assoc] = deadline
+
+
+# How pynetdicom 3.0's acceptor waits for the A-ASSOCIATE indication, and what it does when none comes.
+_ACCEPTOR_WAIT = ("primitive = self.dul.receive_pdu(wait=True, timeout=self.acse_timeout)", "if primitive is None:")
+
+
+def end_unassociated(assoc: Any) -> bool:
+    """Call from an ``EVT_CONN_CLOSE`` handler: end at once an acceptor whose connection closed before its
+    A-ASSOCIATE-RQ was handed up, and say whether it was one.
+
+    pynetdicom's Association thread waits up to the ACSE timeout for that request, even when the connection is
+    already gone (a port scan, a load-balancer probe, a PDU refused for its length, garbage): such a thread held a
+    connection slot (``listener.max_connections_per_host``) and made a stopping node wait for it, ten seconds each.
+    Handing it ``None``, which is what its wait returns when the timeout passes, makes it take its own timeout path
+    (kill, close the socket, return) now. The DUL thread calling this is the only one that puts anything in that
+    queue, and nothing more once its connection is closed, so an empty queue stays empty."""
+    if not assoc.is_acceptor or assoc.is_established or assoc.requestor.primitive is not None:
+        return False
+    waiting = assoc.dul.to_user_queue
+    with waiting.mutex:
+        if waiting.queue:
+            return False
+    waiting.put(None)
+    return True
 
 
 def tune_reactor(assoc: Any) -> None:

@@ -192,6 +192,30 @@ def test_idle_connections_and_an_association_flood_do_not_lock_out_senders(gate,
     wait_for(lambda: len(gate.sidecars()) >= 5, 60, "the legitimate senders' films delivered")
 
 
+def test_connections_that_hang_up_before_associating_free_their_slot_at_once(gate):
+    """A load balancer's TCP probes (connect, close) and refused PDUs, as many as one host may hold at once
+    (max_connections_per_host 40): each frees its slot when it closes, not at the ACSE timeout (pynetdicom's acceptor
+    thread used to wait that long for a request that could no longer come), so the host's next sender is let in."""
+    first = time.monotonic()
+    for i in range(40):
+        with _connect(gate.dicom_port, "127.0.0.2") as s:
+            s.sendall(b"" if i % 2 else b"\x01\x00\xff\xff\xff\xff")  # a probe or a length bomb
+            s.shutdown(socket.SHUT_WR)
+            _read_all(s, 15)  # the node closed it
+    ae = AE(ae_title="AFTERPROBE")
+    ae.add_requested_context(Verification)
+
+    def associates() -> bool:
+        assoc = ae.associate("127.0.0.1", gate.dicom_port, ae_title="FILMGATE", bind_address=("127.0.0.2", 0))
+        if not assoc.is_established:
+            return False
+        assoc.release()
+        return True
+
+    wait_for(associates, 2.0, "an association from the probed host")
+    assert time.monotonic() - first < ACSE_TIMEOUT, "let in before the first probe's ACSE timeout could have passed"
+
+
 def _pdata(context_id: int, control: int, data: bytes) -> bytes:
     """One P-DATA-TF PDU with one PDV (PS3.8 9.3.5)."""
     pdv = struct.pack(">LBB", len(data) + 2, context_id, control) + data

@@ -347,3 +347,63 @@ def test_a_handler_watching_pdus_or_transitions_still_sees_every_data_pdu(tmp_pa
     assert seen["pixels"] == [film.PixelData]
     assert seen["written"] == 0 and seen["offered"] > 25, seen
     assert events.count(True) == seen["offered"], "one DT-2 or P-DATA-TF event per data PDU"
+
+
+_HANG_UPS = {"probe": b"", "length-bomb": b"\x01\x00\xff\xff\xff\xff", "garbage": b"\x09\x00\x00\x00\x00\x04abcd"}
+
+
+def _hang_up(port: int, data: bytes) -> None:
+    """Connect, send ``data`` (maybe nothing), stop sending and read until the SCP closes the connection."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(4096):
+            pass
+
+
+@pytest.mark.parametrize("hang_up", list(_HANG_UPS))
+def test_a_connection_that_closes_before_associating_ends_its_thread_at_once(hang_up):
+    """A port scan, a load-balancer probe, a PDU refused for its length, garbage: the connection is gone before any
+    A-ASSOCIATE-RQ, yet pynetdicom's acceptor thread waits out its ACSE timeout for one (the control, without the
+    handler), holding a connection slot and a stopping node. With ``end_unassociated`` in the EVT_CONN_CLOSE handler
+    it ends at once; an association that did associate is left to pynetdicom."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from tests.helpers import free_port, wait_for
+
+    patches.install()
+    told: list[bool] = []
+    for with_handler in (False, True):
+        ae = AE(ae_title="PATCHSCP")
+        ae.acse_timeout = 30  # far longer than any wait below
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_CONN_CLOSE, lambda event: told.append(patches.end_unassociated(event.assoc)))]
+        port = free_port()
+        server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers if with_handler else [])
+        try:
+            _hang_up(port, _HANG_UPS[hang_up])
+            if with_handler:
+                wait_for(lambda: not server.active_associations, 10, "the acceptor thread ended")  # noqa: B023
+                assert told == [True]
+                requestor = AE(ae_title="ECHOSCU")
+                requestor.add_requested_context(Verification)
+                assoc = requestor.associate("127.0.0.1", port, ae_title="PATCHSCP")
+                assert assoc.is_established and assoc.send_c_echo().Status == 0
+                assoc.release()
+                wait_for(lambda: len(told) == 2, 10, "the echo association's close")
+                assert told == [True, False], "an association that associated is pynetdicom's to end"
+            else:
+                (acceptor,) = server.active_associations
+                wait_for(lambda: not acceptor.dul.is_alive(), 10, "the connection closed")  # noqa: B023
+                assert acceptor.is_alive(), "pynetdicom waits for an A-ASSOCIATE that cannot come"
+        finally:
+            server.shutdown()
+
+
+def test_the_acceptors_wait_for_its_request_is_checked(monkeypatch):
+    monkeypatch.setattr(patches, "_ACCEPTOR_WAIT", ("primitive = self.dul.wait_for_request()",))
+    found = patches.problems()
+    assert any("end_unassociated" in p for p in found), found
