@@ -205,14 +205,14 @@ class Listener:
             self._thread.join(5)
             self._thread = None
 
-    def active(self) -> int:
-        return sum(1 for a in self.ae.active_associations if a.is_acceptor)
+    def _acceptors(self) -> list[Any]:
+        return [a for a in self.ae.active_associations if a.is_acceptor]
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while self.active() and time.monotonic() < deadline:
+        while self._acceptors() and time.monotonic() < deadline:
             time.sleep(0.05)
-        still = [a for a in self.ae.active_associations if a.is_acceptor]
+        still = self._acceptors()
         if still:
             log.warning("stopping: aborted %d association(s) still open after %.0f s; what they had not been answered "
                         "for stays with their senders", len(still), timeout)  # fmt: skip

@@ -27,6 +27,21 @@ from pydicom.uid import (
 
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
 
+# What a connection sends before it hangs up without associating: nothing (a port scan, a load balancer's TCP
+# probe), an A-ASSOCIATE-RQ header declaring 4 GiB (refused for its length), or a PDU of no known type (garbage).
+HANG_UPS = {"probe": b"", "length-bomb": b"\x01\x00\xff\xff\xff\xff", "garbage": b"\x09\x00\x00\x00\x00\x04abcd"}
+
+
+def hang_up(port: int, data: bytes, source: str = "127.0.0.1") -> None:
+    """Connect from ``source``, send ``data``, stop sending and read until the peer closes the connection."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=15, source_address=(source, 0)) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(4096):
+            pass
+
 
 def small_dataset(rows: int = 64, cols: int = 64, seed: int = 0, ts: str = ExplicitVRLittleEndian) -> Dataset:
     """A valid little DX film (random 12-bit pixels), new UIDs."""

@@ -146,15 +146,12 @@ def test_connections_that_hung_up_before_associating_do_not_hold_up_a_stop(tmp_p
     to wait out the ACSE timeout for its request, and SIGTERM waited for those threads (ten seconds, then aborted
     them). Now the node stops as fast as an idle one, with nothing left to abort."""
     import re
-    import socket
+
+    from tests import hostile
 
     gate = Gate.create(tmp_path, listener={"acse_timeout": 30.0}, workers={"processes": 0}).start()
-    for data in (b"", b"\x01\x00\xff\xff\xff\xff", b"\x09\x00\x00\x00\x00\x04abcd"):
-        with socket.create_connection(("127.0.0.1", gate.dicom_port), timeout=15) as s:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-            while s.recv(4096):  # until the node closes it
-                pass
+    for data in hostile.HANG_UPS.values():
+        hostile.hang_up(gate.dicom_port, data)
     assert gate.stop() == 0
     log = gate.log()
     took = float(re.search(r"stopped in ([0-9.]+) s \(drained\)", log).group(1))  # type: ignore[union-attr]

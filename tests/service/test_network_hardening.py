@@ -196,12 +196,11 @@ def test_connections_that_hang_up_before_associating_free_their_slot_at_once(gat
     """A load balancer's TCP probes (connect, close) and refused PDUs, as many as one host may hold at once
     (max_connections_per_host 40): each frees its slot when it closes, not at the ACSE timeout (pynetdicom's acceptor
     thread used to wait that long for a request that could no longer come), so the host's next sender is let in."""
+    from tests import hostile
+
     first = time.monotonic()
     for i in range(40):
-        with _connect(gate.dicom_port, "127.0.0.2") as s:
-            s.sendall(b"" if i % 2 else b"\x01\x00\xff\xff\xff\xff")  # a probe or a length bomb
-            s.shutdown(socket.SHUT_WR)
-            _read_all(s, 15)  # the node closed it
+        hostile.hang_up(gate.dicom_port, hostile.HANG_UPS["probe" if i % 2 else "length-bomb"], "127.0.0.2")
     ae = AE(ae_title="AFTERPROBE")
     ae.add_requested_context(Verification)
 

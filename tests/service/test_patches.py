@@ -349,21 +349,7 @@ def test_a_handler_watching_pdus_or_transitions_still_sees_every_data_pdu(tmp_pa
     assert events.count(True) == seen["offered"], "one DT-2 or P-DATA-TF event per data PDU"
 
 
-_HANG_UPS = {"probe": b"", "length-bomb": b"\x01\x00\xff\xff\xff\xff", "garbage": b"\x09\x00\x00\x00\x00\x04abcd"}
-
-
-def _hang_up(port: int, data: bytes) -> None:
-    """Connect, send ``data`` (maybe nothing), stop sending and read until the SCP closes the connection."""
-    import socket
-
-    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        while s.recv(4096):
-            pass
-
-
-@pytest.mark.parametrize("hang_up", list(_HANG_UPS))
+@pytest.mark.parametrize("hang_up", ["probe", "length-bomb", "garbage"])
 def test_a_connection_that_closes_before_associating_ends_its_thread_at_once(hang_up):
     """A port scan, a load-balancer probe, a PDU refused for its length, garbage: the connection is gone before any
     A-ASSOCIATE-RQ, yet pynetdicom's acceptor thread waits out its ACSE timeout for one (the control, without the
@@ -372,6 +358,7 @@ def test_a_connection_that_closes_before_associating_ends_its_thread_at_once(han
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification
 
+    from tests import hostile
     from tests.helpers import free_port, wait_for
 
     patches.install()
@@ -384,7 +371,7 @@ def test_a_connection_that_closes_before_associating_ends_its_thread_at_once(han
         port = free_port()
         server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers if with_handler else [])
         try:
-            _hang_up(port, _HANG_UPS[hang_up])
+            hostile.hang_up(port, hostile.HANG_UPS[hang_up])
             if with_handler:
                 wait_for(lambda: not server.active_associations, 10, "the acceptor thread ended")  # noqa: B023
                 assert told == [True]
