@@ -7,8 +7,12 @@ and the UIDs concerned; never a patient name or ID (callers pass UIDs and facts 
 drops the patient keys if one slips in).
 
 Every process of the node appends to the same file opened with ``O_APPEND``, one ``write`` per event, so lines from
-the listener's process and the workers never interleave. With ``audit.syslog`` each event also goes out as an RFC 5424
-message (structured data empty, the JSON as the message) over a Unix socket, UDP or TCP (octet counting, RFC 6587).
+the listener's process and the workers never interleave. Before each event the path is checked against the open file
+(as ``logging.handlers.WatchedFileHandler`` does): once logrotate has moved it away (``create``) or someone removed
+it, the next event starts a new file at the path, so events never go on into a rotated file that is compressed and
+deleted later. ``copytruncate`` works as well: appends land at the truncated file's end. With ``audit.syslog`` each
+event also goes out as an RFC 5424 message (structured data empty, the JSON as the message) over a Unix socket, UDP or
+TCP (octet counting, RFC 6587).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class AuditLog:
     def __init__(self, path: str | os.PathLike[str], syslog: SyslogConfig | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._fd, self._opened = self._open()
         self._syslog = _Syslog(syslog) if syslog is not None and syslog.enabled else None
         self._lock = threading.Lock()
 
@@ -51,11 +55,31 @@ class AuditLog:
         line = json.dumps(rec, separators=(",", ":"), default=str)
         try:
             with self._lock:
-                os.write(self._fd, (line + "\n").encode())
+                os.write(self._current(), (line + "\n").encode())
         except OSError as exc:
             log.error("cannot append to the audit log %s (%s)", self.path, exc)
         if self._syslog is not None:
             self._syslog.send(event, line, now)
+
+    def _open(self) -> tuple[int, tuple[int, int]]:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        st = os.fstat(fd)
+        return fd, (st.st_dev, st.st_ino)
+
+    def _current(self) -> int:
+        """The descriptor to append to: the open file while the path still names it, else a new file at the path
+        (rotated away or removed). One stat per event, under the lock."""
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._opened:
+                return self._fd
+        except FileNotFoundError:
+            pass
+        fd, opened = self._open()
+        os.close(self._fd)
+        self._fd, self._opened = fd, opened
+        log.info("audit log %s was moved or removed (log rotation?): appending to a new file there", self.path)
+        return fd
 
     def close(self) -> None:
         with self._lock:
