@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import zlib
 from typing import Any, BinaryIO
@@ -35,6 +36,21 @@ class DecodeError(Exception):
     """The input cannot be turned into a grey image; the message says why (it becomes the sidecar's error)."""
 
 
+def file_size(path: str | os.PathLike[str]) -> int:
+    """The size of a film's file, or :class:`DecodeError` when it cannot be one: missing, a folder, or not a regular
+    file (a FIFO would block the reader forever, ``/dev/zero`` or ``/dev/urandom`` never end), so nothing is opened
+    that reading could stall on."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DecodeError(f"cannot read the file: {exc.strerror}") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeError("cannot read the file: it is a folder")
+    if not stat.S_ISREG(st.st_mode):
+        raise DecodeError("cannot read the file: not a regular file (a FIFO, device or socket), so it is not opened")
+    return st.st_size
+
+
 def read_dataset(
     source: str | os.PathLike[str] | bytes | BinaryIO,
     *,
@@ -48,10 +64,7 @@ def read_dataset(
     read whole.
     """
     if isinstance(source, str | os.PathLike):
-        try:
-            size = os.path.getsize(source)
-        except OSError as exc:
-            raise DecodeError(f"cannot read the file: {exc.strerror}") from exc
+        size = file_size(source)
         _check_size(size, max_bytes, "the dataset")
         with open(source, "rb") as fh:
             head = fh.read(1 << 16)

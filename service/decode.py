@@ -37,7 +37,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_voi_lut
 
-from filmgate.dataset_io import DecodeError, read_dataset
+from filmgate.dataset_io import DecodeError, file_size, read_dataset
 
 __all__ = ["DecodeError", "DecodedImage", "decode_bytes", "decode_dataset", "decode_file", "read_dataset"]
 
@@ -582,6 +582,7 @@ def decode_file(path: str | os.PathLike[str], max_side: int | None = DETECTOR_MA
     """Decode a film from disk, DICOM or an ordinary image; the format is told by content, not by name."""
     path = Path(path)
     suffix = path.suffix.lower()
+    file_size(path)  # a FIFO or a device is refused before it is opened
     try:
         if is_dicom_file(path, suffix):
             return decode_dataset(read_dataset(path), max_side)  # read from the file: one copy of the pixels

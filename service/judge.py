@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from filmgate.config import Config, LimitsConfig
+from filmgate.dataset_io import file_size
 from filmgate.decode import (
     DICOM_SUFFIXES,
     DecodeError,
@@ -114,7 +115,7 @@ def decode_film(source: Path | bytes, *, suffix: str | None = None, limits: Limi
     if isinstance(source, Path):
         suffix = (source.suffix if suffix is None else suffix).lower()
         try:
-            size = source.stat().st_size
+            size = file_size(source)
             if size > limits.max_dataset_bytes:
                 return failed(f"the file is larger than limits.max_dataset_bytes ({size} > {limits.max_dataset_bytes} "
                               "bytes)")  # fmt: skip
@@ -125,6 +126,8 @@ def decode_film(source: Path | bytes, *, suffix: str | None = None, limits: Limi
                 data = source.read_bytes()
         except OSError as exc:
             return failed(f"cannot read the file: {exc.strerror}")
+        except DecodeError as exc:
+            return failed(str(exc))
     else:
         suffix = (suffix or "").lower()
         dicom = is_dicom(source, suffix, DICOM_NAMES)

@@ -87,7 +87,10 @@ def classify(abspath: Path, source: str, rel: str) -> Candidate:
         st = abspath.stat()
     except OSError as exc:
         return Candidate(source, rel, str(abspath), 0, 0, "skip", f"cannot stat: {exc.strerror}")
-    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device named in a list: reading it could block the sweep
+    if stat.S_ISDIR(st.st_mode):  # reached through a symbolic link: followed, a link loop could make it endless
+        return Candidate(source, rel, str(abspath), 0, st.st_mtime_ns, "skip",
+                         "a symbolic link to a folder (not followed; name the folder itself to sweep it)")  # fmt: skip
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device: reading it could block the sweep or never end
         return Candidate(source, rel, str(abspath), 0, st.st_mtime_ns, "skip", "not a regular file")
     if st.st_size == 0:
         return Candidate(source, rel, str(abspath), 0, st.st_mtime_ns, "skip", "empty file")
@@ -106,8 +109,10 @@ def classify(abspath: Path, source: str, rel: str) -> Candidate:
 
 
 def _walk(root: Path, exclude: frozenset[str]) -> Iterator[Path | tuple[Path, str]]:
-    """Every regular file under ``root``, sorted, without following symlinked folders or entering ``exclude`` (the
-    sweep's own output folders); a folder that cannot be listed is yielded as (folder, why)."""
+    """Every entry under ``root`` that is not a folder, sorted, without following symlinked folders or entering
+    ``exclude`` (the sweep's own output folders); a folder that cannot be listed is yielded as (folder, why). A link
+    loop, a dangling link or a FIFO is yielded too: it is skipped with its reason, not silently left out, and once
+    ``DirEntry.is_file()`` on a link loop raised and ended the whole sweep."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
@@ -117,8 +122,8 @@ def _walk(root: Path, exclude: frozenset[str]) -> Iterator[Path | tuple[Path, st
         if entry.is_dir(follow_symlinks=False):
             if os.path.realpath(entry.path) not in exclude:
                 yield from _walk(Path(entry.path), exclude)
-        elif entry.is_file():
-            yield Path(entry.path)
+        else:  # files, and what is not one (links to folders, dangling links, link loops, FIFOs, devices, sockets):
+            yield Path(entry.path)  # classify() lists those as skipped with the reason, never opens them
 
 
 def source_labels(sources: Iterable[str]) -> dict[str, str]:

@@ -278,3 +278,44 @@ def test_from_list_judges_the_files_named_and_lists_the_missing(film_tree, swept
     assert rows[str(root / "made" / "DX1")]["reasons"] == local["made/DX1"]["reasons"]
     assert read_csv(out / "skipped.csv") == [{"path": str(root / "gone.dcm"), "reason": "no such file"},
                                              {"path": str(tmp_path / "pipe"), "reason": "not a regular file"}]
+
+
+def _hostile_entries(folder: Path) -> dict[str, str]:
+    """Entries a real dataset folder can hold that are not films, and the reason each must be skipped with."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(folder / "pipe.dcm")  # opening it would block until a writer comes: forever
+    (folder / "zero.dcm").symlink_to("/dev/zero")  # never ends
+    (folder / "noise.png").symlink_to("/dev/urandom")
+    (folder / "loop-a").symlink_to("loop-b")  # a link loop: stat raises ELOOP
+    (folder / "loop-b").symlink_to("loop-a")
+    (folder / "gone.dcm").symlink_to("nowhere.dcm")
+    (folder / "up").symlink_to("..")  # a link to a folder above: followed, the walk would never end
+    return {"pipe.dcm": "not a regular file", "zero.dcm": "not a regular file", "noise.png": "not a regular file",
+            "loop-a": "cannot stat: Too many levels of symbolic links",
+            "loop-b": "cannot stat: Too many levels of symbolic links",
+            "gone.dcm": "cannot stat: No such file or directory",
+            "up": "a symbolic link to a folder (not followed; name the folder itself to sweep it)"}  # fmt: skip
+
+
+def test_link_loops_fifos_devices_and_dangling_links_are_skipped_with_their_reason(tmp_path):
+    data = tmp_path / "data"
+    films = _copy_films(data, 6)
+    hostile = _hostile_entries(data / "part0" / "odd")
+    out = tmp_path / "out"
+    run_sweep(data, "--out", out, "--jobs", "1", timeout=120)  # a link loop used to end the sweep with ELOOP
+    rows = read_csv(out / "results.csv")
+    assert sorted(r["path"] for r in rows) == sorted(p.relative_to(data).as_posix() for p in films)
+    skipped = {r["path"]: r["reason"] for r in read_csv(out / "skipped.csv")}
+    assert skipped == {f"part0/odd/{name}": why for name, why in hostile.items()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["skipped"] == len(hostile)
+
+
+def test_inspect_does_not_open_a_fifo_or_a_device(tmp_path):
+    hostile = _hostile_entries(tmp_path / "odd")
+    names = [n for n, why in hostile.items() if why == "not a regular file"] + ["up"]
+    got = inspect([tmp_path / "odd" / n for n in names])  # a FIFO blocked it forever, /dev/zero read without end
+    for name in names:
+        line = got[str(tmp_path / "odd" / name)]
+        assert line["decision"] == "quarantine" and line["reasons"] == ["undecodable"], line
+        assert "not a regular file" in line["error"] or "it is a folder" in line["error"], line
