@@ -79,7 +79,8 @@ class Node:
         if cfg.http.enabled:
             console = self.review.app(self.destinations)
             self.http = HttpServer(cfg.http.host, cfg.http.port, self._is_ready, self._metrics, app=console,
-                                   public=cfg.http.public, tls=cfg.http.tls)  # fmt: skip
+                                   public=cfg.http.public, tls=cfg.http.tls, max_connections=cfg.http.max_connections,
+                                   request_timeout=cfg.http.request_timeout)  # fmt: skip
             self.http.start()
             scheme = "https" if cfg.http.tls.enabled else "http"
             log.info("metrics and health on %s://%s:%d/metrics%s", scheme, cfg.http.host, self.http.port,

@@ -230,6 +230,16 @@ class HttpConfig:
     port: int = 9108  # checked (0-65535) with tls only when enabled, in validate()
     tls: TLSConfig = field(default_factory=TLSConfig)  # HTTPS on this port, the same settings as listener.tls
     public: HttpPublicConfig = field(default_factory=HttpPublicConfig)
+    # Connections served at once (each holds a thread of the listener's process); beyond it a new connection gets
+    # 503 at once and is closed. Scrapes, probes and console browsers need a handful each.
+    max_connections: int = field(
+        default=64, metadata=check(lambda v: v >= 1, "must be >= 1 (connections served at once), got {value}")
+    )
+    # Seconds a request (line, headers, body) may take to arrive, however slowly it drips, and an idle keep-alive
+    # connection may wait for its next one.
+    request_timeout: float = field(
+        default=10.0, metadata=check(lambda v: v > 0, "must be > 0 (seconds a request may take), got {value}")
+    )
 
 
 @dataclass(frozen=True)
