@@ -2,7 +2,7 @@
 
 Start: spool recovery (instances claimed by a run that died go back to incoming), the workers (in a child process by
 default: detectors, destinations, pipeline), HTTP, and the listener last; only then is the node ready. A worker
-process that dies is restarted after its claimed instances are handed back. SIGTERM (or SIGINT): readiness goes
+process that dies is restarted after its claimed instances are handed back. SIGTERM (or SIGINT, SIGHUP): readiness goes
 false, the listening socket closes, associations in progress get a grace period, workers finish what they hold
 within ``workers.drain_timeout`` and hand back the rest, forwarders stop after their current attempt, exit 0.
 Nothing acknowledged is lost whatever the timing: it is in the spool or at a destination.
@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing import resource_tracker
 from typing import Any
 
 from filmgate import metrics
@@ -31,6 +32,7 @@ class Node:
         self.cfg = cfg
         self.ready = False
         self._stop = threading.Event()
+        self._signal: int | None = None  # the signal that asked for the stop
         self.http: HttpServer | None = None
         self.listener: Listener | None = None
         self.workers: list[Any] = []  # WorkerProcess; empty in thread mode
@@ -114,7 +116,9 @@ class Node:
             self.review.refresh_metrics()
         return metrics.render([w.snapshot() for w in self.workers])
 
-    def request_stop(self, *_: object) -> None:
+    def request_stop(self, signum: int | None = None, *_: object) -> None:
+        """The signal handler (SIGTERM, SIGINT, SIGHUP): only notes the signal; the main thread logs and stops."""
+        self._signal = signum
         self._stop.set()
 
     def wait(self) -> None:
@@ -146,6 +150,9 @@ class Node:
 
     def shutdown(self) -> None:
         t0 = time.monotonic()
+        if self._signal == signal.SIGHUP:  # a closed terminal, or a "reload" out of habit: there is none
+            log.info("SIGHUP: stopping as for SIGTERM; the configuration is read once, at start, so start the node "
+                     "again to apply a change")  # fmt: skip
         log.info("stopping: no new associations, draining work in flight")
         self._set_ready(False)
         drain = self.cfg.workers.drain_timeout
@@ -176,6 +183,12 @@ def serve(cfg: Config) -> int:
     node = Node(cfg)
     signal.signal(signal.SIGTERM, node.request_stop)
     signal.signal(signal.SIGINT, node.request_stop)
+    # By default SIGHUP killed the node on the spot, undrained. A terminal's hang-up reaches the whole process group:
+    # the workers and decode children ignore it themselves; multiprocessing's resource tracker, which only ignores
+    # SIGINT and SIGTERM, inherits the ignoring when it is started now, before anything spawns.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    resource_tracker.ensure_running()
+    signal.signal(signal.SIGHUP, node.request_stop)
     try:
         node.start()
     except BaseException:

@@ -132,6 +132,7 @@ class _Child:
 def _child_main(conn: Any, limits: LimitsConfig, parent: int, log_level: str) -> None:
     die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates the shutdown
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     import resource
 

@@ -115,6 +115,7 @@ def _child_main(cfg: Config, index: int, stop: Any, ready: Any, bell: Any, conn:
     patches.install()  # a spawned interpreter: the parent's patches are not inherited
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent coordinates the shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a terminal's hang-up reaches the whole group: the parent stops us
     with contextlib.suppress(OSError):
         # Receiving is a serial chain (the sender waits for each response); give it the CPU first. The workers
         # catch up from the durable spool, so a burst costs latency, not acknowledgements.

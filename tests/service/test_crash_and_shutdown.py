@@ -3,11 +3,14 @@ stops accepting, reports not ready, finishes or hands back what it holds, exits 
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -112,14 +115,21 @@ def test_kill9_then_restart_delivers_every_acknowledged_instance(tmp_path, made_
     assert gate.stop() == 0
 
 
-def test_sigterm_drains_and_hands_back(tmp_path, made_films, models_dir):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP to the group"])
+def test_sigterm_drains_and_hands_back(tmp_path, made_films, models_dir, how):
+    """SIGTERM, and SIGHUP as a closed terminal sends it: to the node and its worker and decode processes at once
+    (SIGHUP killed all of them on the spot, undrained; now it stops the node as SIGTERM does)."""
     template = pydicom.dcmread(next(f for f in made_films if f.note == "normal-0").path)
-    gate = Gate.create(tmp_path, workers={"decode_threads": 1, "drain_timeout": 20.0}).start()
+    gate = Gate.create(tmp_path, workers={"decode_threads": 1, "drain_timeout": 20.0})
+    gate.start(prefix=["setsid"] if how != "SIGTERM" else [])  # its own process group, as under a terminal
     burst = Burst(gate.dicom_port, template, 60)
     burst.start()
     wait_for(lambda: len(burst.acked) >= 10, 60, "10 acknowledged instances")
     assert gate.proc is not None
-    gate.proc.send_signal(15)
+    if how == "SIGTERM":
+        gate.proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(gate.proc.pid, signal.SIGHUP)
     saw_not_ready = False
     deadline = time.monotonic() + 60
     while gate.proc.poll() is None and time.monotonic() < deadline:
@@ -130,6 +140,8 @@ def test_sigterm_drains_and_hands_back(tmp_path, made_films, models_dir):
     burst.join(30)
     assert saw_not_ready, "readiness must go false while draining"
     assert "stopped in" in gate.log()
+    assert ("SIGHUP: stopping as for SIGTERM" in gate.log()) == (how != "SIGTERM")
+    assert "died" not in gate.log(), gate.log()[-3000:]  # no worker or decode process was killed by the signal
     acked = set(burst.acked)
     spool = tmp_path / "spool"
     assert not list((spool / "claimed").rglob("*.dcm")), "claimed work is finished or handed back on SIGTERM"
