@@ -93,6 +93,7 @@ class HttpServer:
 
             def setup(self) -> None:
                 super().setup()
+                self.rfile.close()  # the standard reader, replaced (closing it leaves the socket open)
                 self._reader = _DeadlineReader(self.connection)
                 self.rfile = io.BufferedReader(self._reader)
 

@@ -26,6 +26,11 @@ def _threads(gate: Gate) -> int:
     return len(list(Path(f"/proc/{gate.proc.pid}/task").iterdir()))
 
 
+def _fds(gate: Gate) -> int:
+    assert gate.proc is not None
+    return len(list(Path(f"/proc/{gate.proc.pid}/fd").iterdir()))
+
+
 def _drip(port: int, results: list, index: int, stop: threading.Event) -> None:
     """A slowloris client: the request line, then a header line every 0.5 s, never the blank line that ends them.
     Records what it got back and how long after connecting the node closed the connection."""
@@ -55,7 +60,7 @@ def _drip(port: int, results: list, index: int, stop: threading.Event) -> None:
 def test_slow_and_surplus_http_clients_are_bounded_and_dicom_goes_on(tmp_path, val_films):
     gate = Gate.create(tmp_path / "gate", http={"max_connections": LIMIT, "request_timeout": REQUEST_TIMEOUT})
     gate.start()
-    baseline = _threads(gate)
+    baseline, fds = _threads(gate), _fds(gate)
     results: list = [None] * DRIPPERS
     stop = threading.Event()
     clients = [threading.Thread(target=_drip, args=(gate.http_port, results, i, stop)) for i in range(DRIPPERS)]
@@ -83,6 +88,7 @@ def test_slow_and_surplus_http_clients_are_bounded_and_dicom_goes_on(tmp_path, v
     assert len(busy) + len(held) == DRIPPERS
     assert gate.counter("filmgate_refusals_total", reason="http-connection-limit") == len(busy)
     assert _threads(gate) <= baseline + 2
+    assert _fds(gate) <= fds + 2  # every connection's descriptor closed, none left to the garbage collector
     assert gate.stop() == 0
 
 
