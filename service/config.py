@@ -62,6 +62,12 @@ class SenderRule:
     hosts: tuple[str, ...] = field(default=(), metadata=HOSTS)
 
 
+def _is_uid(value: object) -> bool:
+    from pydicom.uid import UID
+
+    return isinstance(value, str) and UID(value).is_valid
+
+
 @dataclass(frozen=True)
 class ListenerConfig:
     ae_title: str = field(default="FILMGATE", metadata=AE_TITLE)
@@ -80,6 +86,13 @@ class ListenerConfig:
     allow_list: bool = True
     allow: tuple[SenderRule, ...] = (SenderRule("*", ("127.0.0.0/8", "::1")),)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    # Storage SOP Classes accepted beyond the standard ones pynetdicom knows: vendors' private classes, which a PACS
+    # sends within the studies it forwards (refused, each fails the PACS's job). They are stored and judged like the
+    # rest: not images, so quarantined as undecodable. Default: Siemens CSA Non-Image Storage.
+    extra_storage_sop_classes: tuple[str, ...] = field(
+        default=("1.3.12.2.1107.5.9.1",),
+        metadata=check(_is_uid, "must be a UID (digits and dots, at most 64 characters), got {value!r}", each=True),
+    )
 
 
 @dataclass(frozen=True)

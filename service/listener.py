@@ -43,8 +43,9 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, AllStoragePresentationContexts, evt, register_uid
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, uid_to_service_class
 
 from filmgate import metrics, patches
 from filmgate.admission import THROTTLED, Admission, GateServer, peer_host
@@ -156,6 +157,10 @@ class Listener:
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        for uid in cfg.extra_storage_sop_classes:  # private classes: pynetdicom's documented registration
+            if uid_to_service_class(uid) is not StorageServiceClass:
+                register_uid(uid, "FilmgateStorage_" + uid.replace(".", "_"), StorageServiceClass)
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         self.ae = ae
         self.server: Any = None
         self._thread: threading.Thread | None = None
